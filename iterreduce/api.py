@@ -1,0 +1,250 @@
+"""The whole contract an algorithm author needs: :class:`Master`, :class:`Worker`, :class:`Update`.
+
+IterativeReduce in one paragraph: the master produces an initial :class:`Update` and
+broadcasts it (superstep 0). Every worker turns the broadcast into its own update,
+computed on its split of the input. When every split has answered, the master
+:meth:`Master.combine`\\ s the workers' updates (ordered by split index) into the next
+broadcast, or into a :class:`Final` result, which ends the job. A worker that dies is
+replaced by a new process that gets the same split and rejoins at the current superstep,
+so algorithms must be deterministic given ``(seed, split_index, superstep)``:
+use :meth:`WorkerContext.rng` and :meth:`MasterContext.rng`, never a global RNG.
+
+A minimal algorithm (the mean of a column, in one superstep)::
+
+    class MeanWorker(Worker):
+        def setup(self, ctx):
+            self.x = ctx.read_table(["x"]).column("x").to_numpy()
+        def compute(self, update, ctx):
+            return Update({"mean": np.array(self.x.mean())}, num_samples=len(self.x))
+
+    class MeanMaster(Master):
+        def initial_update(self):
+            return Update()
+        def combine(self, updates, superstep):
+            return Final(weighted_average(updates))
+
+See ``examples/logreg.py`` for a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
+
+    from .fs import FilePiece, Output
+
+__all__ = [
+    "Final",
+    "Master",
+    "MasterContext",
+    "Update",
+    "Worker",
+    "WorkerContext",
+    "average_metrics",
+    "weighted_average",
+]
+
+
+@dataclass
+class Update:
+    """What travels each superstep: named arrays plus small metadata.
+
+    ``arrays`` hold the numbers (any numeric dtype, any shape); ``num_samples`` is how
+    many examples produced them (the weight in :func:`weighted_average`); ``metrics`` are
+    scalars for logs and progress; ``meta`` is any JSON-serialisable mapping.
+    """
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    num_samples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        json.dumps(self.meta)  # fail where the update is made, not where it is sent
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+class Final(Update):
+    """Returned by :meth:`Master.combine` to end the job; saved by :meth:`Master.save`."""
+
+
+def weighted_average(updates: Sequence[Update], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Average the named arrays of ``updates``, weighting each by its ``num_samples``.
+
+    Accumulates in float64 and returns arrays of the first update's dtypes. Updates with
+    ``num_samples == 0`` count once each when every update has zero samples.
+    Raises ValueError naming the array when names or shapes disagree.
+    """
+    if not updates:
+        raise ValueError("weighted_average needs at least one update")
+    names = list(updates[0].arrays) if names is None else list(names)
+    weights = np.array([u.num_samples for u in updates], dtype=np.float64)
+    if weights.sum() <= 0:
+        weights = np.ones(len(updates))
+    weights /= weights.sum()
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        first = updates[0].arrays.get(name)
+        if first is None:
+            raise ValueError(f"weighted_average: array {name!r} is missing from the first update")
+        acc = np.zeros(first.shape, dtype=np.float64)
+        for i, (u, w) in enumerate(zip(updates, weights)):
+            a = u.arrays.get(name)
+            if a is None or a.shape != first.shape:
+                got = "missing" if a is None else f"shape {a.shape}"
+                raise ValueError(f"weighted_average: array {name!r} of update {i} is {got}, expected {first.shape}")
+            acc += w * a
+        out[name] = acc.astype(first.dtype, copy=False)
+    return out
+
+
+def average_metrics(updates: Sequence[Update]) -> dict[str, float]:
+    """Sample-weighted mean of every metric present in all updates."""
+    if not updates:
+        return {}
+    keys = set(updates[0].metrics).intersection(*(u.metrics for u in updates[1:]))
+    total = sum(u.num_samples for u in updates)
+    out = {}
+    for k in sorted(keys):
+        if total > 0:
+            out[k] = float(sum(u.metrics[k] * u.num_samples for u in updates) / total)
+        else:
+            out[k] = float(np.mean([u.metrics[k] for u in updates]))
+    return out
+
+
+@dataclass
+class MasterContext:
+    """What the master is given: the algorithm's ``params`` from the job file, the job
+    ``seed``, the number of workers, and ``output`` to write results to."""
+
+    params: dict[str, Any]
+    seed: int
+    num_workers: int
+    output: "Output"
+    log: logging.Logger
+
+    def rng(self, superstep: int) -> np.random.Generator:
+        """A generator that depends only on (seed, superstep): stable across restarts."""
+        return np.random.default_rng([self.seed, 0x6D61, superstep])
+
+
+@dataclass
+class WorkerContext:
+    """What a worker is given: its split, its index, the params and seed of the job, and,
+    for a worker that joins late, ``catch_up`` (see :meth:`Master.catch_up`)."""
+
+    params: dict[str, Any]
+    seed: int
+    split_index: int
+    num_splits: int
+    split: "list[FilePiece]"
+    catch_up: Update | None
+    start_superstep: int
+    log: logging.Logger
+    _progress: Any = None
+
+    def read_table(self, columns: Sequence[str] | None = None) -> "pa.Table":
+        """Read this worker's split (Parquet files or row groups) as one Arrow table."""
+        from .fs import read_split
+
+        return read_split(self.split, columns)
+
+    def rng(self, superstep: int) -> np.random.Generator:
+        """A generator that depends only on (seed, split_index, superstep), so a replacement
+        worker recomputes exactly what the lost one would have."""
+        return np.random.default_rng([self.seed, self.split_index, superstep])
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Report progress within the current superstep (sent with the next heartbeat)."""
+        if self._progress is not None:
+            self._progress(fraction, message)
+
+
+class Worker:
+    """Computes an update from the master's update on one split of the input."""
+
+    def setup(self, ctx: WorkerContext) -> None:
+        """Called once, before the first superstep: read and cache the split here."""
+
+    def compute(self, update: Update, superstep: int, ctx: WorkerContext) -> Update:
+        """Turn the master's broadcast for ``superstep`` into this worker's update."""
+        raise NotImplementedError
+
+
+class Master:
+    """Combines the workers' updates into the next broadcast, superstep after superstep."""
+
+    def setup(self, ctx: MasterContext) -> None:
+        """Called once before the first superstep (and before :meth:`restore` on resume)."""
+        self.ctx = ctx
+
+    def initial_update(self) -> Update:
+        """The broadcast of superstep 0."""
+        raise NotImplementedError
+
+    def combine(self, updates: list[Update], superstep: int) -> Update:
+        """Turn the workers' updates (one per split, ordered by split index) into the next
+        broadcast, or return a :class:`Final` to end the job."""
+        raise NotImplementedError
+
+    def phase(self) -> str:
+        """A short description of where the algorithm is, for logs and progress."""
+        return "training"
+
+    def total_supersteps(self) -> int | None:
+        """How many supersteps the job will take, when known (for the progress bar)."""
+        return None
+
+    def catch_up(self) -> Update | None:
+        """What a worker joining now (a replacement, or after a resume) needs besides the
+        current broadcast to rebuild its state. Called after every combine."""
+        return None
+
+    def state(self) -> Update:
+        """The master's state for a checkpoint; :meth:`restore` must accept it back."""
+        return Update()
+
+    def restore(self, state: Update) -> None:
+        """Restore the state saved by :meth:`state` (called after :meth:`setup`)."""
+
+    def save(self, final: Final, output: "Output") -> None:
+        """Write the result. By default: ``result.npz`` (the arrays) and ``result.json``."""
+        output.write_npz("result.npz", final.arrays)
+        output.write_json("result.json", {"metrics": final.metrics, "meta": final.meta,
+                                          "num_samples": final.num_samples})
+
+
+def update_to_avro(update: Update, superstep: int) -> dict[str, Any]:
+    """The protocol's ``Update`` record for ``update`` (arrays are not copied)."""
+    from .ipc import encode_arrays
+
+    return {
+        "superstep": int(superstep),
+        "arrays": encode_arrays(update.arrays),
+        "num_samples": int(update.num_samples),
+        "metrics": {k: float(v) for k, v in update.metrics.items()},
+        "meta": json.dumps(update.meta),
+    }
+
+
+def update_from_avro(record: dict[str, Any]) -> Update:
+    """An :class:`Update` from the protocol's record; raises ValueError on malformed content."""
+    from .ipc import decode_arrays
+
+    try:
+        meta = json.loads(record["meta"] or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"meta is not JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError("meta must be a JSON object")
+    return Update(decode_arrays(record["arrays"]), int(record["num_samples"]), dict(record["metrics"]), meta)

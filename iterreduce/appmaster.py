@@ -1,0 +1,516 @@
+"""The ApplicationMaster: runs the algorithm's :class:`~iterreduce.api.Master`, serves the
+Avro protocol to the workers, and drives barrier supersteps.
+
+Superstep ``s``: every split's worker fetches broadcast ``s``, computes, and pushes its
+update. When every split has pushed, the master combines the updates into broadcast
+``s + 1`` (or a final result). Workers that die, fail, or fall silent are replaced by a
+new container for the same split, which rejoins at the current superstep; since workers
+draw randomness from ``(seed, split, superstep)`` the result does not change. Every
+``checkpoint.every`` supersteps the master's state and the next broadcast are saved,
+so a restarted master (``--resume``, or a new YARN attempt) continues from there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import secrets
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import ipc
+from .api import Final, Master, MasterContext, Update, average_metrics, update_from_avro, update_to_avro
+from .containers import Launcher
+from .fs import Checkpoints, FilePiece, Output, plan_splits
+from .job import JobSpec
+
+log = logging.getLogger("iterreduce.appmaster")
+
+__all__ = ["AppMaster", "JobFailed", "load_class"]
+
+
+class JobFailed(RuntimeError):
+    """The job cannot finish; the message says why and where to look."""
+
+
+def load_class(path: str, kind: type) -> type:
+    """Import ``package.module:ClassName`` and check it subclasses ``kind``."""
+    module_name, _, cls_name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise JobFailed(f"algorithm: cannot import module {module_name!r} for {path!r}: {exc}") from None
+    cls = getattr(module, cls_name, None)
+    if not isinstance(cls, type) or not issubclass(cls, kind):
+        raise JobFailed(f"algorithm: {path!r} is not a subclass of iterreduce.{kind.__name__}")
+    return cls
+
+
+@dataclass
+class _WorkerInfo:
+    worker_id: str
+    container_id: str
+    split: int
+    host: str
+    last_seen: float
+    superstep: int = 0
+    progress: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class _Split:
+    pieces: list[FilePiece]
+    container: str | None = None  # the container started for this split
+    owner: str | None = None  # worker id currently holding it
+    launched_at: float = 0.0
+
+
+@dataclass
+class _Stats:
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class AppMaster:
+    """Runs one job. ``run()`` returns the final status; it never hangs on lost workers.
+
+    ``launcher`` starts the worker containers (local processes or YARN containers).
+    ``status_hook(status: dict)`` is called after every superstep (for progress/YARN).
+    """
+
+    def __init__(self, job: JobSpec, launcher: Launcher, token: str | None = None, resume: bool = False,
+                 host: str = "127.0.0.1", status_hook: Any = None):
+        self.job = job
+        self.launcher = launcher
+        self.token = token or secrets.token_urlsafe(32)
+        self.resume = resume
+        self.host = host
+        self.status_hook = status_hook
+        self.output = Output(job.output)
+        self.checkpoints = Checkpoints(job.checkpoint_path, keep=job.checkpoint.keep)
+        self._cond = threading.Condition()
+        self._state = "STARTING"
+        self._message = ""
+        self._superstep = 0
+        self._broadcast: dict[str, Any] | None = None  # Avro record of broadcast _superstep
+        self._catch_up: dict[str, Any] | None = None
+        self._pushes: dict[int, Update] = {}
+        self._splits: list[_Split] = []
+        self._workers: dict[str, _WorkerInfo] = {}
+        self._containers: dict[str, int] = {}  # container -> split
+        self._replacements = 0
+        self._failure: str | None = None
+        self._history: list[dict[str, Any]] = []
+        self._last_metrics: dict[str, float] = {}
+        self._phase = "starting"
+        self._events: list[tuple[str, str]] = []  # (container, reason) lost containers, from IPC threads
+        self.server: ipc.IPCServer | None = None
+        self.master: Master | None = None
+
+    # ------------------------------------------------------------------ life cycle
+    def run(self) -> str:
+        """Run the job to the end. Returns "SUCCEEDED"; raises :class:`JobFailed` otherwise."""
+        try:
+            self._start()
+            self._loop()
+            return self._state
+        except JobFailed as exc:
+            self._fail(str(exc))
+            raise
+        except BaseException as exc:
+            self._fail(f"ApplicationMaster error: {type(exc).__name__}: {exc}")
+            if isinstance(exc, Exception):
+                raise JobFailed(f"ApplicationMaster error: {type(exc).__name__}: {exc}\n"
+                                f"{traceback.format_exc()}") from exc
+            raise
+        finally:
+            self._shutdown()
+
+    def _start(self) -> None:
+        job = self.job
+        self.output.create()
+        master_cls = load_class(job.algorithm.master, Master)
+        from .api import Worker
+
+        load_class(job.algorithm.worker, Worker)  # fail now, not in every container
+        self.master = master_cls()
+        ctx = MasterContext(params=job.algorithm.params, seed=job.seed, num_workers=job.workers.count,
+                            output=self.output, log=logging.getLogger("iterreduce.master"))
+        self.master.setup(ctx)
+        restored = self.checkpoints.latest() if self.resume else None
+        if restored is not None:
+            step, arrays, meta = restored
+            self.master.restore(_unpack(arrays, meta, "state"))
+            broadcast = _unpack(arrays, meta, "broadcast")
+            self._superstep = step
+            self._replacements = meta.get("replacements", 0)
+            self._history = meta.get("history", [])
+            log.info("resumed from checkpoint %s at superstep %d", self.checkpoints.dir.uri_of(
+                f"ckpt-{step:08d}.npz"), step)
+        else:
+            if self.resume:
+                log.info("no checkpoint under %s: starting from the beginning", job.checkpoint_path)
+            else:
+                for old in self.checkpoints.supersteps():
+                    self.checkpoints.dir.delete(f"ckpt-{old:08d}.npz")
+            broadcast = self.master.initial_update()
+        self._set_broadcast(broadcast)
+        self._phase = self.master.phase()
+        self._splits = [_Split(p) for p in plan_splits(job.input.paths, job.workers.count)]
+        for i, s in enumerate(self._splits):
+            log.info("split %d: %d rows, %d bytes in %d file(s)", i, sum(p.num_rows for p in s.pieces),
+                     sum(p.nbytes for p in s.pieces), len(s.pieces))
+        self.server = ipc.IPCServer(self, self.token, host=self.host, port=0).start()
+        self.launcher.bind(self.server.url, self.token)
+        log.info("serving the iterreduce protocol at %s", self.server.url)
+        with self._cond:
+            self._state = "RUNNING"
+        for i in range(len(self._splits)):
+            self._launch(i)
+
+    def _launch(self, split: int) -> None:
+        cid = self.launcher.launch(split)
+        with self._cond:
+            s = self._splits[split]
+            s.container, s.owner, s.launched_at = cid, None, time.monotonic()
+            self._containers[cid] = split
+
+    def _loop(self) -> None:
+        started = time.monotonic()
+        step_started = time.monotonic()
+        total = self.master.total_supersteps()
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: len(self._pushes) == len(self._splits) or self._events, timeout=0.2)
+                complete = len(self._pushes) == len(self._splits)
+                events, self._events = self._events, []
+            for cid, reason in events:
+                self._container_lost(cid, reason)
+            self._check_liveness()
+            if not complete:
+                continue
+            with self._cond:
+                step = self._superstep
+                updates = [self._pushes[i] for i in range(len(self._splits))]
+            t0 = time.monotonic()
+            try:
+                nxt = self.master.combine(updates, step)
+            except Exception as exc:
+                raise JobFailed(f"Master.combine failed at superstep {step}: {type(exc).__name__}: {exc}\n"
+                                f"{traceback.format_exc()}") from exc
+            if not isinstance(nxt, Update):
+                raise JobFailed(f"Master.combine must return an Update or Final, got {type(nxt).__name__}")
+            combine_s = time.monotonic() - t0
+            record = {
+                "superstep": step, "phase": self._phase, "seconds": round(time.monotonic() - step_started, 4),
+                "combine_seconds": round(combine_s, 4),
+                "bytes_in": sum(u.nbytes() for u in updates),
+                "bytes_out": (self._broadcast_nbytes * len(self._splits)),
+                "workers": average_metrics(updates), "master": {k: float(v) for k, v in nxt.metrics.items()},
+                "replacements": self._replacements, "elapsed": round(time.monotonic() - started, 3),
+            }
+            self._history.append(record)
+            self._last_metrics = {**record["workers"], **record["master"]}
+            self.output.append_text("metrics.jsonl", json.dumps(record) + "\n")
+            _log_superstep(record, total)
+            if isinstance(nxt, Final):
+                self.master.save(nxt, self.output)
+                self._finish(nxt)
+                return
+            if step + 1 >= self.job.max_supersteps:
+                raise JobFailed(f"the job reached max_supersteps ({self.job.max_supersteps}) without a final result")
+            with self._cond:
+                self._pushes = {}
+                self._superstep = step + 1
+                self._set_broadcast(nxt)
+                self._phase = self.master.phase()
+                self._cond.notify_all()
+            if self.job.checkpoint.every and (step + 1) % self.job.checkpoint.every == 0:
+                self._checkpoint(step + 1, nxt)
+            if self.status_hook:
+                self.status_hook(self.status())
+            step_started = time.monotonic()
+
+    def _set_broadcast(self, update: Update) -> None:
+        """Encode the broadcast once; the master may not change its arrays afterwards."""
+        self._broadcast = update_to_avro(update, self._superstep)
+        self._broadcast_nbytes = update.nbytes()
+        self._broadcast_update = update
+        cu = self.master.catch_up()
+        self._catch_up = update_to_avro(_copy(cu), self._superstep) if cu is not None else None
+
+    def _checkpoint(self, step: int, broadcast: Update) -> None:
+        state = self.master.state()
+        arrays = {f"state/{k}": v for k, v in state.arrays.items()}
+        arrays.update({f"broadcast/{k}": v for k, v in broadcast.arrays.items()})
+        meta = {
+            "superstep": step, "job": self.job.name, "replacements": self._replacements,
+            "history": self._history,
+            "state": {"meta": state.meta, "metrics": state.metrics, "num_samples": state.num_samples},
+            "broadcast": {"meta": broadcast.meta, "metrics": broadcast.metrics,
+                          "num_samples": broadcast.num_samples},
+        }
+        uri = self.checkpoints.save(step, arrays, meta)
+        log.info("checkpoint %s", uri)
+
+    def _finish(self, final: Final) -> None:
+        with self._cond:
+            self._state = "SUCCEEDED"
+            replaced = self._replacements
+            self._message = ("succeeded" if not replaced else
+                             f"succeeded after {replaced} worker replacement{'s' if replaced > 1 else ''}")
+            self._cond.notify_all()
+        self._write_metrics(final)
+        log.info("job %s %s after %d supersteps", self.job.name, self._message, self._superstep + 1)
+        # let workers learn DONE and exit by themselves
+        deadline = time.monotonic() + max(3 * self.job.heartbeat.interval, 3.0)
+        while time.monotonic() < deadline:
+            for cid in self.launcher.poll():
+                self._containers.pop(cid, None)
+            if not self._containers:
+                break
+            time.sleep(0.05)
+        if self.status_hook:
+            self.status_hook(self.status())
+
+    def _write_metrics(self, final: Final | None) -> None:
+        self.output.write_json("metrics.json", {
+            "job": self.job.name, "state": self._state, "message": self._message,
+            "replacements": self._replacements, "supersteps": len(self._history),
+            "final": {"metrics": final.metrics, "meta": final.meta} if final else None,
+            "history": self._history,
+        })
+
+    def _fail(self, reason: str) -> None:
+        with self._cond:
+            if self._state in ("SUCCEEDED", "FAILED"):
+                return
+            self._state, self._message, self._failure = "FAILED", reason.splitlines()[0], reason
+            self._cond.notify_all()
+        log.error("job %s failed: %s", self.job.name, reason)
+        try:
+            self._write_metrics(None)
+        except Exception:  # noqa: BLE001 - the reason above matters more
+            log.exception("could not write metrics.json")
+
+    def _shutdown(self) -> None:
+        try:
+            self.launcher.stop_all(grace=2.0)
+        finally:
+            if self.server is not None:
+                self.server.stop()
+
+    # ------------------------------------------------------------------ faults
+    def _check_liveness(self) -> None:
+        now = time.monotonic()
+        hb = self.job.heartbeat
+        for cid, code in self.launcher.poll().items():
+            self._container_lost(cid, f"exited with code {code}")
+        with self._cond:
+            silent = [(w.container_id, now - w.last_seen) for w in self._workers.values()
+                      if now - w.last_seen > hb.timeout]
+            unregistered = [(s.container, now - s.launched_at) for s in self._splits
+                            if s.owner is None and s.container and now - s.launched_at > hb.register_timeout]
+        for cid, age in silent:
+            self.launcher.kill(cid)
+            self._container_lost(cid, f"sent no heartbeat for {age:.0f} s (heartbeat.timeout is {hb.timeout:g} s)")
+        for cid, age in unregistered:
+            self.launcher.kill(cid)
+            self._container_lost(cid, f"did not register within {age:.0f} s (heartbeat.register_timeout)")
+
+    def _container_lost(self, cid: str, reason: str) -> None:
+        with self._cond:
+            split = self._containers.pop(cid, None)
+            if split is None or self._state != "RUNNING":
+                return
+            s = self._splits[split]
+            for wid in [w for w, info in self._workers.items() if info.container_id == cid]:
+                del self._workers[wid]
+            if s.container != cid:
+                return
+            s.container, s.owner = None, None
+            self._replacements += 1
+            n = self._replacements
+        where = self.launcher.describe(cid)
+        if n > self.job.workers.max_restarts:
+            raise JobFailed(f"worker container {where} for split {split} {reason}; the job already replaced "
+                            f"{n - 1} worker(s), the limit of workers.max_restarts ({self.job.workers.max_restarts})")
+        log.warning("worker container %s for split %d %s: starting a replacement (%d of at most %d)",
+                    where, split, reason, n, self.job.workers.max_restarts)
+        self._launch(split)
+
+    # ------------------------------------------------------------------ protocol
+    def _worker(self, worker_id: str) -> _WorkerInfo:
+        info = self._workers.get(worker_id)
+        if info is None:
+            raise ipc.RemoteError("NOT_REGISTERED", f"worker {worker_id!r} is not registered (or was replaced)")
+        info.last_seen = time.monotonic()
+        return info
+
+    def register(self, worker_id: str, container_id: str, host: str, split_hint: int) -> dict[str, Any]:
+        with self._cond:
+            if self._state != "RUNNING":
+                raise ipc.RemoteError("REJECTED", f"the job is {self._state}")
+            if worker_id in self._workers:
+                raise ipc.RemoteError("BAD_REQUEST", f"worker {worker_id!r} is already registered")
+            split = self._containers.get(container_id)
+            if split is None or self._splits[split].owner is not None:
+                free = [i for i, s in enumerate(self._splits) if s.owner is None and s.container == container_id]
+                if not free:
+                    raise ipc.RemoteError("REJECTED", f"container {container_id!r} was not started for a free split")
+                split = free[0]
+            self._splits[split].owner = worker_id
+            self._workers[worker_id] = _WorkerInfo(worker_id, container_id, split, host, time.monotonic(),
+                                                   superstep=self._superstep)
+            log.info("worker %s (container %s on %s) registered for split %d at superstep %d",
+                     worker_id, container_id, host, split, self._superstep)
+            return {
+                "split_index": split, "num_splits": len(self._splits),
+                "split": [p.to_avro() for p in self._splits[split].pieces],
+                "job": self.job.to_json(), "start_superstep": self._superstep,
+                "catch_up": self._catch_up,
+                "heartbeat_interval_ms": int(self.job.heartbeat.interval * 1000),
+            }
+
+    def fetch(self, worker_id: str, superstep: int, wait_ms: int) -> dict[str, Any]:
+        deadline = time.monotonic() + min(max(wait_ms, 0), 30_000) / 1000
+        with self._cond:
+            self._worker(worker_id)
+            while True:
+                if self._state == "SUCCEEDED":
+                    return {"status": "DONE", "update": None, "message": self._message}
+                if self._state != "RUNNING":
+                    return {"status": "ABORT", "update": None, "message": self._message}
+                if superstep == self._superstep:
+                    return {"status": "READY", "update": self._broadcast, "message": ""}
+                if superstep < self._superstep:
+                    raise ipc.RemoteError("BAD_REQUEST", f"superstep {superstep} is over: the job is at superstep "
+                                          f"{self._superstep}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return {"status": "WAIT", "update": None, "message": f"the job is at superstep {self._superstep}"}
+                self._cond.wait(remaining)
+                if worker_id not in self._workers:
+                    raise ipc.RemoteError("NOT_REGISTERED", f"worker {worker_id!r} was replaced")
+
+    def push(self, worker_id: str, update: dict[str, Any]) -> dict[str, Any]:
+        try:
+            u = update_from_avro(update)
+        except ValueError as exc:
+            raise ipc.RemoteError("BAD_REQUEST", f"malformed update from worker {worker_id!r}: {exc}") from None
+        step = update["superstep"]
+        bad = _non_finite(u)
+        with self._cond:
+            info = self._worker(worker_id)
+            where = f"worker {worker_id} (container {info.container_id}, split {info.split}) at superstep {step}"
+            if self._state != "RUNNING":
+                raise ipc.RemoteError("REJECTED", f"the job is {self._state}")
+            if step != self._superstep:
+                raise ipc.RemoteError("BAD_REQUEST", f"update from {where}: the job is at superstep {self._superstep}")
+            if bad:
+                log.error("rejected the update from %s: %s", where, bad)
+                raise ipc.RemoteError("REJECTED", f"update from {where} rejected: {bad}")
+            ref = next(iter(self._pushes.values()), None)
+            if ref is not None:
+                mismatch = _layout_mismatch(ref, u)
+                if mismatch:
+                    raise ipc.RemoteError("REJECTED", f"update from {where} rejected: {mismatch}")
+            self._pushes[info.split] = u
+            info.superstep = step + 1
+            self._cond.notify_all()
+        return {"accepted": True, "message": "", "stop": False}
+
+    def heartbeat(self, worker_id: str, superstep: int, progress: float, message: str) -> dict[str, Any]:
+        with self._cond:
+            info = self._workers.get(worker_id)
+            if info is None:
+                return {"accepted": False, "message": "not registered (or replaced): exit", "stop": True}
+            info.last_seen = time.monotonic()
+            info.progress, info.message = float(progress), message[:200]
+            stop = self._state not in ("RUNNING", "STARTING")
+        return {"accepted": True, "message": self._message if stop else "", "stop": stop}
+
+    def fail(self, worker_id: str, superstep: int, error: str, traceback: str) -> dict[str, Any]:
+        with self._cond:
+            info = self._workers.get(worker_id)
+            if info is None:
+                return {"accepted": False, "message": "not registered", "stop": True}
+            log.error("worker %s (container %s, split %d) failed at superstep %d: %s\n%s", worker_id,
+                      info.container_id, info.split, superstep, error, traceback)
+            self._events.append((info.container_id, f"failed at superstep {superstep}: {error}"))
+            self._cond.notify_all()
+        return {"accepted": True, "message": "", "stop": True}
+
+    def complete(self, worker_id: str) -> dict[str, Any]:
+        with self._cond:
+            self._workers.pop(worker_id, None)
+        return {"accepted": True, "message": "", "stop": True}
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "state": self._state, "superstep": self._superstep, "phase": self._phase,
+                "workers_registered": len(self._workers), "workers_expected": len(self._splits),
+                "replacements": self._replacements,
+                "metrics": {k: float(v) for k, v in self._last_metrics.items() if math.isfinite(v)},
+                "message": self._message,
+            }
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+
+def _copy(u: Update) -> Update:
+    return Update({k: np.array(v, copy=True) for k, v in u.arrays.items()}, u.num_samples, dict(u.metrics),
+                  json.loads(json.dumps(u.meta)))
+
+
+def _unpack(arrays: dict[str, np.ndarray], meta: dict[str, Any], prefix: str) -> Update:
+    cut = len(prefix) + 1
+    m = meta[prefix]
+    return Update({k[cut:]: v for k, v in arrays.items() if k.startswith(prefix + "/")},
+                  num_samples=m["num_samples"], metrics=m["metrics"], meta=m["meta"])
+
+
+def _non_finite(u: Update) -> str:
+    for name, a in u.arrays.items():
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+            return f"array {name!r} holds {n_nan} NaN and {n_inf} Inf value(s)"
+    for name, v in u.metrics.items():
+        if not math.isfinite(v):
+            return f"metric {name!r} is {v}"
+    return ""
+
+
+def _layout_mismatch(ref: Update, u: Update) -> str:
+    if set(ref.arrays) != set(u.arrays):
+        return f"arrays {sorted(u.arrays)} differ from the other workers' {sorted(ref.arrays)}"
+    for name, a in u.arrays.items():
+        r = ref.arrays[name]
+        if a.shape != r.shape or a.dtype != r.dtype:
+            return f"array {name!r} is {a.dtype}{list(a.shape)}, the other workers sent {r.dtype}{list(r.shape)}"
+    return ""
+
+
+def _log_superstep(rec: dict[str, Any], total: int | None) -> None:
+    metrics = {**rec["workers"], **rec["master"]}
+    shown = " ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:6])
+    of = f"/{total}" if total else ""
+    mb = (rec["bytes_in"] + rec["bytes_out"]) / 1e6
+    log.info("superstep %d%s | %s | %.2f s | %.1f MB exchanged | %s", rec["superstep"], of, rec["phase"],
+             rec["seconds"], mb, shown)
+
+
+def main() -> None:  # pragma: no cover - the YARN entry point lives in iterreduce.client
+    sys.exit("run the ApplicationMaster through `iterreduce run` or `iterreduce submit`")

@@ -1,0 +1,150 @@
+"""Starting worker containers: the one thing that differs between ``run`` and ``submit``.
+
+The ApplicationMaster asks a :class:`Launcher` for a container per split and polls it
+for containers that ended. :class:`LocalLauncher` starts worker processes on this
+machine; the YARN launcher (``iterreduce.client``) asks skein for containers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+__all__ = ["Launcher", "LocalLauncher", "ENV_MASTER", "ENV_CONTAINER", "ENV_SPLIT", "ENV_TOKEN_FILE"]
+
+ENV_MASTER = "ITERREDUCE_MASTER_URL"
+ENV_CONTAINER = "ITERREDUCE_CONTAINER_ID"
+ENV_SPLIT = "ITERREDUCE_SPLIT"
+ENV_TOKEN_FILE = "ITERREDUCE_TOKEN_FILE"  # a file holding the token; '-' means: read one line from stdin
+
+
+class Launcher:
+    """Starts and stops worker containers for the ApplicationMaster."""
+
+    def bind(self, master_url: str, token: str) -> None:
+        """Called once the master serves: containers started later must reach it."""
+        raise NotImplementedError
+
+    def launch(self, split_index: int) -> str:
+        """Start a worker container for ``split_index``; returns its container id."""
+        raise NotImplementedError
+
+    def poll(self) -> dict[str, int]:
+        """Containers that ended since the last call, with their exit codes."""
+        raise NotImplementedError
+
+    def kill(self, container_id: str) -> None:
+        """Stop a container (it will be reported by :meth:`poll`)."""
+        raise NotImplementedError
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        """Stop every container still running, waiting up to ``grace`` seconds."""
+        raise NotImplementedError
+
+    def describe(self, container_id: str) -> str:
+        """Where to read a container's logs, for error messages."""
+        return container_id
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans if the master is killed
+    except OSError:
+        pass
+    os.setpgrp()
+
+
+class LocalLauncher(Launcher):
+    """Worker processes on this machine: ``python -m iterreduce.worker``, logs in ``log_dir``.
+
+    The token reaches the process on its stdin, never on a command line or in its environment.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike[str], extra_env: dict[str, str] | None = None):
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.extra_env = dict(extra_env or {})
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._counter = 0
+        self._lock = threading.Lock()
+        self._url: str | None = None
+        self._token: str | None = None
+
+    def bind(self, master_url: str, token: str) -> None:
+        self._url, self._token = master_url, token
+
+    def launch(self, split_index: int) -> str:
+        assert self._url and self._token, "bind() first"
+        with self._lock:
+            self._counter += 1
+            cid = f"local_{self._counter:04d}"
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env.update({ENV_MASTER: self._url, ENV_CONTAINER: cid, ENV_SPLIT: str(split_index), ENV_TOKEN_FILE: "-"})
+        # the worker imports algorithm classes by path: make the current directory importable, as `python -m` does
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+        log = open(self.log_dir / f"{cid}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "iterreduce.worker"],
+            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=_die_with_parent, close_fds=True,
+        )
+        log.close()
+        assert proc.stdin is not None
+        proc.stdin.write(self._token.encode() + b"\n")
+        proc.stdin.close()
+        with self._lock:
+            self._procs[cid] = proc
+        return cid
+
+    def pid(self, container_id: str) -> int | None:
+        proc = self._procs.get(container_id)
+        return proc.pid if proc else None
+
+    def poll(self) -> dict[str, int]:
+        ended = {}
+        with self._lock:
+            for cid, proc in list(self._procs.items()):
+                code = proc.poll()
+                if code is not None:
+                    ended[cid] = code
+                    del self._procs[cid]
+        return ended
+
+    def kill(self, container_id: str) -> None:
+        proc = self._procs.get(container_id)
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        with self._lock:
+            procs = list(self._procs.values())
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+
+    def describe(self, container_id: str) -> str:
+        return f"{container_id} (log: {self.log_dir / (container_id + '.log')})"

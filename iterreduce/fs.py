@@ -1,0 +1,273 @@
+"""Files: URIs to pyarrow filesystems, input splits, the output directory, checkpoints.
+
+Paths are local paths, ``file://``, ``hdfs://`` (pyarrow's HadoopFileSystem, needs
+libhdfs) or ``webhdfs://host:port/path`` (fsspec's WebHDFS, wrapped for pyarrow).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+__all__ = ["FilePiece", "Output", "Checkpoints", "filesystem", "plan_splits", "read_split"]
+
+
+class InputError(ValueError):
+    """Input that cannot be read: names the path (and row group or record where known)."""
+
+
+_FS_CACHE: dict[str, pafs.FileSystem] = {}
+_FS_LOCK = threading.Lock()
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``uri`` and the path inside it."""
+    parsed = urlparse(uri)
+    scheme = parsed.scheme if re.match(r"^[a-zA-Z][\w+.-]*://", uri) else ""
+    if scheme in ("", "file"):
+        path = parsed.path if scheme == "file" else uri
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    key = f"{scheme}://{parsed.netloc}"
+    with _FS_LOCK:
+        fs = _FS_CACHE.get(key)
+        if fs is None:
+            fs = _make_fs(scheme, parsed)
+            _FS_CACHE[key] = fs
+    return fs, parsed.path or "/"
+
+
+def _make_fs(scheme: str, parsed: Any) -> pafs.FileSystem:
+    if scheme == "hdfs":
+        try:
+            return pafs.HadoopFileSystem(parsed.hostname or "default", parsed.port or 8020,
+                                         user=os.environ.get("HADOOP_USER_NAME"))
+        except (OSError, RuntimeError) as exc:
+            raise InputError(
+                f"hdfs://{parsed.netloc}: pyarrow's HadoopFileSystem could not start ({exc}). It needs "
+                "libhdfs.so (ARROW_LIBHDFS_DIR or $HADOOP_HOME/lib/native), a JVM (JAVA_HOME) and the "
+                "Hadoop jars on CLASSPATH (`hadoop classpath --glob`). Where libhdfs is not installed, "
+                f"use webhdfs://{parsed.hostname}:9870/... instead (the NameNode's HTTP port)."
+            ) from None
+    if scheme in ("webhdfs", "swebhdfs"):
+        import fsspec
+
+        user = os.environ.get("HADOOP_USER_NAME") or os.environ.get("USER") or None
+        fs = fsspec.filesystem("webhdfs", host=parsed.hostname, port=parsed.port or 9870,
+                               user=user, use_https=scheme == "swebhdfs")
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    try:
+        fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{parsed.netloc}/")
+        return fs
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{scheme}://{parsed.netloc}: unsupported filesystem ({exc}); "
+                         "use a local path, file://, hdfs:// or webhdfs://") from None
+
+
+def _with_scheme(uri: str, path: str) -> str:
+    """Rebuild a URI of the same filesystem as ``uri`` for ``path``."""
+    parsed = urlparse(uri)
+    if re.match(r"^[a-zA-Z][\w+.-]*://", uri) and parsed.scheme != "file":
+        return f"{parsed.scheme}://{parsed.netloc}{path}"
+    return path
+
+
+@dataclass(frozen=True)
+class FilePiece:
+    """A whole Parquet file, or some of its row groups. ``path`` is a full URI."""
+
+    path: str
+    row_groups: tuple[int, ...] = ()
+    nbytes: int = field(default=0, compare=False)
+    num_rows: int = field(default=0, compare=False)
+
+    def to_avro(self) -> dict[str, Any]:
+        return {"path": self.path, "offset": 0, "length": -1, "row_groups": list(self.row_groups)}
+
+    @classmethod
+    def from_avro(cls, rec: dict[str, Any]) -> "FilePiece":
+        return cls(path=rec["path"], row_groups=tuple(rec["row_groups"]))
+
+
+def list_input_files(paths: Sequence[str]) -> list[str]:
+    """Expand directories to the data files below them (sorted); names missing paths."""
+    files: list[str] = []
+    for uri in paths:
+        fs, path = filesystem(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"input path {uri}: does not exist")
+        if info.type == pafs.FileType.Directory:
+            found = [
+                i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                if i.type == pafs.FileType.File and not os.path.basename(i.path).startswith(("_", "."))
+            ]
+            if not found:
+                raise InputError(f"input path {uri}: the directory holds no data files")
+            files.extend(_with_scheme(uri, p) for p in sorted(found))
+        else:
+            files.append(uri)
+    return files
+
+
+def plan_splits(paths: Sequence[str], num_splits: int) -> list[list[FilePiece]]:
+    """Divide the input into ``num_splits`` contiguous shares of about equal bytes.
+
+    Every Parquet row group is one piece; consecutive pieces of a file that land in the
+    same split are merged. Raises :class:`InputError` when there are fewer row groups
+    than splits, or a file is not Parquet.
+    """
+    pieces: list[tuple[str, int, int, int]] = []  # (uri, row group, bytes, rows)
+    for uri in list_input_files(paths):
+        fs, path = filesystem(uri)
+        try:
+            with fs.open_input_file(path) as f:
+                md = pq.ParquetFile(f).metadata
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"input file {uri}: not a readable Parquet file: {exc}") from None
+        for rg in range(md.num_row_groups):
+            g = md.row_group(rg)
+            pieces.append((uri, rg, max(g.total_byte_size, 1), g.num_rows))
+    if len(pieces) < num_splits:
+        raise InputError(f"input {', '.join(paths)}: {len(pieces)} row group(s) cannot make {num_splits} "
+                         "splits; write smaller row groups or use fewer workers")
+    total = sum(p[2] for p in pieces)
+    splits: list[list[tuple[str, int, int, int]]] = [[] for _ in range(num_splits)]
+    k, acc = 0, 0
+    for i, p in enumerate(pieces):
+        if splits[k] and k < num_splits - 1:
+            share_full = acc + p[2] / 2 >= (k + 1) * total / num_splits
+            needed_later = len(pieces) - i <= num_splits - 1 - k  # one piece for each later split
+            if share_full or needed_later:
+                k += 1
+        splits[k].append(p)
+        acc += p[2]
+    out = []
+    for share in splits:
+        merged: dict[str, list[tuple[int, int, int]]] = {}
+        for uri, rg, nbytes, rows in share:
+            merged.setdefault(uri, []).append((rg, nbytes, rows))
+        out.append([FilePiece(uri, tuple(r[0] for r in rgs), sum(r[1] for r in rgs), sum(r[2] for r in rgs))
+                    for uri, rgs in merged.items()])
+    return out
+
+
+def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None) -> pa.Table:
+    """Read the pieces of a split into one table; errors name the file and row group."""
+    tables = []
+    for piece in pieces:
+        fs, path = filesystem(piece.path)
+        try:
+            with fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f)
+                groups = list(piece.row_groups) or list(range(pf.metadata.num_row_groups))
+                for rg in groups:
+                    try:
+                        tables.append(pf.read_row_group(rg, columns=list(columns) if columns else None))
+                    except (pa.ArrowInvalid, OSError, KeyError) as exc:
+                        raise InputError(f"input file {piece.path}, row group {rg}: {exc}") from None
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"input file {piece.path}: {exc}") from None
+    if not tables:
+        raise InputError("empty split: no pieces to read")
+    return pa.concat_tables(tables)
+
+
+class Output:
+    """The job's output directory on any supported filesystem."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.fs, self.path = filesystem(self.uri)
+
+    def create(self) -> "Output":
+        self.fs.create_dir(self.path, recursive=True)
+        return self
+
+    def uri_of(self, name: str) -> str:
+        return f"{self.uri}/{name}"
+
+    def _p(self, name: str) -> str:
+        return f"{self.path.rstrip('/')}/{name}"
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write a file atomically where the filesystem allows (temp file, then rename)."""
+        tmp = self._p(f".{name}.tmp")
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, self._p(name))
+
+    def append_text(self, name: str, text: str) -> None:
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            with open(self._p(name), "a") as f:
+                f.write(text)
+        else:  # HDFS appends are fragile through WebHDFS: rewrite the small file
+            self.write_bytes(name, (self.read_bytes(name) if self.exists(name) else b"") + text.encode())
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self._p(name)) as f:
+            return f.read()
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self._p(name)).type != pafs.FileType.NotFound
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def write_npz(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        self.write_bytes(name, buf.getvalue())
+
+    def read_npz(self, name: str) -> dict[str, np.ndarray]:
+        with np.load(io.BytesIO(self.read_bytes(name)), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def list(self) -> list[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted(os.path.basename(i.path) for i in infos)
+
+    def delete(self, name: str) -> None:
+        self.fs.delete_file(self._p(name))
+
+
+class Checkpoints:
+    """``ckpt-<superstep>.npz`` files: the master's state and the broadcast for that superstep."""
+
+    PATTERN = re.compile(r"^ckpt-(\d{8})\.npz$")
+
+    def __init__(self, uri: str, keep: int = 2):
+        self.dir = Output(uri)
+        self.keep = keep
+
+    def save(self, superstep: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str:
+        self.dir.create()
+        payload = dict(arrays)
+        payload["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        name = f"ckpt-{superstep:08d}.npz"
+        self.dir.write_npz(name, payload)
+        for old in self.supersteps()[: -self.keep]:
+            self.dir.delete(f"ckpt-{old:08d}.npz")
+        return self.dir.uri_of(name)
+
+    def supersteps(self) -> list[int]:
+        return sorted(int(m.group(1)) for n in self.dir.list() if (m := self.PATTERN.match(n)))
+
+    def latest(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]] | None:
+        steps = self.supersteps()
+        if not steps:
+            return None
+        name = f"ckpt-{steps[-1]:08d}.npz"
+        arrays = self.dir.read_npz(name)
+        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+        return steps[-1], arrays, meta

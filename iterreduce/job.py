@@ -1,0 +1,382 @@
+"""The job file: one typed object, loaded from YAML, validated before anything starts.
+
+Both ``iterreduce run`` (local processes) and ``iterreduce submit`` (YARN) consume a
+:class:`JobSpec`. Every error names the file and the field, in the style
+``job.yaml: workers.count: must be at least 1, got 0``.
+
+Example::
+
+    name: logreg-mnist
+    seed: 7
+    workers: {count: 2, memory: 1 GiB, vcores: 1, max_restarts: 3}
+    master: {memory: 1 GiB, vcores: 1}
+    input: {paths: [data/mnist/train]}
+    output: out/logreg
+    checkpoint: {every: 5, keep: 2}          # path defaults to <output>/checkpoints
+    heartbeat: {interval: 1, timeout: 30}     # seconds
+    algorithm:
+      master: examples.logreg:LogRegMaster
+      worker: examples.logreg:LogRegWorker
+      params: {learning_rate: 0.1}
+    yarn: {queue: default, environment: venv:///opt/venvs/iterreduce}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["JobError", "JobSpec", "load_job", "parse_memory"]
+
+
+class JobError(ValueError):
+    """A job file that cannot run; the message names the file and the field."""
+
+
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|[kmgt]i?b?)?\s*$")
+_UNITS_MB = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+
+
+def parse_memory(value: Any, where: str) -> int:
+    """Memory in MiB from ``2048``, ``"512 MiB"``, ``"2 GiB"``, ``"2G"``."""
+    if isinstance(value, bool):
+        raise JobError(f"{where}: expected a memory size such as 1024 or '2 GiB', got {value!r}")
+    if isinstance(value, int):
+        mb = value
+    elif isinstance(value, str) and (m := _MEMORY.match(value)):
+        unit = (m.group(2) or "M")[0].lower()
+        mb = int(float(m.group(1)) * _UNITS_MB[unit])
+    else:
+        raise JobError(f"{where}: expected a memory size such as 1024 (MiB) or '2 GiB', got {value!r}")
+    if mb <= 0:
+        raise JobError(f"{where}: must be positive, got {value!r}")
+    return mb
+
+
+class _Reader:
+    """Reads one mapping of the job file strictly: unknown keys, wrong types and
+    missing fields raise :class:`JobError` naming ``where.field``."""
+
+    def __init__(self, data: Any, where: str):
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise JobError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+        self.data = dict(data)
+        self.where = where
+        self.used: set[str] = set()
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, types: type | tuple[type, ...], default: Any = dataclasses.MISSING) -> Any:
+        self.used.add(key)
+        if key not in self.data or self.data[key] is None:
+            if default is dataclasses.MISSING:
+                raise JobError(f"{self.path(key)}: required field is missing")
+            return default
+        value = self.data[key]
+        types_t = types if isinstance(types, tuple) else (types,)
+        if float in types_t and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in types_t:
+            ok = False
+        else:
+            ok = isinstance(value, types_t)
+        if not ok:
+            names = " or ".join(t.__name__ for t in types_t)
+            raise JobError(f"{self.path(key)}: expected {names}, got {type(value).__name__} {value!r}")
+        return value
+
+    def int_at_least(self, key: str, low: int, default: Any = dataclasses.MISSING) -> int:
+        value = self.get(key, int, default)
+        if value < low:
+            raise JobError(f"{self.path(key)}: must be at least {low}, got {value}")
+        return value
+
+    def positive(self, key: str, default: Any = dataclasses.MISSING) -> float:
+        value = self.get(key, float, default)
+        if not value > 0:
+            raise JobError(f"{self.path(key)}: must be positive, got {value}")
+        return value
+
+    def sub(self, key: str) -> "_Reader":
+        self.used.add(key)
+        return _Reader(self.data.get(key), self.path(key))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            known = ", ".join(sorted(self.used))
+            raise JobError(f"{self.path(unknown[0])}: unknown field (known fields here: {known})")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Memory (MiB) and virtual cores of one container."""
+
+    memory_mb: int = 1024
+    vcores: int = 1
+
+    @classmethod
+    def read(cls, r: _Reader) -> "Resources":
+        memory = parse_memory(r.get("memory", (int, str), 1024), r.path("memory"))
+        return cls(memory_mb=memory, vcores=r.int_at_least("vcores", 1, 1))
+
+
+@dataclass(frozen=True)
+class WorkersSpec:
+    count: int
+    resources: Resources = Resources()
+    max_restarts: int = 3
+
+    @classmethod
+    def read(cls, r: _Reader) -> "WorkersSpec":
+        out = cls(
+            count=r.int_at_least("count", 1),
+            resources=Resources.read(r),
+            max_restarts=r.int_at_least("max_restarts", 0, 3),
+        )
+        r.done()
+        return out
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    paths: tuple[str, ...]
+    format: str = "parquet"
+
+    @classmethod
+    def read(cls, r: _Reader, base: Path | None) -> "InputSpec":
+        paths = r.get("paths", (list, str))
+        if isinstance(paths, str):
+            paths = [paths]
+        if not paths:
+            raise JobError(f"{r.path('paths')}: needs at least one path")
+        for i, p in enumerate(paths):
+            if not isinstance(p, str) or not p:
+                raise JobError(f"{r.path('paths')}[{i}]: expected a path or URI, got {p!r}")
+        fmt = r.get("format", str, "parquet")
+        if fmt != "parquet":
+            raise JobError(f"{r.path('format')}: only 'parquet' is supported, got {fmt!r}")
+        r.done()
+        return cls(paths=tuple(_resolve(p, base) for p in paths), format=fmt)
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    path: str | None = None
+    every: int = 1
+    keep: int = 2
+
+    @classmethod
+    def read(cls, r: _Reader, base: Path | None) -> "CheckpointSpec":
+        path = r.get("path", str, None)
+        out = cls(
+            path=_resolve(path, base) if path else None,
+            every=r.int_at_least("every", 0, 1),
+            keep=r.int_at_least("keep", 1, 2),
+        )
+        r.done()
+        return out
+
+
+@dataclass(frozen=True)
+class HeartbeatSpec:
+    """Seconds. A worker silent for ``timeout`` is declared lost and replaced; a worker
+    that cannot reach the master for ``master_timeout`` exits."""
+
+    interval: float = 1.0
+    timeout: float = 30.0
+    register_timeout: float = 120.0
+    master_timeout: float = 30.0
+
+    @classmethod
+    def read(cls, r: _Reader) -> "HeartbeatSpec":
+        out = cls(
+            interval=r.positive("interval", 1.0),
+            timeout=r.positive("timeout", 30.0),
+            register_timeout=r.positive("register_timeout", 120.0),
+            master_timeout=r.positive("master_timeout", 30.0),
+        )
+        if out.timeout <= out.interval:
+            raise JobError(f"{r.path('timeout')}: must exceed heartbeat.interval ({out.interval}), got {out.timeout}")
+        r.done()
+        return out
+
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    master: str
+    worker: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, r: _Reader) -> "AlgorithmSpec":
+        roles = {}
+        for role in ("master", "worker"):
+            value = r.get(role, str)
+            if not _IMPORT_PATH.match(value):
+                raise JobError(f"{r.path(role)}: expected 'package.module:ClassName', got {value!r}")
+            roles[role] = value
+        params = r.get("params", dict, {})
+        try:
+            json.dumps(params)
+        except (TypeError, ValueError) as exc:
+            raise JobError(f"{r.path('params')}: must be plain YAML values (numbers, strings, lists, maps): {exc}")
+        r.done()
+        return cls(params=params, **roles)
+
+
+@dataclass(frozen=True)
+class YarnSpec:
+    queue: str = "default"
+    tags: tuple[str, ...] = ()
+    environment: str | None = None
+    max_attempts: int = 2
+    user: str | None = None
+
+    @classmethod
+    def read(cls, r: _Reader) -> "YarnSpec":
+        tags = r.get("tags", list, [])
+        for i, t in enumerate(tags):
+            if not isinstance(t, str):
+                raise JobError(f"{r.path('tags')}[{i}]: expected a string, got {t!r}")
+        out = cls(
+            queue=r.get("queue", str, "default"),
+            tags=tuple(tags),
+            environment=r.get("environment", str, None),
+            max_attempts=r.int_at_least("max_attempts", 1, 2),
+            user=r.get("user", str, None),
+        )
+        r.done()
+        return out
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job. Build it with :func:`load_job` or :meth:`from_dict`."""
+
+    name: str
+    seed: int
+    workers: WorkersSpec
+    input: InputSpec
+    output: str
+    algorithm: AlgorithmSpec
+    master: Resources = Resources()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    heartbeat: HeartbeatSpec = HeartbeatSpec()
+    yarn: YarnSpec = YarnSpec()
+    max_supersteps: int = 100_000
+    source: str = "<dict>"
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>", base: Path | None = None) -> "JobSpec":
+        """Validate a mapping; relative local paths are taken relative to ``base``."""
+        try:
+            r = _Reader(data, "")
+            name = r.get("name", str)
+            if not re.match(r"^[\w.-]{1,100}$", name):
+                raise JobError(f"name: use letters, digits, '.', '_' or '-' (at most 100), got {name!r}")
+            m = r.sub("master")
+            master = Resources.read(m)
+            m.done()
+            job = cls(
+                name=name,
+                seed=r.int_at_least("seed", 0),
+                workers=WorkersSpec.read(r.sub("workers")),
+                input=InputSpec.read(r.sub("input"), base),
+                output=_resolve(r.get("output", str), base),
+                algorithm=AlgorithmSpec.read(r.sub("algorithm")),
+                master=master,
+                checkpoint=CheckpointSpec.read(r.sub("checkpoint"), base),
+                heartbeat=HeartbeatSpec.read(r.sub("heartbeat")),
+                yarn=YarnSpec.read(r.sub("yarn")),
+                max_supersteps=r.int_at_least("max_supersteps", 1, 100_000),
+                source=source,
+            )
+            r.done()
+        except JobError as exc:
+            raise JobError(f"{source}: {exc}") from None
+        return job
+
+    @property
+    def checkpoint_path(self) -> str:
+        return self.checkpoint.path or join_uri(self.output, "checkpoints")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as a plain mapping that :meth:`from_dict` accepts again."""
+        d = {
+            "name": self.name,
+            "seed": self.seed,
+            "workers": {
+                "count": self.workers.count,
+                "memory": self.workers.resources.memory_mb,
+                "vcores": self.workers.resources.vcores,
+                "max_restarts": self.workers.max_restarts,
+            },
+            "master": {"memory": self.master.memory_mb, "vcores": self.master.vcores},
+            "input": {"paths": list(self.input.paths), "format": self.input.format},
+            "output": self.output,
+            "checkpoint": {"path": self.checkpoint.path, "every": self.checkpoint.every, "keep": self.checkpoint.keep},
+            "heartbeat": dataclasses.asdict(self.heartbeat),
+            "algorithm": {"master": self.algorithm.master, "worker": self.algorithm.worker,
+                          "params": self.algorithm.params},
+            "yarn": {"queue": self.yarn.queue, "tags": list(self.yarn.tags),
+                     "environment": self.yarn.environment, "max_attempts": self.yarn.max_attempts,
+                     "user": self.yarn.user},
+            "max_supersteps": self.max_supersteps,
+        }
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<job json>") -> "JobSpec":
+        return cls.from_dict(json.loads(text), source=source)
+
+    def replace(self, **changes: Any) -> "JobSpec":
+        return dataclasses.replace(self, **changes)
+
+
+def load_job(path: str | os.PathLike[str]) -> JobSpec:
+    """Read and validate a YAML job file. Raises :class:`JobError` naming the file and field."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise JobError(f"{p}: cannot read the job file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise JobError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise JobError(f"{p}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    return JobSpec.from_dict(data, source=str(p), base=p.resolve().parent)
+
+
+def is_uri(path: str) -> bool:
+    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path))
+
+
+def _resolve(path: str, base: Path | None) -> str:
+    if is_uri(path) or base is None:
+        return path
+    return str((base / os.path.expanduser(path)).resolve()) if not os.path.isabs(path) else path
+
+
+def join_uri(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])

@@ -1,0 +1,187 @@
+"""The worker container: ``python -m iterreduce.worker``.
+
+It reads where the master is and which split it was started for from its environment
+(``ITERREDUCE_MASTER_URL``, ``ITERREDUCE_CONTAINER_ID``, ``ITERREDUCE_SPLIT``) and the job
+token from ``ITERREDUCE_TOKEN_FILE`` (a file, or ``-`` for one line on stdin), registers,
+runs the algorithm's :class:`~iterreduce.api.Worker` superstep after superstep, and exits
+0 when the master says the job is done. A heartbeat thread keeps the master informed while
+the worker computes; a worker that cannot reach its master for ``heartbeat.master_timeout``
+seconds exits, so nothing is left behind when a master dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from typing import Any
+
+from . import ipc
+from .api import Update, Worker, WorkerContext, update_from_avro, update_to_avro
+from .containers import ENV_CONTAINER, ENV_MASTER, ENV_SPLIT, ENV_TOKEN_FILE
+from .fs import FilePiece
+from .job import JobSpec
+
+log = logging.getLogger("iterreduce.worker")
+
+EXIT_OK, EXIT_FAILED, EXIT_MASTER_LOST, EXIT_ABORTED = 0, 1, 2, 3
+
+
+class MasterLost(RuntimeError):
+    pass
+
+
+class WorkerRunner:
+    """Drives one :class:`Worker` against a master at ``url``."""
+
+    def __init__(self, url: str, token: str, container_id: str, split_hint: int = -1):
+        self.url = url
+        self.token = token
+        self.container_id = container_id
+        self.split_hint = split_hint
+        self.worker_id = f"{container_id}-{uuid.uuid4().hex[:8]}"
+        self.client = ipc.IPCClient(url, token, timeout=60.0)
+        self._hb_client = ipc.IPCClient(url, token, timeout=30.0)
+        self._stop = threading.Event()
+        self._stop_requested = False
+        self._superstep = 0
+        self._progress = (0.0, "")
+        self.master_timeout = 30.0
+
+    def _call(self, message: str, **request: Any) -> Any:
+        """Call the master, retrying transport errors until ``master_timeout``."""
+        deadline = time.monotonic() + self.master_timeout
+        delay = 0.1
+        while True:
+            try:
+                return self.client.call(message, **request)
+            except ipc.TransportError as exc:
+                if time.monotonic() > deadline:
+                    raise MasterLost(f"cannot reach the master at {self.url} for {self.master_timeout:g} s: "
+                                     f"{exc}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def run(self) -> int:
+        a = self._call("register", worker_id=self.worker_id, container_id=self.container_id,
+                       host=socket.gethostname(), split_hint=self.split_hint)
+        job = JobSpec.from_json(a["job"], source="job from the master")
+        self.master_timeout = job.heartbeat.master_timeout
+        from .appmaster import load_class
+
+        worker: Worker = load_class(job.algorithm.worker, Worker)()
+        catch_up = update_from_avro(a["catch_up"]) if a["catch_up"] else None
+        ctx = WorkerContext(params=job.algorithm.params, seed=job.seed, split_index=a["split_index"],
+                            num_splits=a["num_splits"], split=[FilePiece.from_avro(p) for p in a["split"]],
+                            catch_up=catch_up, start_superstep=a["start_superstep"],
+                            log=logging.getLogger("iterreduce.algorithm"), _progress=self._set_progress)
+        step = a["start_superstep"]
+        self._superstep = step
+        log.info("registered as %s for split %d of %d, starting at superstep %d", self.worker_id,
+                 ctx.split_index, ctx.num_splits, step)
+        hb = threading.Thread(target=self._heartbeats, args=(a["heartbeat_interval_ms"] / 1000,), daemon=True)
+        hb.start()
+        try:
+            worker.setup(ctx)
+            while not self._stop_requested:
+                r = self._call("fetch", worker_id=self.worker_id, superstep=step, wait_ms=2000)
+                status = r["status"]
+                if status == "WAIT":
+                    continue
+                if status == "DONE":
+                    self._call("complete", worker_id=self.worker_id)
+                    log.info("the job is done: exiting")
+                    return EXIT_OK
+                if status == "ABORT":
+                    log.error("the master aborted the job: %s", r["message"])
+                    return EXIT_ABORTED
+                self._superstep = step
+                self._progress = (0.0, "")
+                t0 = time.monotonic()
+                out = worker.compute(update_from_avro(r["update"]), step, ctx)
+                if not isinstance(out, Update):
+                    raise TypeError(f"{type(worker).__name__}.compute must return an Update, got {type(out).__name__}")
+                self._call("push", worker_id=self.worker_id, update=update_to_avro(out, step))
+                log.info("superstep %d: computed in %.2f s on %d samples", step, time.monotonic() - t0,
+                         out.num_samples)
+                step += 1
+            log.warning("the master told this worker to stop")
+            return EXIT_ABORTED
+        except MasterLost:
+            raise
+        except Exception as exc:  # report, then exit non-zero: the master replaces this worker
+            tb = traceback.format_exc()
+            log.error("worker failed at superstep %d: %s\n%s", step, exc, tb)
+            try:
+                self.client.call("fail", worker_id=self.worker_id, superstep=step,
+                                 error=f"{type(exc).__name__}: {exc}", traceback=tb)
+            except Exception:  # noqa: BLE001 - the master may be gone too
+                pass
+            return EXIT_FAILED
+        finally:
+            self._stop.set()
+
+    def _set_progress(self, fraction: float, message: str) -> None:
+        self._progress = (float(fraction), message)
+
+    def _heartbeats(self, interval: float) -> None:
+        last_ok = time.monotonic()
+        while not self._stop.wait(interval):
+            try:
+                ack = self._hb_client.call("heartbeat", worker_id=self.worker_id, superstep=self._superstep,
+                                           progress=self._progress[0], message=self._progress[1])
+                last_ok = time.monotonic()
+                if ack["stop"]:
+                    self._stop_requested = True
+                    if not ack["accepted"]:  # replaced or unknown: nothing of ours is wanted any more
+                        log.error("the master no longer knows this worker (%s): exiting", ack["message"])
+                        os._exit(EXIT_ABORTED)
+            except ipc.RemoteError as exc:
+                log.warning("heartbeat rejected: %s", exc)
+            except ipc.TransportError:
+                if time.monotonic() - last_ok > self.master_timeout:
+                    log.error("no answer from the master at %s for %.0f s: exiting", self.url, self.master_timeout)
+                    os._exit(EXIT_MASTER_LOST)
+
+
+def read_token(source: str | None) -> str:
+    if not source:
+        raise SystemExit(f"iterreduce worker: {ENV_TOKEN_FILE} is not set; the worker needs the job token")
+    if source == "-":
+        token = sys.stdin.readline().strip()
+    else:
+        with open(source) as f:
+            token = f.read().strip()
+    if not token:
+        raise SystemExit(f"iterreduce worker: the job token from {ENV_TOKEN_FILE} is empty")
+    return token
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    missing = [v for v in (ENV_MASTER, ENV_CONTAINER) if not os.environ.get(v)]
+    if missing:
+        raise SystemExit(f"iterreduce worker: {', '.join(missing)} not set; workers are started by the master")
+    token = read_token(os.environ.get(ENV_TOKEN_FILE))
+    runner = WorkerRunner(os.environ[ENV_MASTER], token, os.environ[ENV_CONTAINER],
+                          int(os.environ.get(ENV_SPLIT, "-1")))
+    try:
+        code = runner.run()
+    except MasterLost as exc:
+        log.error("%s", exc)
+        code = EXIT_MASTER_LOST
+    except ipc.RemoteError as exc:
+        log.error("the master refused this worker: %s", exc)
+        code = EXIT_FAILED
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""A small deterministic algorithm for the runtime tests: linear regression by
+parameter-averaged SGD on synthetic Parquet data, with switches to misbehave
+(die, hang, send NaN) at a chosen superstep."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from iterreduce import Final, Master, Update, Worker, weighted_average
+
+DIM = 8
+
+
+def write_dataset(directory: Path, rows: int = 4000, files: int = 4, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    w_true = rng.normal(size=DIM).astype(np.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    per = rows // files
+    for i in range(files):
+        x = rng.normal(size=(per, DIM)).astype(np.float32)
+        y = (x @ w_true + 0.1 * rng.normal(size=per)).astype(np.float32)
+        t = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM), "y": y})
+        pq.write_table(t, directory / f"part-{i:05d}.parquet", row_group_size=per // 2)
+    return directory
+
+
+class LinRegWorker(Worker):
+    def setup(self, ctx):
+        t = ctx.read_table(["x", "y"])
+        self.x = t.column("x").combine_chunks().flatten().to_numpy().reshape(-1, DIM)
+        self.y = t.column("y").to_numpy()
+        self.params = ctx.params
+
+    def compute(self, update, superstep, ctx):
+        p = self.params
+        marker = p.get("die_marker")
+        if superstep == p.get("die_at") and ctx.split_index == p.get("die_split", 0):
+            if not marker or not os.path.exists(marker):
+                if marker:
+                    Path(marker).write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+        if p.get("sleep"):
+            time.sleep(p["sleep"])
+        w = update.arrays["w"].copy()
+        rng = ctx.rng(superstep)
+        order = rng.permutation(len(self.y))
+        lr = p.get("lr", 0.05)
+        for start in range(0, len(order), 50):
+            idx = order[start:start + 50]
+            xb, yb = self.x[idx], self.y[idx]
+            grad = xb.T @ (xb @ w - yb) / len(idx)
+            w -= lr * grad
+        if superstep == p.get("nan_at") and ctx.split_index == 1:
+            w[0] = np.nan
+        mse = float(np.mean((self.x @ w - self.y) ** 2))
+        return Update({"w": w}, num_samples=len(self.y), metrics={"mse": mse})
+
+
+class LinRegMaster(Master):
+    def setup(self, ctx):
+        super().setup(ctx)
+        self.steps = ctx.params.get("supersteps", 6)
+        self.done_steps = 0
+
+    def initial_update(self):
+        rng = self.ctx.rng(0)
+        return Update({"w": rng.normal(scale=0.1, size=DIM).astype(np.float32)})
+
+    def combine(self, updates, superstep):
+        w = weighted_average(updates)["w"]
+        self.done_steps = superstep + 1
+        if self.done_steps >= self.steps:
+            return Final({"w": w}, metrics={"supersteps": float(self.done_steps)})
+        return Update({"w": w}, meta={"superstep": self.done_steps})
+
+    def phase(self):
+        return f"sgd step {self.done_steps}"
+
+    def total_supersteps(self):
+        return self.steps
+
+    def state(self):
+        return Update(meta={"done_steps": self.done_steps})
+
+    def restore(self, state):
+        self.done_steps = state.meta["done_steps"]

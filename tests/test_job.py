@@ -1,0 +1,113 @@
+"""The job file is validated into one typed object; bad files are refused naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from iterreduce.job import JobError, JobSpec, load_job, parse_memory
+
+GOOD = """
+name: test-job
+seed: 3
+workers: {count: 2, memory: 512 MiB, vcores: 1}
+master: {memory: 1 GiB}
+input: {paths: [data/train]}
+output: out/run
+checkpoint: {every: 2}
+algorithm:
+  master: tests.algos:LinRegMaster
+  worker: tests.algos:LinRegWorker
+  params: {supersteps: 4}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "job.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_good_job_file_loads_with_defaults_and_relative_paths(tmp_path):
+    job = load_job(write(tmp_path, GOOD))
+    assert job.workers.count == 2
+    assert job.workers.resources.memory_mb == 512
+    assert job.master.memory_mb == 1024
+    assert job.input.paths == (str(tmp_path / "data" / "train"),)
+    assert job.checkpoint_path == str(tmp_path / "out" / "run") + "/checkpoints"
+    assert job.heartbeat.timeout == 30.0
+    # round trip through JSON, as the job travels to the workers
+    assert JobSpec.from_json(job.to_json()) == job.replace(source="<job json>")
+
+
+@pytest.mark.parametrize("change, field, words", [
+    ("workers: {count: 0}", "workers.count", "at least 1"),
+    ("workers: {count: two}", "workers.count", "expected int"),
+    ("workers: {count: 2, memory: -5}", "workers.memory", "must be positive"),
+    ("workers: {count: 2, memory: lots}", "workers.memory", "memory size"),
+    ("workers: {count: 2, colour: red}", "workers.colour", "unknown field"),
+    ("seed: -1", "seed", "at least 0"),
+    ("seed: true", "seed", "expected int"),
+    ("output: [a, b]", "output", "expected str"),
+    ("input: {paths: []}", "input.paths", "at least one"),
+    ("input: {paths: [x], format: csv}", "input.format", "parquet"),
+    ("heartbeat: {interval: 5, timeout: 2}", "heartbeat.timeout", "must exceed"),
+    ("checkpoint: {every: 1, keep: 0}", "checkpoint.keep", "at least 1"),
+    ("algorithm: {master: 'not a path', worker: 'a:B'}", "algorithm.master", "package.module:ClassName"),
+    ("unknown_top: 1", "unknown_top", "unknown field"),
+])
+def test_bad_values_are_refused_naming_the_field(tmp_path, change, field, words):
+    key = change.split(":")[0]
+    lines = [line for line in GOOD.strip().splitlines()
+             if not line.startswith(key + ":") and not (key == "algorithm" and line.startswith("  "))]
+    p = write(tmp_path, "\n".join(lines) + "\n" + change + "\n")
+    with pytest.raises(JobError) as err:
+        load_job(p)
+    msg = str(err.value)
+    assert str(p) in msg and f"{field}:" in msg and words in msg, msg
+
+
+@pytest.mark.parametrize("missing", ["name", "seed", "workers", "input", "output", "algorithm"])
+def test_missing_required_field_is_named(tmp_path, missing):
+    lines = GOOD.strip().splitlines()
+    kept, skipping = [], False
+    for line in lines:
+        if line.startswith(missing + ":"):
+            skipping = True
+            continue
+        if skipping and line.startswith("  "):
+            continue
+        skipping = False
+        kept.append(line)
+    with pytest.raises(JobError, match=rf"{missing}(\.\w+)?: required field is missing"):
+        load_job(write(tmp_path, "\n".join(kept)))
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    with pytest.raises(JobError, match=r"not valid YAML at line 3, column 6"):
+        load_job(write(tmp_path, "name: a\nworkers: [count: 2\n  - x: {\n"))
+
+
+def test_memory_units():
+    assert parse_memory("2 GiB", "m") == 2048
+    assert parse_memory("512M", "m") == 512
+    assert parse_memory(300, "m") == 300
+    with pytest.raises(JobError, match="m: expected a memory size"):
+        parse_memory("lots", "m")
+
+
+def test_cli_validate_accepts_good_and_refuses_bad(tmp_path):
+    good = write(tmp_path, GOOD)
+    ok = subprocess.run([sys.executable, "-m", "iterreduce.cli", "validate", str(good)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("count: 2", "count: 0"))
+    res = subprocess.run([sys.executable, "-m", "iterreduce.cli", "validate", str(bad)],
+                         capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "workers.count: must be at least 1, got 0" in res.stderr

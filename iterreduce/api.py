@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -132,6 +133,13 @@ class MasterContext:
     num_workers: int
     output: "Output"
     log: logging.Logger
+    base_dir: str | None = None
+
+    def resolve(self, path: str) -> str:
+        """A path from ``params``, taken relative to the job file's directory."""
+        from .job import _resolve
+
+        return _resolve(path, Path(self.base_dir) if self.base_dir else None)
 
     def rng(self, superstep: int) -> np.random.Generator:
         """A generator that depends only on (seed, superstep): stable across restarts."""

@@ -144,7 +144,8 @@ class AppMaster:
         load_class(job.algorithm.worker, Worker)  # fail now, not in every container
         self.master = master_cls()
         ctx = MasterContext(params=job.algorithm.params, seed=job.seed, num_workers=job.workers.count,
-                            output=self.output, log=logging.getLogger("iterreduce.master"))
+                            output=self.output, log=logging.getLogger("iterreduce.master"),
+                            base_dir=job.base_dir)
         self.master.setup(ctx)
         restored = self.checkpoints.latest() if self.resume else None
         if restored is not None:

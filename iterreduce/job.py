@@ -278,6 +278,7 @@ class JobSpec:
     heartbeat: HeartbeatSpec = HeartbeatSpec()
     yarn: YarnSpec = YarnSpec()
     max_supersteps: int = 100_000
+    base_dir: str | None = None
     source: str = "<dict>"
 
     @classmethod
@@ -285,6 +286,9 @@ class JobSpec:
         """Validate a mapping; relative local paths are taken relative to ``base``."""
         try:
             r = _Reader(data, "")
+            base_dir = r.get("base_dir", str, None)
+            if base_dir is not None:
+                base = Path(base_dir)
             name = r.get("name", str)
             if not re.match(r"^[\w.-]{1,100}$", name):
                 raise JobError(f"name: use letters, digits, '.', '_' or '-' (at most 100), got {name!r}")
@@ -303,6 +307,7 @@ class JobSpec:
                 heartbeat=HeartbeatSpec.read(r.sub("heartbeat")),
                 yarn=YarnSpec.read(r.sub("yarn")),
                 max_supersteps=r.int_at_least("max_supersteps", 1, 100_000),
+                base_dir=str(base) if base is not None else None,
                 source=source,
             )
             r.done()
@@ -336,8 +341,13 @@ class JobSpec:
                      "environment": self.yarn.environment, "max_attempts": self.yarn.max_attempts,
                      "user": self.yarn.user},
             "max_supersteps": self.max_supersteps,
+            "base_dir": self.base_dir,
         }
         return d
+
+    def resolve(self, path: str) -> str:
+        """A path from the algorithm's params, relative to the job file's directory."""
+        return _resolve(path, Path(self.base_dir) if self.base_dir else None)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -1,0 +1,212 @@
+"""The local runtime end to end: real worker processes, real sockets, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from iterreduce import ipc
+from iterreduce.appmaster import AppMaster, JobFailed
+from iterreduce.containers import LocalLauncher
+from iterreduce.fs import Output
+from iterreduce.job import JobSpec, load_job
+
+from .algos import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("linreg") / "train")
+
+
+def make_job(tmp_path: Path, dataset: Path, name: str = "run", workers: int = 2, **params) -> Path:
+    spec = {
+        "name": "linreg-test", "seed": 11,
+        "workers": {"count": workers, "max_restarts": params.pop("max_restarts", 2)},
+        "input": {"paths": [str(dataset)]},
+        "output": str(tmp_path / name),
+        "checkpoint": {"every": params.pop("checkpoint_every", 1), "keep": 2},
+        "heartbeat": {"interval": 0.2, "timeout": params.pop("heartbeat_timeout", 10.0), "master_timeout": 5},
+        "algorithm": {"master": "tests.algos:LinRegMaster", "worker": "tests.algos:LinRegWorker",
+                      "params": {"supersteps": 6, **params}},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "iterreduce.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def result(job_path: Path) -> dict[str, np.ndarray]:
+    return Output(load_job(job_path).output).read_npz("result.npz")
+
+
+def metrics(job_path: Path) -> dict:
+    return json.loads(Output(load_job(job_path).output).read_bytes("metrics.json"))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, dataset):
+    tmp = tmp_path_factory.mktemp("baseline")
+    job = make_job(tmp, dataset, "baseline")
+    res = cli("run", str(job))
+    assert res.returncode == 0, res.stderr
+    return job
+
+
+def test_run_writes_result_metrics_and_one_log_line_per_superstep(baseline):
+    m = metrics(baseline)
+    assert m["state"] == "SUCCEEDED" and m["replacements"] == 0 and m["message"] == "succeeded"
+    assert [h["superstep"] for h in m["history"]] == list(range(6))
+    assert all(h["bytes_in"] > 0 for h in m["history"])
+    # training worked: the error fell
+    assert m["history"][-1]["workers"]["mse"] < m["history"][0]["workers"]["mse"]
+    w = result(baseline)["w"]
+    assert w.shape == (8,) and np.isfinite(w).all()
+    lines = (Path(load_job(baseline).output) / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+
+
+def test_same_job_gives_the_same_model(tmp_path, dataset, baseline):
+    again = make_job(tmp_path, dataset, "again")
+    assert cli("run", str(again)).returncode == 0
+    np.testing.assert_array_equal(result(again)["w"], result(baseline)["w"])
+
+
+def test_worker_killed_mid_superstep_is_replaced(tmp_path, dataset, baseline):
+    marker = tmp_path / "died"
+    job = make_job(tmp_path, dataset, "killed", die_at=2, die_split=1, die_marker=str(marker))
+    res = cli("run", str(job))
+    assert res.returncode == 0, res.stderr
+    assert marker.exists(), "the worker never reached its SIGKILL"
+    m = metrics(job)
+    assert m["replacements"] == 1
+    assert m["message"] == "succeeded after 1 worker replacement"
+    np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
+    assert "exited with code -9" in res.stderr
+
+
+def test_replacement_limit_fails_the_job_with_the_reason(tmp_path, dataset):
+    job = make_job(tmp_path, dataset, "limit", die_at=1, max_restarts=1)  # no marker: dies every time
+    res = cli("run", str(job))
+    assert res.returncode != 0
+    assert "workers.max_restarts (1)" in res.stderr and "split 0" in res.stderr
+    assert metrics(job)["state"] == "FAILED"
+
+
+def test_nan_update_is_rejected_and_fails_the_job_clearly(tmp_path, dataset):
+    job = make_job(tmp_path, dataset, "nan", nan_at=1, max_restarts=1)
+    res = cli("run", str(job))
+    assert res.returncode != 0
+    assert "holds 1 NaN and 0 Inf value(s)" in res.stderr
+    assert "array 'w'" in res.stderr
+    assert metrics(job)["history"][-1]["superstep"] == 0  # superstep 1 never combined a NaN
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, dataset, baseline):
+    job = make_job(tmp_path, dataset, "resumed", sleep=0.4)
+    out = Path(load_job(job).output)
+    proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", str(job)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ckpts = list((out / "checkpoints").glob("ckpt-*.npz")) if (out / "checkpoints").exists() else []
+        if any(int(p.stem.split("-")[1]) >= 3 for p in ckpts):
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("no checkpoint at superstep 3 within 60 s")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "result.npz").exists()
+    res = cli("run", "--resume", str(job))
+    assert res.returncode == 0, res.stderr
+    assert "resumed from checkpoint" in res.stderr
+    np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
+    assert [h["superstep"] for h in metrics(job)["history"]] == list(range(6))
+
+
+class InProcessJob:
+    """The AppMaster in a thread of the test, so the test can talk to it and its workers."""
+
+    def __init__(self, job_path: Path):
+        self.job = load_job(job_path)
+        self.launcher = LocalLauncher(Path(self.job.output) / "logs")
+        cwd = os.getcwd()
+        os.chdir(ROOT)  # the workers import tests.algos
+        try:
+            self.am = AppMaster(self.job, self.launcher)
+        finally:
+            os.chdir(cwd)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            self.am.run()
+        except BaseException as exc:  # noqa: BLE001
+            self.error = exc
+
+    def __enter__(self):
+        os.environ["PYTHONPATH"] = str(ROOT)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while self.am.server is None or self.am.status()["workers_registered"] < self.job.workers.count:
+            assert time.monotonic() < deadline, "workers did not register"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.thread.join(120)
+        assert not self.thread.is_alive(), "the job did not end"
+
+
+def test_bad_messages_are_rejected_without_harming_the_job(tmp_path, dataset, baseline):
+    with InProcessJob(make_job(tmp_path, dataset, "badmsg", sleep=0.3)) as j:
+        url = j.am.server.url
+        wrong = ipc.IPCClient(url, "not-the-token")
+        with pytest.raises(ipc.RemoteError) as err:
+            wrong.call("status")
+        assert err.value.code == "BAD_TOKEN"
+        right = ipc.IPCClient(url, j.am.token)
+        step = right.call("status")["superstep"]
+        nan = {"superstep": step, "arrays": ipc.encode_arrays({"w": np.full(8, np.nan, np.float32)}),
+               "num_samples": 1, "metrics": {}, "meta": "{}"}
+        with pytest.raises(ipc.RemoteError) as err:  # not a registered worker
+            right.call("push", worker_id="intruder", update=nan)
+        assert err.value.code == "NOT_REGISTERED"
+        wid = next(iter(j.am._workers))
+        with pytest.raises(ipc.RemoteError) as err:
+            right.call("push", worker_id=wid, update=nan)
+        assert err.value.code in ("REJECTED", "BAD_REQUEST")
+        with pytest.raises(ipc.RemoteError) as err:
+            right.call("fetch", worker_id=wid, superstep=-5, wait_ms=0)
+        assert err.value.code == "BAD_REQUEST"
+    assert j.error is None
+    np.testing.assert_array_equal(result(tmp_path / "badmsg.yaml")["w"], result(baseline)["w"])
+
+
+def test_silent_worker_is_replaced_after_heartbeat_timeout(tmp_path, dataset, baseline):
+    job = make_job(tmp_path, dataset, "silent", sleep=0.3, heartbeat_timeout=1.5)
+    with InProcessJob(job) as j:
+        cid = next(iter(j.launcher._procs))
+        os.kill(j.launcher.pid(cid), signal.SIGSTOP)  # alive but silent
+    assert j.error is None, j.error
+    assert metrics(job)["replacements"] == 1
+    np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])

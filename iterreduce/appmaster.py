@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import secrets
 import sys
 import threading
@@ -44,6 +45,8 @@ class JobFailed(RuntimeError):
 def load_class(path: str, kind: type) -> type:
     """Import ``package.module:ClassName`` and check it subclasses ``kind``."""
     module_name, _, cls_name = path.partition(":")
+    if os.getcwd() not in sys.path:  # as `python -m` does: modules next to the job are importable
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

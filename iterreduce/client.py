@@ -58,7 +58,7 @@ def run_local(job: JobSpec, resume: bool = False, log_dir: str | None = None,
     if log_dir is None:
         log_dir = (os.path.join(job.output, "logs") if not is_uri(job.output)
                    else tempfile.mkdtemp(prefix=f"iterreduce-{job.name}-"))
-    launcher = LocalLauncher(log_dir)
+    launcher = LocalLauncher(log_dir, num_workers=job.workers.count)
     am = AppMaster(job, launcher, resume=resume, status_hook=progress)
     if progress is not None:
         progress.total = None

@@ -67,8 +67,10 @@ class LocalLauncher(Launcher):
     The token reaches the process on its stdin, never on a command line or in its environment.
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str], extra_env: dict[str, str] | None = None):
+    def __init__(self, log_dir: str | os.PathLike[str], extra_env: dict[str, str] | None = None,
+                 num_workers: int = 1):
         self.log_dir = Path(log_dir)
+        self.threads = max(1, (os.cpu_count() or 1) // max(1, num_workers))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.extra_env = dict(extra_env or {})
         self._procs: dict[str, subprocess.Popen] = {}
@@ -90,6 +92,9 @@ class LocalLauncher(Launcher):
         env.update({ENV_MASTER: self._url, ENV_CONTAINER: cid, ENV_SPLIT: str(split_index), ENV_TOKEN_FILE: "-"})
         # the worker imports algorithm classes by path: make the current directory importable, as `python -m` does
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+        # share the cores among the workers instead of every BLAS using all of them
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, str(self.threads))
         log = open(self.log_dir / f"{cid}.log", "wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "iterreduce.worker"],

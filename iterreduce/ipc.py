@@ -771,11 +771,12 @@ def decode_arrays(records: list) -> dict:
 class _Conn:
     """A socket with a small read-ahead buffer (HTTP heads, frame headers)."""
 
-    __slots__ = ("sock", "rbuf")
+    __slots__ = ("sock", "rbuf", "pool")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.rbuf = bytearray()
+        self.pool: list = []  # big-frame buffers, reused once nothing refers to them any more
 
     def _fill(self) -> None:
         chunk = self.sock.recv(65536)
@@ -825,9 +826,31 @@ class _Conn:
             n -= self.read_some_into(scratch[: min(n, len(scratch))])
 
 
+_POOL_SIZE = 4
+_POOL_MAX_BYTES = 256 << 20
+
+
+def _pooled(conn: _Conn, n: int):
+    """A pooled buffer of at least n bytes that no array, view or segment refers to any more."""
+    best = None
+    for buf in conn.pool:
+        # references: the pool list, `buf`, getrefcount's argument -- nothing else
+        if buf.nbytes >= n and sys.getrefcount(buf) == 3 and (best is None or buf.nbytes < best.nbytes):
+            best = buf
+    return best
+
+
 def _read_big_frame(conn: _Conn, n: int) -> memoryview:
-    """n payload bytes into a fresh, aligned numpy buffer that grows with the data received
-    (never more than 4x what actually arrived, whatever length was claimed)."""
+    """n payload bytes into an aligned numpy buffer: a free one from the connection's pool
+    (no page faults), else a fresh one that grows with the data received (never more than
+    4x what actually arrived, whatever length was claimed)."""
+    arr = _pooled(conn, n)
+    if arr is not None:
+        view = memoryview(arr)[:n]
+        got = 0
+        while got < n:
+            got += conn.read_some_into(view[got:])
+        return view
     cap = min(n, _INITIAL_BUFFER)
     arr = np.empty(cap, dtype=np.uint8)
     view = memoryview(arr)
@@ -840,6 +863,10 @@ def _read_big_frame(conn: _Conn, n: int) -> memoryview:
             arr = bigger
             view = memoryview(arr)
         got += conn.read_some_into(view[got:cap])
+    if n <= _POOL_MAX_BYTES:
+        if len(conn.pool) >= _POOL_SIZE:
+            conn.pool.pop(0)
+        conn.pool.append(arr)
     return view
 
 

@@ -1,0 +1,29 @@
+"""The second algorithm, written only with the public API, reaches its accuracy bar."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_logreg_with_two_workers_reaches_under_9_percent_test_error(tmp_path, mnist_parquet):
+    spec = yaml.safe_load((ROOT / "examples" / "logreg.yaml").read_text())
+    spec["input"]["paths"] = [str(mnist_parquet / "train")]
+    spec["algorithm"]["params"]["test"] = str(mnist_parquet / "test")
+    spec["output"] = str(tmp_path / "out")
+    assert spec["workers"]["count"] == 2
+    job = tmp_path / "logreg.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    res = subprocess.run([sys.executable, "-m", "iterreduce.cli", "run", str(job)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    test_error = metrics["final"]["metrics"]["test_error"]
+    assert test_error < 0.09, f"test error {test_error:.4f}"
+    assert len(metrics["history"]) == spec["algorithm"]["params"]["epochs"]

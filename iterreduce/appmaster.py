@@ -241,7 +241,7 @@ class AppMaster:
             if self.job.checkpoint.every and (step + 1) % self.job.checkpoint.every == 0:
                 self._checkpoint(step + 1, nxt)
             if self.status_hook:
-                self.status_hook(self.status())
+                self.status_hook({**self.status(), "total": total})
             step_started = time.monotonic()
 
     def _set_broadcast(self, update: Update) -> None:
@@ -284,7 +284,7 @@ class AppMaster:
                 break
             time.sleep(0.05)
         if self.status_hook:
-            self.status_hook(self.status())
+            self.status_hook({**self.status(), "total": self.master.total_supersteps()})
 
     def _write_metrics(self, final: Final | None) -> None:
         self.output.write_json("metrics.json", {

@@ -21,31 +21,50 @@ __all__ = ["run_local", "Progress", "JobFailed"]
 
 
 class Progress:
-    """A one-line progress bar on a terminal: superstep, phase, latest metric."""
+    """A progress bar on a terminal (superstep, phase, latest metrics) kept below the log
+    lines; elsewhere it draws nothing and the one log line per superstep remains."""
 
     def __init__(self, stream: TextIO | None = None, width: int = 30):
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty()
         self.width = width
-        self.total: int | None = None
         self.started = time.monotonic()
+        self.bar = ""
+        if self.enabled:  # log lines go above the bar
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream is self.stream:
+                    handler.setStream(_AboveBar(self))
 
     def __call__(self, status: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        step = status["superstep"]
-        if self.total:
-            done = min(step / self.total, 1.0)
-            bar = "#" * int(done * self.width) + "." * (self.width - int(done * self.width))
-            head = f"[{bar}] {step}/{self.total}"
+        step, total = status["superstep"], status.get("total")
+        if total:
+            filled = int(min(step / total, 1.0) * self.width)
+            head = f"[{'#' * filled}{'.' * (self.width - filled)}] {step}/{total}"
         else:
             head = f"superstep {step}"
         metrics = " ".join(f"{k}={v:.4g}" for k, v in list(status["metrics"].items())[:3])
-        line = f"{head} | {status['phase']} | {metrics} | {time.monotonic() - self.started:.0f}s"
-        self.stream.write("\r\x1b[K" + line[:160])
-        if status["state"] in ("SUCCEEDED", "FAILED"):
+        self.bar = f"{head} | {status['phase']} | {metrics} | {time.monotonic() - self.started:.0f}s"[:150]
+        self.stream.write("\r\x1b[K" + self.bar)
+        if status["state"] in ("SUCCEEDED", "FAILED", "KILLED"):
             self.stream.write("\n")
+            self.bar = ""
         self.stream.flush()
+
+
+class _AboveBar:
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def write(self, text: str) -> None:
+        out = self.progress.stream
+        out.write("\r\x1b[K" + text)
+        if text.endswith("\n") and self.progress.bar:
+            out.write(self.progress.bar)
+
+    def flush(self) -> None:
+        self.progress.stream.flush()
 
 
 def run_local(job: JobSpec, resume: bool = False, log_dir: str | None = None,
@@ -60,8 +79,6 @@ def run_local(job: JobSpec, resume: bool = False, log_dir: str | None = None,
                    else tempfile.mkdtemp(prefix=f"iterreduce-{job.name}-"))
     launcher = LocalLauncher(log_dir, num_workers=job.workers.count)
     am = AppMaster(job, launcher, resume=resume, status_hook=progress)
-    if progress is not None:
-        progress.total = None
     logging.getLogger("iterreduce").info("local run of %s with %d worker processes (logs in %s)", job.name,
                                          job.workers.count, log_dir)
     am.run()

@@ -1,0 +1,376 @@
+"""Data input for the DBN: IDX files (MNIST), checksums, download, Parquet shards.
+
+IDX format (LeCun): a 4-byte magic ``0x00 0x00 <type> <ndim>``, then ``ndim``
+big-endian uint32 dimension sizes, then the data in C order, big-endian.
+Type codes: 0x08 ubyte, 0x09 byte, 0x0B short, 0x0C int, 0x0D float, 0x0E double.
+Files may be gzip-compressed; this is detected from the gzip magic bytes
+(``1f 8b``), not from the file name.
+
+Parquet shards written by :func:`write_parquet_shards` have two columns:
+
+* ``x``: ``fixed_size_list<uint8>[d]`` -- one example's d features (784 pixels
+  for MNIST, row-major 28x28, 0..255);
+* ``y``: ``int64`` -- the label.
+
+They are named ``<prefix>-00000.parquet``, ``<prefix>-00001.parquet`` ...
+and written with row groups of about 10000 rows.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "IDXError",
+    "ChecksumError",
+    "MNIST_FILES",
+    "MNIST_SHA256",
+    "MNIST_MIRRORS",
+    "read_idx",
+    "read_mnist_file",
+    "verify_sha256",
+    "load_mnist",
+    "download_mnist",
+    "write_parquet_shards",
+    "table_to_arrays",
+    "read_parquet_dir",
+    "prepare_mnist",
+]
+
+# type code -> big-endian numpy dtype
+_IDX_TYPES: dict[int, np.dtype] = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+MNIST_FILES: dict[str, str] = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+#: sha256 of the *uncompressed* content of each MNIST file.
+MNIST_SHA256: dict[str, str] = {
+    "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+MNIST_MIRRORS: tuple[str, ...] = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+
+ROW_GROUP_SIZE = 10000
+
+
+class IDXError(ValueError):
+    """Malformed IDX file; the message names the file and the byte position."""
+
+
+class ChecksumError(ValueError):
+    """Content does not match the expected sha256; the message names the file."""
+
+
+# --------------------------------------------------------------------------- IDX
+
+
+def _read_raw(path: str | os.PathLike) -> bytes:
+    """Return the file's bytes, gunzipped if it starts with the gzip magic."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise IDXError(f"{path}: corrupt gzip stream: {e}") from e
+    return raw
+
+
+def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Parse uncompressed IDX content ``raw``; ``name`` is used in errors.
+
+    Returns an array of the file's shape in native byte order.
+    """
+    if len(raw) < 4:
+        raise IDXError(f"{name}: truncated header at byte {len(raw)}: need 4 magic bytes")
+    if raw[0] != 0 or raw[1] != 0:
+        raise IDXError(
+            f"{name}: bad magic at byte 0: expected 0x00 0x00, got 0x{raw[0]:02x} 0x{raw[1]:02x}"
+        )
+    tcode, ndim = raw[2], raw[3]
+    if tcode not in _IDX_TYPES:
+        raise IDXError(f"{name}: unknown data type code 0x{tcode:02x} at byte 2")
+    dtype = _IDX_TYPES[tcode]
+    header_end = 4 + 4 * ndim
+    if len(raw) < header_end:
+        raise IDXError(
+            f"{name}: truncated header at byte {len(raw)}: "
+            f"{ndim} dimensions need {header_end} header bytes"
+        )
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    count = int(np.prod(shape, dtype=np.int64)) if ndim else 1
+    end = header_end + count * dtype.itemsize
+    if len(raw) < end:
+        raise IDXError(
+            f"{name}: truncated data at byte {len(raw)}: shape {shape} of {dtype.name} "
+            f"needs {end} bytes"
+        )
+    if len(raw) > end:
+        raise IDXError(f"{name}: {len(raw) - end} unexpected trailing bytes at byte {end}")
+    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=header_end).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (gzipped or not) into a numpy array.
+
+    Returns an array with the file's shape and dtype (uint8, int8, int16,
+    int32, float32 or float64, native byte order). Raises :class:`IDXError`
+    naming the file and byte position on bad magic or truncated content.
+    """
+    return parse_idx(_read_raw(path), str(path))
+
+
+def verify_sha256(raw: bytes, expected: str, name: str) -> None:
+    """Raise :class:`ChecksumError` naming ``name`` if sha256(raw) != expected."""
+    got = hashlib.sha256(raw).hexdigest()
+    if got != expected:
+        raise ChecksumError(
+            f"{name}: sha256 of the uncompressed content is {got}, expected {expected}"
+        )
+
+
+def read_mnist_file(path: str | os.PathLike) -> np.ndarray:
+    """Read one MNIST IDX file, verifying the sha256 of its uncompressed content
+    against :data:`MNIST_SHA256` (looked up by file name, with or without
+    ``.gz``); raises :class:`ChecksumError` naming the file on mismatch."""
+    path = Path(path)
+    key = path.name if path.name.endswith(".gz") else path.name + ".gz"
+    if key not in MNIST_SHA256:
+        raise ValueError(f"{path}: not a standard MNIST file name ({', '.join(MNIST_SHA256)})")
+    raw = _read_raw(path)
+    verify_sha256(raw, MNIST_SHA256[key], str(path))
+    return parse_idx(raw, str(path))
+
+
+def load_mnist(data_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Load MNIST from the four standard IDX files in ``data_dir``.
+
+    Each file's uncompressed content is checked against :data:`MNIST_SHA256`.
+    Files may be stored gzipped (standard ``.gz`` names) or uncompressed
+    (the same name without ``.gz``).
+
+    Returns ``(x_train uint8 [60000, 784], y_train int64 [60000],
+    x_test uint8 [10000, 784], y_test int64 [10000])``.
+    """
+    d = Path(data_dir)
+    out = {}
+    for key, fname in MNIST_FILES.items():
+        p = d / fname
+        if not p.exists() and (d / fname[:-3]).exists():
+            p = d / fname[:-3]
+        if not p.exists():
+            raise FileNotFoundError(
+                f"MNIST file {p} not found; pass the directory holding the four MNIST "
+                f"files with --data DIR, or download them with download_mnist(DIR)"
+            )
+        out[key] = read_mnist_file(p)
+    x_tr = out["train_images"].reshape(out["train_images"].shape[0], -1)
+    x_te = out["test_images"].reshape(out["test_images"].shape[0], -1)
+    return x_tr, out["train_labels"].astype(np.int64), x_te, out["test_labels"].astype(np.int64)
+
+
+def download_mnist(
+    data_dir: str | os.PathLike,
+    mirrors: Sequence[str] = MNIST_MIRRORS,
+    timeout: float = 30.0,
+) -> Path:
+    """Download the four MNIST files into ``data_dir`` (skipping valid ones).
+
+    Tries each mirror in turn, verifies the sha256 of the uncompressed content
+    and writes the file atomically. Raises ``RuntimeError`` naming the directory
+    (to pass as ``--data DIR``) when no mirror works. Returns the directory.
+    """
+    d = Path(data_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    for fname, sha in MNIST_SHA256.items():
+        target = d / fname
+        if target.exists():
+            try:
+                verify_sha256(_read_raw(target), sha, str(target))
+                continue
+            except (ChecksumError, IDXError):
+                pass
+        errors = []
+        for mirror in mirrors:
+            url = mirror.rstrip("/") + "/" + fname
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as r:
+                    blob = r.read()
+                raw = gzip.decompress(blob) if blob[:2] == b"\x1f\x8b" else blob
+                verify_sha256(raw, sha, url)
+            except (urllib.error.URLError, OSError, ValueError, EOFError) as e:
+                errors.append(f"{url}: {e}")
+                continue
+            tmp = target.with_suffix(".part")
+            tmp.write_bytes(blob)
+            os.replace(tmp, target)
+            break
+        else:
+            raise RuntimeError(
+                f"could not download {fname} into {d.resolve()}: "
+                + "; ".join(errors)
+                + f". Without internet access, copy the four MNIST files "
+                f"({', '.join(MNIST_SHA256)}) into a directory and pass it with --data DIR "
+                f"(e.g. --data {d.resolve()})."
+            )
+    return d
+
+
+# ----------------------------------------------------------------------- Parquet
+
+
+def _to_table(x: np.ndarray, y: np.ndarray | None) -> pa.Table:
+    x = np.ascontiguousarray(x, dtype=np.uint8)
+    n, d = x.shape
+    col_x = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), type=pa.uint8()), d)
+    cols = {"x": col_x}
+    if y is not None:
+        cols["y"] = pa.array(np.asarray(y, dtype=np.int64))
+    return pa.table(cols)
+
+
+def write_parquet_shards(
+    x: np.ndarray,
+    y: np.ndarray | None,
+    out_dir: str | os.PathLike,
+    num_shards: int,
+    prefix: str = "part",
+    row_group_size: int = ROW_GROUP_SIZE,
+) -> list[Path]:
+    """Write ``x`` uint8 [n, d] and ``y`` int64 [n] as ``num_shards`` Parquet files.
+
+    Rows are split into contiguous, nearly equal shards
+    ``out_dir/<prefix>-00000.parquet`` ... with columns ``x``
+    (``fixed_size_list<uint8>[d]``) and ``y`` (``int64``; omitted if ``y`` is
+    None). Returns the list of paths written.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        x = x.reshape(x.shape[0], -1)
+    if y is not None and len(y) != len(x):
+        raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+    if num_shards < 1:
+        raise ValueError("num_shards must be >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, len(x), num_shards + 1).round().astype(np.int64)
+    paths = []
+    for i in range(num_shards):
+        lo, hi = bounds[i], bounds[i + 1]
+        table = _to_table(x[lo:hi], None if y is None else y[lo:hi])
+        p = out / f"{prefix}-{i:05d}.parquet"
+        pq.write_table(table, p, row_group_size=row_group_size)
+        paths.append(p)
+    return paths
+
+
+def table_to_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray | None]:
+    """Convert a table with ``x`` (fixed_size_list<uint8>[d]) and optional ``y``.
+
+    Returns ``(x uint8 [n, d], y int64 [n] or None)`` without a per-row loop.
+    """
+    col = table.column("x").combine_chunks()
+    if isinstance(col, pa.ChunkedArray):  # empty table
+        col = pa.concat_arrays(col.chunks) if col.num_chunks else pa.array([], type=col.type)
+    d = col.type.list_size
+    if col.offset:  # flatten() honours the offset; values does not
+        flat = col.flatten()
+    else:
+        flat = col.values.slice(0, len(col) * d)
+    x = flat.to_numpy(zero_copy_only=False).astype(np.uint8, copy=False).reshape(len(col), d)
+    y = None
+    if "y" in table.column_names:
+        y = table.column("y").to_numpy().astype(np.int64, copy=False)
+    return x, y
+
+
+def _parquet_files(path: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    if isinstance(path, (str, os.PathLike)):
+        p = Path(path)
+        if p.is_dir():
+            files = sorted(p.glob("*.parquet"))
+            if not files:
+                raise FileNotFoundError(f"no .parquet files in {p}")
+            return files
+        return [p]
+    return [Path(q) for q in path]
+
+
+def read_parquet_dir(
+    path: str | os.PathLike | Iterable[str | os.PathLike],
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read all ``*.parquet`` shards of a directory (sorted by name), a file, or
+    a list of files. Returns ``(x uint8 [n, d], y int64 [n] or None)``."""
+    tables = [pq.read_table(f) for f in _parquet_files(path)]
+    return table_to_arrays(pa.concat_tables(tables))
+
+
+def prepare_mnist(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    num_shards: int = 4,
+    validation: int = 10000,
+) -> dict:
+    """Turn the MNIST IDX files in ``data_dir`` into Parquet shards in ``out_dir``.
+
+    Writes ``out_dir/train/`` (the first 60000-validation train images, split
+    into ``num_shards`` shards), ``out_dir/validation/`` (the last ``validation``
+    train images, one shard), ``out_dir/test/`` (the 10000 test images, one
+    shard) and ``out_dir/meta.json`` (counts and source checksums). The order
+    of the original files is kept, so the output is deterministic.
+    Returns the metadata dict.
+    """
+    x_tr, y_tr, x_te, y_te = load_mnist(data_dir)
+    n_train = len(x_tr) - validation
+    out = Path(out_dir)
+    splits = {
+        "train": (x_tr[:n_train], y_tr[:n_train], num_shards),
+        "validation": (x_tr[n_train:], y_tr[n_train:], 1),
+        "test": (x_te, y_te, 1),
+    }
+    meta: dict = {"dataset": "mnist", "n_features": int(x_tr.shape[1]), "splits": {},
+                  "source_sha256": dict(MNIST_SHA256)}
+    for name, (x, y, shards) in splits.items():
+        if len(x) == 0:
+            continue
+        d = out / name
+        if d.exists():
+            for old in d.glob("*.parquet"):
+                old.unlink()
+        paths = write_parquet_shards(x, y, d, shards)
+        meta["splits"][name] = {
+            "rows": int(len(x)),
+            "files": [p.name for p in paths],
+            "label_counts": np.bincount(y, minlength=10).tolist(),
+        }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta

@@ -1,0 +1,272 @@
+"""The model file (``model.avro``): a trained DBN classifier as named arrays.
+
+Format: an Avro object container file (written with fastavro, ``deflate``
+codec) whose records are named numpy arrays::
+
+    {"type": "record", "name": "NamedArray", "namespace": "dbn.model",
+     "fields": [
+       {"name": "name",  "type": "string"},
+       {"name": "dtype", "type": "string"},
+       {"name": "shape", "type": {"type": "array", "items": "long"}},
+       {"name": "data",  "type": "bytes"}]}
+
+* ``name``: the array's name (see below);
+* ``dtype``: numpy dtype string with explicit byte order, always
+  little-endian (``"<f4"`` for float32);
+* ``shape``: the dimensions, C order;
+* ``data``: the raw bytes (``prod(shape) * itemsize`` bytes, C order).
+
+Array names (layer ``i`` = 0 .. L-1, bottom to top; layer L-1 is the softmax
+output layer of a classifier):
+
+* ``W{i}`` float32 [n_i, n_{i+1}]: weights; ``n_0`` is the input size (784);
+* ``b{i}`` float32 [n_{i+1}]: biases;
+* ``dW{i}``, ``db{i}``: momentum velocities, only when saved with
+  ``include_velocities=True`` (to resume training).
+
+Hidden units are logistic (sigmoid); the top layer is a softmax when
+``meta["kind"] == "classifier"``; for ``"stack"`` (a pre-trained DBN without
+output layer) every layer is sigmoid.
+
+The container's header metadata key ``dbn.meta`` holds a JSON object:
+``format`` ("dbn-model"), ``version`` (1), ``kind`` ("classifier" or
+"stack"), ``sizes`` (layer widths ``[n_0, ..., n_L]``), ``input``
+("pixels in [0,1]; uint8 inputs are divided by 255"), plus whatever the
+caller passed as ``meta`` (settings, errors, timings ...).
+
+Inputs to :meth:`Model.predict` / :meth:`Model.features` are uint8 pixels
+(0..255, scaled by 1/255) or floats already in [0, 1].
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, BinaryIO, Iterable
+
+import fastavro
+import numpy as np
+
+from . import network as _net
+
+__all__ = ["SCHEMA", "META_KEY", "Model", "save", "load", "export_features"]
+
+SCHEMA = {
+    "type": "record",
+    "name": "NamedArray",
+    "namespace": "dbn.model",
+    "fields": [
+        {"name": "name", "type": "string"},
+        {"name": "dtype", "type": "string"},
+        {"name": "shape", "type": {"type": "array", "items": "long"}},
+        {"name": "data", "type": "bytes"},
+    ],
+}
+META_KEY = "dbn.meta"
+FORMAT_VERSION = 1
+_PARSED = fastavro.parse_schema(SCHEMA)
+
+
+class Model:
+    """A loaded (or in-memory) DBN model: ``params`` dict and ``meta`` dict."""
+
+    def __init__(self, params: dict[str, np.ndarray], meta: dict[str, Any] | None = None):
+        self.params = params
+        self.meta = dict(meta or {})
+        self.kind = self.meta.get("kind", "classifier")
+
+    @property
+    def n_layers(self) -> int:
+        """Weight layers (for a classifier: hidden layers + softmax)."""
+        return _net.n_layers(self.params)
+
+    @property
+    def sizes(self) -> list[int]:
+        return _net.layer_sizes(self.params)
+
+    def _net(self) -> dict:
+        if self.kind != "classifier":
+            raise ValueError("this model is a pre-trained stack without an output layer")
+        return self.params
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities float32 [m, n_classes]; ``x`` uint8 or float [m, n_0]."""
+        return _net.predict_proba(self._net(), x)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Predicted labels int64 [m]."""
+        return _net.predict(self._net(), x)
+
+    @property
+    def n_hidden_layers(self) -> int:
+        return self.n_layers - 1 if self.kind == "classifier" else self.n_layers
+
+    def layer_index(self, layer: int) -> int:
+        """Normalise a 1-based / negative hidden-layer index to 1..n_hidden_layers."""
+        n_hidden = self.n_hidden_layers
+        k = layer if layer > 0 else n_hidden + 1 + layer
+        if not 1 <= k <= n_hidden:
+            raise ValueError(f"layer {layer} out of range: the model has {n_hidden} hidden layers")
+        return k
+
+    def features(self, x: np.ndarray, layer: int = -1) -> np.ndarray:
+        """Activations of hidden layer ``layer``: float32 [m, n_layer].
+
+        ``layer`` is 1-based (1 = first hidden layer); negative values count
+        from the top hidden layer (-1 = last hidden layer, i.e. the input of
+        the softmax for a classifier, the top of a stack).
+        """
+        k = self.layer_index(layer)
+        if self.kind == "classifier":
+            return _net.hidden_activations(self.params, x, k)
+        out = np.empty((len(x), self.sizes[k]), np.float32)
+        for lo in range(0, len(x), 10000):
+            a = _net._scale_input(x[lo:lo + 10000])
+            for i in range(k):
+                a = _net.sigmoid(a @ self.params[f"W{i}"] + self.params[f"b{i}"])
+            out[lo:lo + 10000] = a
+        return out
+
+    def error_rate(self, x: np.ndarray, y: np.ndarray) -> float:
+        return float(np.mean(self.predict(x) != np.asarray(y)))
+
+
+def _params_of(obj: Any) -> tuple[dict[str, np.ndarray], str]:
+    if isinstance(obj, Model):
+        return obj.params, obj.kind
+    if isinstance(obj, _net.DBN):
+        p = {}
+        for i, (W, b) in enumerate(obj.layers):
+            p[f"W{i}"], p[f"b{i}"] = W, b
+        return p, "stack"
+    if isinstance(obj, dict):
+        return obj, "classifier"
+    raise TypeError(f"cannot save {type(obj).__name__}: expected a net dict, DBN or Model")
+
+
+def save(
+    path_or_file: str | os.PathLike | BinaryIO,
+    net: dict | _net.DBN | Model,
+    meta: dict[str, Any] | None = None,
+    include_velocities: bool = False,
+) -> None:
+    """Write ``net`` (classifier param dict, :class:`~dbn.network.DBN` stack or
+    :class:`Model`) to an Avro model file; ``meta`` (JSON-serialisable) is
+    merged into the header metadata. Paths with ``://`` go through fsspec."""
+    params, kind = _params_of(net)
+    L = _net.n_layers(params)
+    names = [k for i in range(L) for k in (f"W{i}", f"b{i}")]
+    if include_velocities:
+        names += ["d" + k for k in names if "d" + k in params]
+    m = dict(meta or {})
+    base_meta = {"format": "dbn-model", "version": FORMAT_VERSION, "kind": kind,
+                 "sizes": _net.layer_sizes(params),
+                 "input": "pixels in [0,1]; uint8 inputs are divided by 255"}
+    if isinstance(net, Model):
+        base_meta = {**net.meta, **base_meta}
+    m = {**base_meta, **m}
+    m["kind"] = kind
+
+    def records():
+        for name in names:
+            a = np.ascontiguousarray(params[name])
+            a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+            yield {"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
+
+    header = {META_KEY: json.dumps(m, sort_keys=True)}
+    if isinstance(path_or_file, (str, os.PathLike)):
+        s = os.fspath(path_or_file)
+        if "://" in s:
+            import fsspec
+            with fsspec.open(s, "wb") as f:
+                fastavro.writer(f, _PARSED, records(), codec="deflate", metadata=header)
+            return
+        tmp = s + ".tmp"
+        with open(tmp, "wb") as f:
+            fastavro.writer(f, _PARSED, records(), codec="deflate", metadata=header)
+        os.replace(tmp, s)
+    else:
+        fastavro.writer(path_or_file, _PARSED, records(), codec="deflate", metadata=header)
+
+
+def _read(f: BinaryIO) -> Model:
+    r = fastavro.reader(f)
+    meta = json.loads(r.metadata.get(META_KEY, "{}"))
+    if meta.get("format") != "dbn-model":
+        raise ValueError(f"not a DBN model file (missing '{META_KEY}' header metadata)")
+    params = {}
+    for rec in r:
+        dt = np.dtype(rec["dtype"])
+        a = np.frombuffer(rec["data"], dtype=dt).reshape(rec["shape"])
+        params[rec["name"]] = a.astype(dt.newbyteorder("="), copy=True)
+    return Model(params, meta)
+
+
+def load(path_or_file: str | os.PathLike | BinaryIO) -> Model:
+    """Read a model file written by :func:`save`; returns a :class:`Model`."""
+    if isinstance(path_or_file, (str, os.PathLike)):
+        s = os.fspath(path_or_file)
+        if "://" in s:
+            import fsspec
+            with fsspec.open(s, "rb") as f:
+                return _read(io.BytesIO(f.read()))
+        with open(s, "rb") as f:
+            return _read(f)
+    return _read(path_or_file)
+
+
+def export_features(
+    model: Model | str | os.PathLike,
+    inputs: str | os.PathLike | Iterable[str | os.PathLike],
+    layer: int,
+    out_dir: str | os.PathLike,
+    batch_size: int = 10000,
+) -> list[Path]:
+    """Map Parquet shards through the model and write hidden features.
+
+    ``inputs``: a directory of ``*.parquet`` shards, a file or a list of files
+    with column ``x`` (fixed_size_list<uint8>[d]) and optionally ``y``. For
+    each input file an output file of the same name is written to ``out_dir``
+    with columns ``features`` (fixed_size_list<float32>[n_layer]) and ``y``
+    (int64, when present in the input), processed ``batch_size`` rows at a
+    time. Returns the output paths.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .data import _parquet_files, table_to_arrays
+
+    if not isinstance(model, Model):
+        model = load(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for src in _parquet_files(inputs):
+        pf = pq.ParquetFile(src)
+        has_y = "y" in pf.schema_arrow.names
+        dst = out / Path(src).name
+        writer = None
+        try:
+            for batch in pf.iter_batches(batch_size=batch_size, columns=["x", "y"] if has_y else ["x"]):
+                x, y = table_to_arrays(pa.Table.from_batches([batch]))
+                f = np.ascontiguousarray(model.features(x, layer), dtype=np.float32)
+                cols = {"features": pa.FixedSizeListArray.from_arrays(pa.array(f.reshape(-1)), f.shape[1])}
+                if y is not None:
+                    cols["y"] = pa.array(y)
+                t = pa.table(cols)
+                if writer is None:
+                    writer = pq.ParquetWriter(dst, t.schema)
+                writer.write_table(t)
+            if writer is None:  # empty input file
+                n_out = model.sizes[model.layer_index(layer)]
+                fields = [pa.field("features", pa.list_(pa.float32(), n_out))]
+                if has_y:
+                    fields.append(pa.field("y", pa.int64()))
+                pq.write_table(pa.schema(fields).empty_table(), dst)
+        finally:
+            if writer is not None:
+                writer.close()
+        written.append(dst)
+    return written

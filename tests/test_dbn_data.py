@@ -1,0 +1,313 @@
+"""Tests of dbn.data (IDX, MNIST, Parquet shards), dbn.model and dbn.plots."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import dbn
+from dbn import data as D
+from dbn import network as N
+from dbn import plots
+from dbn.model import META_KEY, Model, export_features, load, save
+
+MNIST_DIR = (Path(__file__).parents[1] / ".." / "shared" / "data" / "mnist").resolve()
+README_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+needs_mnist = pytest.mark.skipif(
+    not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists(), reason=f"MNIST not found at {MNIST_DIR}"
+)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST not found at {MNIST_DIR}")
+    return D.load_mnist(MNIST_DIR)
+
+
+def _idx_bytes(arr: np.ndarray, code: int) -> bytes:
+    be = arr.astype(arr.dtype.newbyteorder(">"))
+    return bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + be.tobytes()
+
+
+# ----------------------------------------------------------------------- IDX
+
+
+@pytest.mark.parametrize(
+    "dtype,code", [("u1", 0x08), ("i1", 0x09), ("i2", 0x0B), ("i4", 0x0C), ("f4", 0x0D), ("f8", 0x0E)]
+)
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_all_types(tmp_path, dtype, code, gz):
+    rng = np.random.default_rng(1)
+    arr = (rng.standard_normal((3, 4, 5)) * 100).astype(dtype)
+    raw = _idx_bytes(arr, code)
+    p = tmp_path / "a.idx"  # name without .gz: compression detected from magic bytes
+    p.write_bytes(gzip.compress(raw) if gz else raw)
+    out = D.read_idx(p)
+    assert out.dtype == np.dtype(dtype) and out.dtype.isnative
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_read_idx_bad_magic_names_file_and_position(tmp_path):
+    p = tmp_path / "bad.idx"
+    p.write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
+    with pytest.raises(D.IDXError, match=r"bad\.idx.*byte 0"):
+        D.read_idx(p)
+    p.write_bytes(b"\x00\x00\x07\x01\x00\x00\x00\x01\x05")
+    with pytest.raises(D.IDXError, match=r"bad\.idx.*type code 0x07 at byte 2"):
+        D.read_idx(p)
+
+
+def test_read_idx_truncated_names_file_and_position(tmp_path):
+    arr = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    raw = _idx_bytes(arr, 0x08)
+    p = tmp_path / "trunc-images.gz"
+    p.write_bytes(gzip.compress(raw[:-100]))
+    with pytest.raises(D.IDXError, match=rf"trunc-images\.gz: truncated data at byte {len(raw) - 100}"):
+        D.read_idx(p)
+    p.write_bytes(raw[:10])  # inside the dimension header
+    with pytest.raises(D.IDXError, match=r"trunc-images\.gz: truncated header at byte 10"):
+        D.read_idx(p)
+    p.write_bytes(gzip.compress(raw)[:-20])  # gzip stream cut short
+    with pytest.raises(D.IDXError, match=r"trunc-images\.gz"):
+        D.read_idx(p)
+
+
+@needs_mnist
+def test_mnist_files_checksums_and_label_counts(mnist):
+    x_tr, y_tr, x_te, y_te = mnist
+    assert x_tr.shape == (60000, 784) and x_tr.dtype == np.uint8
+    assert x_te.shape == (10000, 784) and x_te.dtype == np.uint8
+    assert y_tr.dtype == np.int64 and y_te.dtype == np.int64 and y_te.shape == (10000,)
+    assert np.bincount(y_tr, minlength=10).tolist() == README_COUNTS
+    assert 0 < x_tr.mean() < 255
+
+
+@needs_mnist
+def test_mnist_checksum_mismatch_names_file(tmp_path):
+    raw = bytearray(gzip.decompress((MNIST_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    raw[100] = (raw[100] + 1) % 10  # still a valid IDX file, wrong content
+    p = tmp_path / "t10k-labels-idx1-ubyte"  # uncompressed variant of the name
+    p.write_bytes(bytes(raw))
+    with pytest.raises(D.ChecksumError, match=r"t10k-labels-idx1-ubyte: sha256"):
+        D.read_mnist_file(p)
+    assert D.read_mnist_file(MNIST_DIR / "t10k-labels-idx1-ubyte.gz").shape == (10000,)
+
+
+def test_load_mnist_missing_dir_mentions_data_option(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data DIR"):
+        D.load_mnist(tmp_path)
+
+
+def test_download_fails_fast_and_clearly(tmp_path):
+    t = time.time()
+    with pytest.raises(RuntimeError) as e:
+        D.download_mnist(tmp_path / "mnist", mirrors=("http://127.0.0.1:9/",), timeout=5)
+    assert time.time() - t < 10
+    msg = str(e.value)
+    assert "--data DIR" in msg and str((tmp_path / "mnist").resolve()) in msg
+    assert "127.0.0.1:9" in msg
+
+
+@needs_mnist
+def test_download_from_file_mirror_verifies_checksums(tmp_path):
+    # urllib also speaks file://, so the local copy can stand in for a mirror
+    dest = D.download_mnist(tmp_path / "dl", mirrors=("http://127.0.0.1:9/", MNIST_DIR.as_uri() + "/"))
+    assert sorted(p.name for p in dest.iterdir()) == sorted(D.MNIST_SHA256)
+    assert D.read_mnist_file(dest / "train-labels-idx1-ubyte.gz").shape == (60000,)
+    # a corrupted "mirror" is rejected with the checksum error in the message
+    bad = tmp_path / "badmirror"
+    bad.mkdir()
+    for name in D.MNIST_SHA256:
+        (bad / name).write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x00"))
+    with pytest.raises(RuntimeError, match="sha256"):
+        D.download_mnist(tmp_path / "dl2", mirrors=(bad.as_uri() + "/",))
+
+
+# ------------------------------------------------------------------- Parquet
+
+
+def test_parquet_shards_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (1234, 17), dtype=np.uint8)
+    y = rng.integers(0, 10, 1234).astype(np.int64)
+    paths = D.write_parquet_shards(x, y, tmp_path / "s", 3, row_group_size=100)
+    assert [p.name for p in paths] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    schema = pq.read_schema(paths[0])
+    assert schema.field("x").type == pa.list_(pa.uint8(), 17)
+    assert schema.field("y").type == pa.int64()
+    assert pq.ParquetFile(paths[0]).metadata.num_row_groups == 5
+    x2, y2 = D.read_parquet_dir(tmp_path / "s")
+    np.testing.assert_array_equal(x2, x)
+    np.testing.assert_array_equal(y2, y)
+    # files list, and a sliced table (non-zero offset) converts correctly
+    x3, y3 = D.read_parquet_dir([paths[1]])
+    t = pq.read_table(paths[0])
+    xs, ys = D.table_to_arrays(t.slice(7, 50))
+    np.testing.assert_array_equal(xs, x[7:57])
+    np.testing.assert_array_equal(ys, y[7:57])
+    assert [pq.read_metadata(q).num_rows for q in paths] == [411, 412, 411]
+    np.testing.assert_array_equal(x3, x[411:823])
+    # without labels
+    D.write_parquet_shards(x, None, tmp_path / "nolab", 1)
+    x4, y4 = D.read_parquet_dir(tmp_path / "nolab")
+    assert y4 is None and x4.shape == (1234, 17)
+
+
+@needs_mnist
+def test_prepare_mnist(tmp_path, mnist):
+    meta = D.prepare_mnist(MNIST_DIR, tmp_path, num_shards=3)
+    x_tr, y_tr, x_te, y_te = mnist
+    assert json.loads((tmp_path / "meta.json").read_text()) == meta
+    assert meta["splits"]["train"]["rows"] == 50000 and len(meta["splits"]["train"]["files"]) == 3
+    assert meta["source_sha256"] == D.MNIST_SHA256
+    xv, yv = D.read_parquet_dir(tmp_path / "validation")
+    np.testing.assert_array_equal(xv, x_tr[50000:])
+    np.testing.assert_array_equal(yv, y_tr[50000:])
+    xt, yt = D.read_parquet_dir(tmp_path / "test")
+    np.testing.assert_array_equal(yt, y_te)
+    xtr, ytr = D.read_parquet_dir(tmp_path / "train")
+    assert np.bincount(np.concatenate([ytr, yv]), minlength=10).tolist() == README_COUNTS
+    np.testing.assert_array_equal(xtr[:5], x_tr[:5])
+
+
+# --------------------------------------------------------------------- model
+
+
+def _tiny_net(seed=0):
+    rng = np.random.default_rng(seed)
+    return N.init_net([784, 20, 15, 10], rng, init_std=0.1)
+
+
+def test_model_round_trip(tmp_path):
+    net = _tiny_net()
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (200, 784), dtype=np.uint8)
+    save(tmp_path / "model.avro", net, {"note": "test", "errors": [0.1, 0.05]})
+    m = dbn.load(tmp_path / "model.avro")
+    assert isinstance(m, Model) and m.kind == "classifier"
+    assert m.sizes == [784, 20, 15, 10] and m.meta["note"] == "test" and m.meta["format"] == "dbn-model"
+    assert set(m.params) == {"W0", "b0", "W1", "b1", "W2", "b2"}
+    for k in m.params:
+        np.testing.assert_array_equal(m.params[k], net[k])
+        assert m.params[k].dtype == np.float32
+    np.testing.assert_array_equal(m.predict(x), N.predict(net, x))
+    np.testing.assert_allclose(m.predict(x.astype(np.float32) / 255), N.predict(net, x))
+    f = m.features(x, 1)
+    assert f.shape == (200, 20) and f.dtype == np.float32
+    np.testing.assert_array_equal(m.features(x, -1), m.features(x, 2))
+    with pytest.raises(ValueError):
+        m.features(x, 3)
+    # velocities, file objects, and the raw Avro structure
+    buf = io.BytesIO()
+    save(buf, net, include_velocities=True)
+    buf.seek(0)
+    import fastavro
+
+    r = fastavro.reader(io.BytesIO(buf.getvalue()))
+    recs = list(r)
+    assert {rec["name"] for rec in recs} >= {"dW0", "db2"}
+    assert json.loads(r.metadata[META_KEY])["sizes"] == [784, 20, 15, 10]
+    assert recs[0]["dtype"] == "<f4" and recs[0]["shape"] == [784, 20]
+    assert load(buf).params["dW0"].shape == (784, 20)
+
+
+def test_model_stack_and_export_features(tmp_path):
+    net = _tiny_net()
+    stack = N.DBN([(net["W0"], net["b0"]), (net["W1"], net["b1"])])
+    save(tmp_path / "stack.avro", stack)
+    s = load(tmp_path / "stack.avro")
+    assert s.kind == "stack"
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (300, 784), dtype=np.uint8)
+    y = rng.integers(0, 10, 300)
+    np.testing.assert_allclose(s.features(x, -1), stack.up(x), rtol=1e-6)
+    with pytest.raises(ValueError):
+        s.predict(x)
+    D.write_parquet_shards(x, y, tmp_path / "in", 2)
+    save(tmp_path / "model.avro", net)
+    outs = export_features(tmp_path / "model.avro", tmp_path / "in", 2, tmp_path / "out", batch_size=64)
+    assert [p.name for p in outs] == ["part-00000.parquet", "part-00001.parquet"]
+    t = pq.read_table(tmp_path / "out")
+    assert t.schema.field("features").type == pa.list_(pa.float32(), 15)
+    f = t.column("features").combine_chunks().values.to_numpy().reshape(-1, 15)
+    np.testing.assert_allclose(f, load(tmp_path / "model.avro").features(x, 2), atol=1e-6)
+    np.testing.assert_array_equal(t.column("y").to_numpy(), y)
+
+
+def test_model_rejects_foreign_avro(tmp_path):
+    import fastavro
+
+    p = tmp_path / "other.avro"
+    with open(p, "wb") as f:
+        fastavro.writer(f, fastavro.parse_schema({"type": "record", "name": "R", "fields": [
+            {"name": "a", "type": "int"}]}), [{"a": 1}])
+    with pytest.raises(ValueError, match="not a DBN model"):
+        load(p)
+
+
+# --------------------------------------------------------------------- plots
+
+
+def _parse_png(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks.append((kind, body))
+        pos += 12 + n
+    kinds = [k for k, _ in chunks]
+    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds
+    w, h, depth, ct, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
+    raw = zlib.decompress(b"".join(b for k, b in chunks if k == b"IDAT"))
+    ch = {0: 1, 2: 3}[ct]
+    assert depth == 8 and len(raw) == h * (1 + w * ch)
+    return w, h, ct
+
+
+def test_png_writer_round_trip(tmp_path):
+    g = np.arange(12 * 7, dtype=np.uint8).reshape(7, 12)
+    plots.write_png(tmp_path / "g.png", g)
+    assert _parse_png(tmp_path / "g.png") == (12, 7, 0)
+    np.testing.assert_array_equal(plots.read_png(tmp_path / "g.png"), g)
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 9, 3), dtype=np.uint8)
+    plots.write_png(tmp_path / "c.png", rgb)
+    assert _parse_png(tmp_path / "c.png") == (9, 5, 2)
+    np.testing.assert_array_equal(plots.read_png(tmp_path / "c.png"), rgb)
+
+
+def test_filter_grid_png(tmp_path):
+    W = np.random.default_rng(0).standard_normal((784, 150)).astype(np.float32)
+    plots.filter_grid_png(W, tmp_path / "f.png", max_filters=100, scale=1)
+    w, h, ct = _parse_png(tmp_path / "f.png")
+    assert (w, h, ct) == (10 * 29 + 1, 10 * 29 + 1, 0)
+    img = plots.read_png(tmp_path / "f.png")
+    tile = img[1:29, 1:29]
+    assert tile.min() == 0 and tile.max() == 255  # normalised per filter
+
+
+def test_learning_curves_png(tmp_path):
+    series = {"train": [0.3, 0.1, 0.05, 0.04], "validation": [0.35, 0.15, 0.09, float("nan")],
+              "flat": [0.2] * 4}
+    plots.learning_curves_png(series, tmp_path / "lc.png", "Error rate", size=(500, 300))
+    assert _parse_png(tmp_path / "lc.png") == (500, 300, 2)
+    img = plots.read_png(tmp_path / "lc.png")
+    for c in plots.COLORS[:3]:
+        assert (img == np.array(c, np.uint8)).all(axis=2).sum() > 20  # each line drawn
+    plots.learning_curves_png({}, tmp_path / "empty.png", "")
+    _parse_png(tmp_path / "empty.png")

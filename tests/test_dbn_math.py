@@ -1,0 +1,284 @@
+"""Numerical tests of dbn.rbm and dbn.network (gradients, CD-k, training)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dbn import network as N
+from dbn import rbm as R
+
+MNIST_DIR = (Path(__file__).parents[1] / ".." / "shared" / "data" / "mnist").resolve()
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST not found at {MNIST_DIR}")
+    from dbn.data import load_mnist
+
+    return load_mnist(MNIST_DIR)
+
+
+# ------------------------------------------------------------- helpers
+
+
+def test_sigmoid_extremes_without_warnings():
+    x = np.array([-1e4, -100, 0, 100, 1e4], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = R.sigmoid(x)
+    np.testing.assert_allclose(s, [0, 0, 0.5, 1, 1], atol=1e-30)
+    y = x.copy()
+    assert R.sigmoid(y, out=y) is y
+
+
+def test_softmax_rows_sum_to_one():
+    z = np.array([[1000.0, 0, -1000], [1, 2, 3]], np.float32)
+    p = N.softmax(z)
+    np.testing.assert_allclose(p.sum(axis=1), 1, rtol=1e-6)
+    assert np.isfinite(p).all()
+
+
+# ------------------------------------------------------- gradient check
+
+
+def _float64_net(sizes, seed):
+    rng = np.random.default_rng(seed)
+    net = N.init_net(sizes, rng, init_std=0.5, dtype=np.float64)
+    for k in N.param_keys(net):
+        net[k] += rng.normal(0, 0.3, net[k].shape)
+    return net
+
+
+def _numerical_grads(net, f, eps=1e-6):
+    out = {}
+    for k in N.param_keys(net):
+        P = net[k]
+        g = np.zeros_like(P)
+        for i in np.ndindex(P.shape):
+            old = P[i]
+            P[i] = old + eps
+            lp = f()
+            P[i] = old - eps
+            lm = f()
+            P[i] = old
+            g[i] = (lp - lm) / (2 * eps)
+        out[k] = g
+    return out
+
+
+def _rel_err(a, b):
+    return np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-300)
+
+
+@pytest.mark.parametrize("weight_cost", [0.0, 0.01])
+def test_gradient_check(weight_cost):
+    """Back-propagation against central differences on a float64 copy of a tiny net."""
+    net32 = N.init_net([6, 5, 4, 3], np.random.default_rng(0), init_std=0.5)
+    net = _float64_net([6, 5, 4, 3], 1)
+    net.update({k: v.astype(np.float64) + net[k] for k, v in net32.items() if k in N.param_keys(net)})
+    rng = np.random.default_rng(2)
+    x = rng.random((7, 6))
+    y = rng.integers(0, 3, 7)
+    loss, grads, probs = N.loss_and_grads(net, x, y, weight_cost)
+    grads = {k: v.copy() for k, v in grads.items()}
+    assert probs.dtype == np.float64
+    num = _numerical_grads(net, lambda: N.loss_and_grads(net, x, y, weight_cost)[0])
+    for k in N.param_keys(net):
+        assert _rel_err(grads[k], num[k]) < 1e-5, k
+
+
+def test_gradient_check_with_dropout():
+    """With the same masks (same rng seed per evaluation) dropout is differentiable."""
+    net = _float64_net([5, 6, 4, 3], 3)
+    x = np.random.default_rng(4).random((6, 5))
+    y = np.array([0, 1, 2, 0, 1, 2])
+
+    def f(with_grads=False):
+        out = N.loss_and_grads(net, x, y, 0.001, np.random.default_rng(9), 0.2, 0.5)
+        return out if with_grads else out[0]
+
+    _, grads, _ = f(True)
+    grads = {k: v.copy() for k, v in grads.items()}
+    num = _numerical_grads(net, f)
+    for k in N.param_keys(net):
+        assert _rel_err(grads[k], num[k]) < 1e-5, k
+
+
+def test_finetune_update_rule_matches_formula():
+    net = N.init_net([4, 3, 2], np.random.default_rng(0), init_std=0.3)
+    x = np.random.default_rng(1).random((5, 4)).astype(np.float32)
+    y = np.array([0, 1, 1, 0, 1])
+    before = {k: v.copy() for k, v in net.items()}
+    _, g, _ = N.loss_and_grads(net, x, y, 0.01)
+    g = {k: v.copy() for k, v in g.items()}
+    N.apply_update(net, g, 0.1, 0.9)
+    for k in N.param_keys(net):
+        v = 0.9 * before["d" + k] - 0.1 * g[k]
+        np.testing.assert_allclose(net["d" + k], v, rtol=1e-6)
+        np.testing.assert_allclose(net[k], before[k] + v, rtol=1e-6)
+
+
+# ----------------------------------------------------------------- RBM
+
+
+def test_free_energy_matches_brute_force():
+    rng = np.random.default_rng(0)
+    p = R.init_rbm(3, 2, rng, R.RBMSettings(init_std=1.0))
+    p["b_vis"][:] = rng.normal(size=3)
+    p["b_hid"][:] = rng.normal(size=2)
+    p64 = {k: v.astype(np.float64) for k, v in p.items()}
+    vs = np.array(list(itertools.product([0, 1], repeat=3)), np.float64)
+    hs = np.array(list(itertools.product([0, 1], repeat=2)), np.float64)
+    F = R.free_energy(vs, p64)
+    for v, f in zip(vs, F):
+        E = -(v @ p64["b_vis"]) - hs @ p64["b_hid"] - (v @ p64["W"]) @ hs.T
+        assert f == pytest.approx(-np.log(np.exp(-E).sum()), rel=1e-10)
+
+
+def test_init_and_shapes():
+    p = R.init_rbm(784, 50, np.random.default_rng(0))
+    assert {k: v.shape for k, v in p.items()} == {
+        "W": (784, 50), "b_vis": (784,), "b_hid": (50,), "dW": (784, 50), "db_vis": (784,), "db_hid": (50,)}
+    assert all(v.dtype == np.float32 for v in p.values())
+    assert abs(p["W"].std() - 0.01) < 0.001 and not p["dW"].any()
+    p2 = R.init_rbm(3, 2, np.random.default_rng(0), visible_mean=np.array([0.5, 0.1, 0.0]))
+    np.testing.assert_allclose(p2["b_vis"], [0, np.log(0.1 / 0.9), np.log(1e-3 / (1 - 1e-3))], rtol=1e-5)
+    assert R.momentum_for(4, R.RBMSettings()) == 0.5 and R.momentum_for(5, R.RBMSettings()) == 0.9
+
+
+def _rbm_m_reference(params, data, rng, s, momentum):
+    """One rbm.m mini-batch update in float64 with the same random draws."""
+    n, bs = len(data), s.batch_size
+    perm = rng.permutation(n)
+    W, bv, bh = (params[k].astype(np.float64) for k in ("W", "b_vis", "b_hid"))
+    dW, dbv, dbh = (params[k].astype(np.float64) for k in ("dW", "db_vis", "db_hid"))
+    v = data[perm[:bs]].astype(np.float64)
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    poshidprobs = sig(v @ W + bh)
+    states = (poshidprobs > rng.random(poshidprobs.shape, dtype=np.float32)).astype(np.float64)
+    negdata = sig(states @ W.T + bv)
+    neghidprobs = sig(negdata @ W + bh)
+    err = ((v - negdata) ** 2).sum()
+    dW = momentum * dW + s.learning_rate * ((v.T @ poshidprobs - negdata.T @ neghidprobs) / bs - s.weight_cost * W)
+    dbv = momentum * dbv + s.learning_rate / bs * (v.sum(0) - negdata.sum(0))
+    dbh = momentum * dbh + s.learning_rate / bs * (poshidprobs.sum(0) - neghidprobs.sum(0))
+    return {"W": W + dW, "b_vis": bv + dbv, "b_hid": bh + dbh, "dW": dW, "db_vis": dbv, "db_hid": dbh}, err / bs
+
+
+def test_cd1_step_matches_rbm_m():
+    s = R.RBMSettings(batch_size=16)
+    rng = np.random.default_rng(0)
+    data = (rng.random((40, 12)) < 0.3).astype(np.float32)
+    p = R.init_rbm(12, 7, rng, R.RBMSettings(init_std=0.3))
+    for k in ("b_vis", "b_hid", "dW", "db_vis", "db_hid"):
+        p[k][...] = rng.normal(0, 0.1, p[k].shape)
+    ref, ref_err = _rbm_m_reference(p, data, np.random.default_rng(5), s, 0.9)
+    err = R.train_epoch(p, data, epoch=7, rng=np.random.default_rng(5), settings=s, batches=1)
+    assert err == pytest.approx(ref_err, rel=1e-5)
+    for k in ref:
+        np.testing.assert_allclose(p[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_cd_k_and_uint8_input():
+    rng = np.random.default_rng(0)
+    x8 = rng.integers(0, 256, (50, 10), dtype=np.uint8)
+    xf = x8.astype(np.float32) / 255
+    pa_ = R.init_rbm(10, 4, np.random.default_rng(1))
+    pb = {k: v.copy() for k, v in pa_.items()}
+    ea = R.train_epoch(pa_, x8, 0, np.random.default_rng(2), R.RBMSettings(batch_size=8, cd_k=3))
+    eb = R.train_epoch(pb, xf, 0, np.random.default_rng(2), R.RBMSettings(batch_size=8, cd_k=3))
+    assert ea == pytest.approx(eb, rel=1e-5)
+    for k in pa_:
+        np.testing.assert_allclose(pa_[k], pb[k], rtol=1e-5, atol=1e-7)
+
+
+def test_rbm_on_mnist_subset_learns_and_is_deterministic(mnist):
+    x = mnist[0][:2000]
+
+    def run(seed):
+        rng = np.random.default_rng(seed)
+        p = R.init_rbm(784, 100, rng)
+        errs = [R.train_epoch(p, x, e, rng) for e in range(3)]
+        return p, errs
+
+    p1, e1 = run(42)
+    p2, e2 = run(42)
+    assert e1[0] > e1[1] > e1[2], e1
+    assert e1 == e2
+    for k in p1:
+        np.testing.assert_array_equal(p1[k], p2[k])
+    _, e3 = run(43)
+    assert e3 != e1
+    h = R.transform(x[:100], p1)
+    assert h.shape == (100, 100) and h.dtype == np.float32 and 0 <= h.min() and h.max() <= 1
+    # held-out reconstruction is close to the training figure (no gross over-fit)
+    assert R.reconstruction_error(mnist[2][:500], p1) < 1.5 * e1[-1]
+
+
+# ----------------------------------------------------------------- DBN
+
+
+def test_dbn_stack_up_matches_transform():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (30, 20), dtype=np.uint8)
+    dbn, params, errs = N.pretrain(x, [8, 6], [2, 1], rng, R.RBMSettings(batch_size=10))
+    assert dbn.sizes == [20, 8, 6] and [len(e) for e in errs] == [2, 1]
+    np.testing.assert_allclose(dbn.up(x), R.transform(R.transform(x, params[0]), params[1]), rtol=1e-6)
+    np.testing.assert_allclose(dbn.up(x, 1), R.transform(x, params[0]), rtol=1e-6)
+    net = N.init_classifier(dbn, 4, rng)
+    assert N.layer_sizes(net) == [20, 8, 6, 4]
+    assert N.param_keys(net) == ["W0", "b0", "W1", "b1", "W2", "b2"]
+    assert N.velocity_keys(net) == ["dW0", "db0", "dW1", "db1", "dW2", "db2"]
+    np.testing.assert_allclose(N.hidden_activations(net, x, 2), dbn.up(x), rtol=1e-6)
+
+
+def test_small_dbn_accuracy(mnist):
+    """784-200-200-10 on 5000 examples, single process: < 10% error on 2000 test images."""
+    x_tr, y_tr, x_te, y_te = mnist
+    t = time.time()
+    rng = np.random.default_rng(0)
+    x, y = x_tr[:5000], y_tr[:5000]
+    dbn, _, errs = N.pretrain(x, [200, 200], 3, rng, R.RBMSettings(batch_size=20))
+    assert all(e[0] > e[-1] for e in errs)
+    net = N.init_classifier(dbn, 10, rng)
+    s = N.FinetuneSettings(batch_size=20, epochs=6)
+    losses = [N.finetune_epoch(net, x, y, e, rng, s)[0] for e in range(s.epochs)]
+    assert losses[-1] < losses[0]
+    err = N.error_rate(net, x_te[:2000], y_te[:2000])
+    assert err < 0.10, err
+    assert time.time() - t < 30
+
+
+def test_finetune_with_dropout_runs_and_is_deterministic(mnist):
+    x, y = mnist[0][:1000], mnist[1][:1000]
+    s = N.FinetuneSettings(dropout_input=0.2, dropout_hidden=0.5, lr_decay=0.95, max_norm=3.0)
+
+    def run():
+        rng = np.random.default_rng(0)
+        net = N.init_net([784, 50, 10], rng, init_std=0.1)
+        res = [N.finetune_epoch(net, x, y, e, rng, s) for e in range(6)]
+        return net, res
+
+    n1, r1 = run()
+    n2, r2 = run()
+    assert r1 == r2 and r1[-1][0] < r1[0][0]
+    np.testing.assert_array_equal(n1["W0"], n2["W0"])
+    assert np.sqrt((n1["W0"] ** 2).sum(0)).max() <= 3.0 + 1e-4
+    assert N.error_rate(n1, mnist[2][:1000], mnist[3][:1000]) < 0.3
+
+
+def test_average_params():
+    a = R.init_rbm(4, 3, np.random.default_rng(0))
+    b = R.init_rbm(4, 3, np.random.default_rng(1))
+    m = N.average_params([a, b])
+    assert set(m) == set(a) and m["W"].dtype == np.float32
+    np.testing.assert_allclose(m["W"], (a["W"] + b["W"]) / 2, rtol=1e-6)
+    m = N.average_params([a, b], weights=[3, 1])
+    np.testing.assert_allclose(m["W"], 0.75 * a["W"] + 0.25 * b["W"], rtol=1e-5, atol=1e-8)

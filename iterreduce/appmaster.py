@@ -516,5 +516,59 @@ def _log_superstep(rec: dict[str, Any], total: int | None) -> None:
              rec["seconds"], mb, shown)
 
 
-def main() -> None:  # pragma: no cover - the YARN entry point lives in iterreduce.client
-    sys.exit("run the ApplicationMaster through `iterreduce run` or `iterreduce submit`")
+def attempt_number() -> int:
+    """The YARN application attempt of this container (1 outside YARN)."""
+    cid = os.environ.get("CONTAINER_ID", "")
+    parts = cid.split("_")
+    try:
+        return int(parts[-2]) if cid.startswith("container_") else 1
+    except (IndexError, ValueError):
+        return 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The YARN ApplicationMaster: ``python -m iterreduce.appmaster --job job.json --token-file F``
+    (skein's ``master.script``). A second attempt resumes from the last checkpoint."""
+    import argparse
+    import socket
+
+    import skein
+
+    from .containers import KV_STATUS, YarnLauncher
+
+    parser = argparse.ArgumentParser(prog="iterreduce-appmaster")
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--token-file", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with open(args.job) as f:
+        job = JobSpec.from_json(f.read(), source=args.job)
+    with open(args.token_file) as f:
+        token = f.read().strip()
+    app = skein.ApplicationClient.from_current()
+    attempt = attempt_number()
+    total: list[int | None] = [None]
+
+    def publish(status: dict[str, Any]) -> None:
+        total[0] = status.get("total") or total[0]
+        status = {**status, "total": total[0], "attempt": attempt}
+        app.kv[KV_STATUS] = json.dumps(status).encode()
+        if total[0]:
+            app.set_progress(min(status["superstep"] / total[0], 1.0))
+
+    host = os.environ.get("NM_HOST") or socket.getfqdn()
+    am = AppMaster(job, YarnLauncher(app), token=token, resume=attempt > 1, host=host, status_hook=publish)
+    log.info("ApplicationMaster attempt %d for job %s", attempt, job.name)
+    try:
+        am.run()
+    except JobFailed as exc:
+        publish(am.status())
+        app.shutdown("FAILED", diagnostics=f"iterreduce job {job.name} failed: {exc}"[:8000])
+        sys.exit(1)
+    status = am.status()
+    app.shutdown("SUCCEEDED", diagnostics=f"iterreduce job {job.name} {status['message']}")
+
+
+if __name__ == "__main__":
+    main()

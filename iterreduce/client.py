@@ -83,3 +83,204 @@ def run_local(job: JobSpec, resume: bool = False, log_dir: str | None = None,
                                          job.workers.count, log_dir)
     am.run()
     return am
+
+
+# ---------------------------------------------------------------------------- YARN
+
+ENVIRONMENT_FORMS = """\
+yarn.environment says which Python runs the ApplicationMaster and the workers. Accepted forms:
+  - a packed environment archive, made with venv-pack or conda-pack, shipped with the job:
+      environment: /path/to/environment.tar.gz
+  - a virtual environment that exists at the same path on every node:
+      environment: venv:///opt/venvs/iterreduce
+  - a Python interpreter that exists on every node (with iterreduce installed):
+      environment: python:///usr/bin/python3
+Each must have iterreduce and its dependencies installed."""
+
+
+class SubmitError(ValueError):
+    """The job cannot be submitted; nothing was submitted."""
+
+
+def python_command(environment: str | None) -> tuple[str, dict[str, Any]]:
+    """The shell prefix that runs Python in a container, and the files it needs shipped."""
+    import skein
+
+    if not environment:
+        raise SubmitError("yarn.environment is not set.\n" + ENVIRONMENT_FORMS)
+    if environment.startswith("venv://"):
+        path = environment[len("venv://"):]
+        return f"source {_quote(path)}/bin/activate && python", {}
+    if environment.startswith("python://"):
+        return _quote(environment[len("python://"):]), {}
+    if environment.endswith((".tar.gz", ".tgz", ".zip", ".tar")):
+        if not is_uri(environment) and not os.path.exists(environment):
+            raise SubmitError(f"yarn.environment: the archive {environment} does not exist.\n" + ENVIRONMENT_FORMS)
+        files = {"environment": skein.File(source=environment, type="archive")}
+        return "source environment/bin/activate && python", files
+    raise SubmitError(f"yarn.environment: {environment!r} is none of the accepted forms.\n" + ENVIRONMENT_FORMS)
+
+
+def _quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+def build_spec(job: JobSpec, token_file: str, job_file: str) -> Any:
+    """The skein ApplicationSpec for ``job``. The token travels as a private file, never
+    on a command line or in the environment."""
+    import skein
+
+    python, files = python_command(job.yarn.environment)
+    files = {**files, "iterreduce.token": skein.File(source=token_file, type="file"),
+             "job.json": skein.File(source=job_file, type="file")}
+    env = {"ITERREDUCE_TOKEN_FILE": "iterreduce.token", "PYTHONUNBUFFERED": "1"}
+    if os.environ.get("HADOOP_USER_NAME"):
+        env["HADOOP_USER_NAME"] = os.environ["HADOOP_USER_NAME"]
+    master = skein.Master(
+        resources=skein.Resources(memory=job.master.memory_mb, vcores=job.master.vcores),
+        files=files, env=env,
+        script=f"{python} -m iterreduce.appmaster --job job.json --token-file iterreduce.token",
+    )
+    worker = skein.Service(
+        instances=0, max_restarts=0, allow_failures=True,  # the master replaces workers itself
+        resources=skein.Resources(memory=job.workers.resources.memory_mb, vcores=job.workers.resources.vcores),
+        files=files, env=env, script=f"{python} -m iterreduce.worker",
+    )
+    return skein.ApplicationSpec(
+        name=job.name, queue=job.yarn.queue, tags=set(job.yarn.tags) | {"iterreduce"},
+        user=job.yarn.user or "", max_attempts=job.yarn.max_attempts, master=master,
+        services={"worker": worker},
+    )
+
+
+def check_inputs(job: JobSpec) -> None:
+    """Refuse, before submitting, a job whose input cannot make its splits."""
+    from .fs import InputError, plan_splits
+
+    try:
+        plan_splits(job.input.paths, job.workers.count)
+    except InputError as exc:
+        raise SubmitError(f"{job.source}: input: {exc}") from None
+
+
+def submit(job: JobSpec, client: Any = None) -> str:
+    """Validate the inputs, submit ``job`` to YARN through skein, return the application id."""
+    import secrets
+
+    import skein
+
+    python_command(job.yarn.environment)  # refuse a missing environment before anything else
+    check_inputs(job)
+    with tempfile.TemporaryDirectory(prefix="iterreduce-submit-") as tmp:
+        token_file = os.path.join(tmp, "token")
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+        job_file = os.path.join(tmp, "job.json")
+        with open(job_file, "w") as f:
+            f.write(job.to_json())
+        spec = build_spec(job, token_file, job_file)
+        client = client or skein.Client()
+        return client.submit(spec)
+
+
+def logs_command(app_id: str) -> str:
+    return f"iterreduce logs {app_id}"
+
+
+def wait(app_id: str, client: Any, progress: Progress | None = None, poll: float = 1.0) -> tuple[str, str]:
+    """Follow ``app_id`` until it ends; returns (final status, diagnostics). Reports a failed
+    application as soon as YARN knows, never waits on a dead one."""
+    import json
+
+    from .containers import KV_STATUS
+
+    app = None
+    last = None
+    while True:
+        report = client.application_report(app_id)
+        state = str(report.state)
+        if state in ("FINISHED", "FAILED", "KILLED"):
+            final = str(report.final_status)
+            if progress is not None and last is not None:
+                progress({**last, "state": "SUCCEEDED" if final == "SUCCEEDED" else "FAILED"})
+            return final, report.diagnostics or ""
+        if state == "RUNNING":
+            try:
+                if app is None:
+                    app = client.connect(app_id, wait=False)
+                raw = app.kv.get(KV_STATUS)
+                if raw:
+                    status = json.loads(raw)
+                    if status != last:
+                        last = status
+                        if progress is not None:
+                            progress(status)
+            except Exception:  # noqa: BLE001 - the AM may be between attempts; the report decides
+                app = None
+        time.sleep(poll)
+
+
+def _yarn_conf(key: str, default: str) -> str:
+    import xml.etree.ElementTree as ET
+
+    conf_dir = os.environ.get("HADOOP_CONF_DIR") or os.path.join(os.environ.get("HADOOP_HOME", "/etc/hadoop"),
+                                                                 "etc", "hadoop")
+    try:
+        root = ET.parse(os.path.join(conf_dir, "yarn-site.xml")).getroot()
+    except (OSError, ET.ParseError):
+        return default
+    for prop in root.iter("property"):
+        if prop.findtext("name") == key:
+            return (prop.findtext("value") or default).strip()
+    return default
+
+
+def _get_json(url: str) -> Any:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Accept": "application/json"}),
+                                timeout=30) as r:
+        return json.loads(r.read())
+
+
+def container_logs(app_id: str) -> list[tuple[str, str, str]]:
+    """(container id, file name, text) of every container of ``app_id`` that its
+    NodeManager still has, through the ResourceManager and NodeManager REST APIs."""
+    import urllib.error
+    import urllib.request
+
+    rm = "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
+    out = []
+    attempts = _get_json(f"{rm}/ws/v1/cluster/apps/{app_id}/appattempts")["appAttempts"]["appAttempt"]
+    for attempt in attempts:
+        attempt_id = attempt.get("appAttemptId")
+        try:
+            containers = _get_json(f"{rm}/ws/v1/cluster/apps/{app_id}/appattempts/{attempt_id}/containers")
+            items = (containers.get("containers") or {}).get("container") or []
+            found = [(c["containerId"], c["nodeHttpAddress"]) for c in items]
+        except (urllib.error.URLError, KeyError, ValueError):
+            found = []
+        am = (attempt["containerId"], attempt["nodeHttpAddress"])
+        if am not in found:
+            found.insert(0, am)
+        for cid, node in found:
+            node = node if node.startswith("http") else f"http://{node}"
+            try:
+                files = _get_json(f"{node}/ws/v1/node/containers/{cid}/logs")
+            except (urllib.error.URLError, ValueError):
+                continue
+            files = files if isinstance(files, list) else [files]
+            for group in files:
+                for info in (group.get("containerLogInfo") or []):
+                    name = info["fileName"]
+                    try:
+                        with urllib.request.urlopen(f"{node}/ws/v1/node/containers/{cid}/logs/{name}",
+                                                    timeout=30) as r:
+                            out.append((cid, name, r.read().decode(errors="replace")))
+                    except urllib.error.URLError:
+                        continue
+    return out

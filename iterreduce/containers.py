@@ -16,12 +16,14 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["Launcher", "LocalLauncher", "ENV_MASTER", "ENV_CONTAINER", "ENV_SPLIT", "ENV_TOKEN_FILE"]
+__all__ = ["Launcher", "LocalLauncher", "YarnLauncher", "KV_MASTER_URL", "KV_STATUS", "ENV_MASTER", "ENV_CONTAINER", "ENV_SPLIT", "ENV_TOKEN_FILE"]
 
 ENV_MASTER = "ITERREDUCE_MASTER_URL"
 ENV_CONTAINER = "ITERREDUCE_CONTAINER_ID"
 ENV_SPLIT = "ITERREDUCE_SPLIT"
 ENV_TOKEN_FILE = "ITERREDUCE_TOKEN_FILE"  # a file holding the token; '-' means: read one line from stdin
+KV_MASTER_URL = "iterreduce.master_url"  # where, on YARN, the master publishes its endpoint
+KV_STATUS = "iterreduce.status"  # the live view: JSON of the master's status after every superstep
 
 
 class Launcher:
@@ -153,3 +155,51 @@ class LocalLauncher(Launcher):
 
     def describe(self, container_id: str) -> str:
         return f"{container_id} (log: {self.log_dir / (container_id + '.log')})"
+
+
+class YarnLauncher(Launcher):
+    """Worker containers of the skein service ``worker``, added and killed one by one by the
+    ApplicationMaster, so that each carries its split (skein restarts none by itself)."""
+
+    SERVICE = "worker"
+
+    def __init__(self, app: "skein.ApplicationClient"):  # noqa: F821
+        self.app = app
+        self._running: set[str] = set()
+        self._messages: dict[str, str] = {}
+
+    def bind(self, master_url: str, token: str) -> None:
+        # the token reached the containers as a private file; only the endpoint is published
+        self.app.kv[KV_MASTER_URL] = master_url.encode()
+
+    def launch(self, split_index: int) -> str:
+        c = self.app.add_container(self.SERVICE, env={ENV_SPLIT: str(split_index)})
+        self._running.add(c.id)
+        return c.id
+
+    def poll(self) -> dict[str, int]:
+        ended = {}
+        for c in self.app.get_containers(services=[self.SERVICE], states=["SUCCEEDED", "FAILED", "KILLED"]):
+            if c.id in self._running:
+                self._running.discard(c.id)
+                self._messages[c.id] = f"{c.state} on {c.yarn_node_http_address}: {c.exit_message or ''}".strip()
+                ended[c.id] = 0 if str(c.state) == "SUCCEEDED" else 1
+        return ended
+
+    def kill(self, container_id: str) -> None:
+        try:
+            self.app.kill_container(container_id)
+        except Exception:  # noqa: BLE001 - it may have ended already
+            pass
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        deadline = time.monotonic() + grace
+        while self._running and time.monotonic() < deadline:
+            self.poll()
+            time.sleep(0.2)
+        for cid in list(self._running):
+            self.kill(cid)
+
+    def describe(self, container_id: str) -> str:
+        extra = self._messages.get(container_id)
+        return f"{container_id} ({extra})" if extra else container_id

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import ipc
 from .api import Update, Worker, WorkerContext, update_from_avro, update_to_avro
-from .containers import ENV_CONTAINER, ENV_MASTER, ENV_SPLIT, ENV_TOKEN_FILE
+from .containers import ENV_CONTAINER, ENV_MASTER, ENV_SPLIT, ENV_TOKEN_FILE, KV_MASTER_URL
 from .fs import FilePiece
 from .job import JobSpec
 
@@ -162,14 +162,27 @@ def read_token(source: str | None) -> str:
     return token
 
 
+def _master_url() -> str:
+    """From ``ITERREDUCE_MASTER_URL``, or on YARN from the application's key-value store."""
+    url = os.environ.get(ENV_MASTER)
+    if url:
+        return url
+    if os.environ.get("SKEIN_APPLICATION_ID"):
+        import skein
+
+        app = skein.ApplicationClient.from_current()
+        return app.kv.wait(KV_MASTER_URL).decode()
+    raise SystemExit(f"iterreduce worker: {ENV_MASTER} is not set and this is no YARN container; "
+                     "workers are started by the master")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    missing = [v for v in (ENV_MASTER, ENV_CONTAINER) if not os.environ.get(v)]
-    if missing:
-        raise SystemExit(f"iterreduce worker: {', '.join(missing)} not set; workers are started by the master")
+    container = os.environ.get(ENV_CONTAINER) or os.environ.get("SKEIN_CONTAINER_ID")
+    if not container:
+        raise SystemExit(f"iterreduce worker: {ENV_CONTAINER} is not set; workers are started by the master")
     token = read_token(os.environ.get(ENV_TOKEN_FILE))
-    runner = WorkerRunner(os.environ[ENV_MASTER], token, os.environ[ENV_CONTAINER],
-                          int(os.environ.get(ENV_SPLIT, "-1")))
+    runner = WorkerRunner(_master_url(), token, container, int(os.environ.get(ENV_SPLIT, "-1")))
     try:
         code = runner.run()
     except MasterLost as exc:

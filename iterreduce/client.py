@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -135,7 +136,16 @@ def build_spec(job: JobSpec, token_file: str, job_file: str) -> Any:
     python, files = python_command(job.yarn.environment)
     files = {**files, "iterreduce.token": skein.File(source=token_file, type="file"),
              "job.json": skein.File(source=job_file, type="file")}
-    env = {"ITERREDUCE_TOKEN_FILE": "iterreduce.token", "PYTHONUNBUFFERED": "1"}
+    for path in job.yarn.files:  # the algorithm's own code, shipped into each container's directory
+        name = os.path.basename(path.rstrip("/"))
+        if os.path.isdir(path):  # YARN unpacks an archive into a directory of the same name
+            archive = shutil.make_archive(os.path.join(os.path.dirname(token_file), name), "zip", path)
+            files[name] = skein.File(source=archive, type="archive")
+        elif is_uri(path) or os.path.exists(path):
+            files[name] = skein.File(source=path, type="file")
+        else:
+            raise SubmitError(f"{job.source}: yarn.files: {path} does not exist")
+    env = {**dict(job.yarn.env), "ITERREDUCE_TOKEN_FILE": "iterreduce.token", "PYTHONUNBUFFERED": "1"}
     if os.environ.get("HADOOP_USER_NAME"):
         env["HADOOP_USER_NAME"] = os.environ["HADOOP_USER_NAME"]
     master = skein.Master(

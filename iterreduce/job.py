@@ -245,14 +245,26 @@ class YarnSpec:
     environment: str | None = None
     max_attempts: int = 2
     user: str | None = None
+    files: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def read(cls, r: _Reader) -> "YarnSpec":
+    def read(cls, r: _Reader, base: Path | None = None) -> "YarnSpec":
         tags = r.get("tags", list, [])
         for i, t in enumerate(tags):
             if not isinstance(t, str):
                 raise JobError(f"{r.path('tags')}[{i}]: expected a string, got {t!r}")
+        files = r.get("files", list, [])
+        for i, f in enumerate(files):
+            if not isinstance(f, str) or not f:
+                raise JobError(f"{r.path('files')}[{i}]: expected a path, got {f!r}")
+        env = r.get("env", dict, {})
+        for k, v in env.items():
+            if not isinstance(k, str) or not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                raise JobError(f"{r.path('env')}.{k}: expected a string value, got {v!r}")
         out = cls(
+            files=tuple(_resolve(f, base) for f in files),
+            env=tuple(sorted((k, str(v)) for k, v in env.items())),
             queue=r.get("queue", str, "default"),
             tags=tuple(tags),
             environment=r.get("environment", str, None),
@@ -305,7 +317,7 @@ class JobSpec:
                 master=master,
                 checkpoint=CheckpointSpec.read(r.sub("checkpoint"), base),
                 heartbeat=HeartbeatSpec.read(r.sub("heartbeat")),
-                yarn=YarnSpec.read(r.sub("yarn")),
+                yarn=YarnSpec.read(r.sub("yarn"), base),
                 max_supersteps=r.int_at_least("max_supersteps", 1, 100_000),
                 base_dir=str(base) if base is not None else None,
                 source=source,
@@ -339,7 +351,7 @@ class JobSpec:
                           "params": self.algorithm.params},
             "yarn": {"queue": self.yarn.queue, "tags": list(self.yarn.tags),
                      "environment": self.yarn.environment, "max_attempts": self.yarn.max_attempts,
-                     "user": self.yarn.user},
+                     "user": self.yarn.user, "files": list(self.yarn.files), "env": dict(self.yarn.env)},
             "max_supersteps": self.max_supersteps,
             "base_dir": self.base_dir,
         }

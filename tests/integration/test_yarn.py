@@ -1,0 +1,269 @@
+"""iterreduce on a real YARN (the pseudo-distributed Hadoop of tests/hadoop/pseudo-hadoop):
+submit through skein, input and output on HDFS, workers and ApplicationMaster faults."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.algos import write_dataset
+
+pytestmark = pytest.mark.hadoop
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = f"python://{sys.executable}"
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "iterreduce.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def rm_app(cluster, app_id: str) -> dict:
+    return cluster.rm_get(f"/ws/v1/cluster/apps/{app_id}")["app"]
+
+
+def wait_final(cluster, app_id: str, timeout: float = 400) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        app = rm_app(cluster, app_id)
+        if app["state"] in ("FINISHED", "FAILED", "KILLED"):
+            return app
+        time.sleep(1)
+    pytest.fail(f"{app_id} did not end within {timeout} s")
+
+
+def app_ids(cluster) -> set[str]:
+    apps = (cluster.rm_get("/ws/v1/cluster/apps").get("apps") or {}).get("app") or []
+    return {a["id"] for a in apps}
+
+
+@pytest.fixture(scope="session")
+def hdfs_base(hadoop_cluster):
+    base = f"/user/{hadoop_cluster.user}/iterreduce-it-{uuid.uuid4().hex[:8]}"
+    fs = hadoop_cluster.webhdfs_fs()
+    fs.mkdirs(base, exist_ok=True)
+    yield base
+    fs.rm(base, recursive=True)
+
+
+def upload(cluster, local: Path, remote: str) -> str:
+    fs = cluster.webhdfs_fs()
+    fs.mkdirs(remote, exist_ok=True)
+    for f in sorted(local.glob("*.parquet")):
+        fs.put_file(str(f), f"{remote}/{f.name}")
+    return f"{cluster.webhdfs_url}{remote}"
+
+
+def read_hdfs(cluster, path: str) -> bytes:
+    with cluster.webhdfs_fs().open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="session")
+def linreg_on_hdfs(hadoop_cluster, hdfs_base, tmp_path_factory):
+    local = write_dataset(tmp_path_factory.mktemp("linreg") / "train")
+    return local, upload(hadoop_cluster, local, f"{hdfs_base}/linreg")
+
+
+def linreg_job(tmp_path: Path, cluster, input_uri: str, output: str, **params) -> Path:
+    spec = {
+        "name": "yarn-linreg", "seed": 11,
+        "workers": {"count": 2, "memory": 256, "max_restarts": 2},
+        "master": {"memory": 256},
+        "input": {"paths": [input_uri]},
+        "output": output,
+        "checkpoint": {"every": 1},
+        "heartbeat": {"interval": 0.5, "timeout": 30},
+        "algorithm": {"master": "tests.algos:LinRegMaster", "worker": "tests.algos:LinRegWorker",
+                      "params": {"supersteps": params.pop("supersteps", 6), **params}},
+        "yarn": {"environment": PYTHON, "files": [str(ROOT / "tests")], "max_attempts": 2,
+                 "env": {"HADOOP_USER_NAME": cluster.user}},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def local_result(tmp_path: Path, local_data: Path, **params) -> np.ndarray:
+    """The same linreg job run locally: YARN must give the same model."""
+    spec = {
+        "name": "local-linreg", "seed": 11, "workers": {"count": 2}, "input": {"paths": [str(local_data)]},
+        "output": str(tmp_path / "local"), "checkpoint": {"every": 0},
+        "algorithm": {"master": "tests.algos:LinRegMaster", "worker": "tests.algos:LinRegWorker",
+                      "params": {"supersteps": params.pop("supersteps", 6), **params}},
+    }
+    path = tmp_path / "local.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    res = cli("run", str(path))
+    assert res.returncode == 0, res.stderr
+    return np.load(tmp_path / "local" / "result.npz")["w"]
+
+
+def hdfs_result(cluster, path: str) -> np.ndarray:
+    return np.load(io.BytesIO(read_hdfs(cluster, path)))["w"]
+
+
+def submit(job: Path) -> str:
+    res = cli("submit", str(job))
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip().splitlines()[-1]
+
+
+def live_status(skein_client, app_id: str) -> dict | None:
+    try:
+        raw = skein_client.connect(app_id, wait=False).kv.get("iterreduce.status")
+    except Exception:  # noqa: BLE001 - not up yet, or between attempts
+        return None
+    return json.loads(raw) if raw else None
+
+
+def wait_superstep(skein_client, app_id: str, step: int, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = live_status(skein_client, app_id)
+        if st and st["superstep"] >= step:
+            return st
+        time.sleep(0.5)
+    pytest.fail(f"{app_id} did not reach superstep {step} within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def packed_env(tmp_path_factory):
+    """A venv-pack archive of a fresh environment with iterreduce installed (not editable)."""
+    tmp = tmp_path_factory.mktemp("packed")
+    venv = tmp / "env"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "venv-pack", str(ROOT)], check=True, timeout=900)
+    out = tmp / "environment.tar.gz"
+    subprocess.run([str(venv / "bin" / "venv-pack"), "-p", str(venv), "-o", str(out), "-q"], check=True,
+                   timeout=600)
+    return out
+
+
+def test_logreg_on_hdfs_with_a_packed_environment_succeeds(hadoop_cluster, hdfs_base, mnist_parquet,
+                                                            packed_env, tmp_path):
+    train = upload(hadoop_cluster, mnist_parquet / "train", f"{hdfs_base}/mnist/train")
+    test = upload(hadoop_cluster, mnist_parquet / "test", f"{hdfs_base}/mnist/test")
+    spec = yaml.safe_load((ROOT / "examples" / "logreg.yaml").read_text())
+    spec["input"]["paths"] = [train]
+    spec["algorithm"]["params"]["test"] = test
+    spec["output"] = f"{hadoop_cluster.webhdfs_url}{hdfs_base}/logreg-out"
+    spec["yarn"] = {"environment": str(packed_env), "files": [str(ROOT / "examples")],
+                    "env": {"HADOOP_USER_NAME": hadoop_cluster.user}}
+    job = tmp_path / "logreg.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    res = cli("submit", str(job), "--wait")
+    assert res.returncode == 0, res.stderr + res.stdout
+    app_id = res.stdout.strip().splitlines()[0]
+    app = rm_app(hadoop_cluster, app_id)
+    assert (app["state"], app["finalStatus"]) == ("FINISHED", "SUCCEEDED"), app
+    metrics = json.loads(read_hdfs(hadoop_cluster, f"{hdfs_base}/logreg-out/metrics.json"))
+    assert metrics["state"] == "SUCCEEDED" and metrics["replacements"] == 0
+    assert metrics["final"]["metrics"]["test_error"] < 0.09
+    assert np.load(io.BytesIO(read_hdfs(hadoop_cluster, f"{hdfs_base}/logreg-out/result.npz")))["W"].shape == (784, 10)
+
+
+def test_killed_worker_container_is_replaced_on_yarn(hadoop_cluster, hdfs_base, linreg_on_hdfs, skein_client,
+                                                     tmp_path):
+    local_data, uri = linreg_on_hdfs
+    out = f"{hdfs_base}/killed-worker"
+    job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{out}", sleep=1.0)
+    app_id = submit(job)
+    wait_superstep(skein_client, app_id, 2)
+    app = skein_client.connect(app_id, wait=False)
+    victims = [c for c in app.get_containers(services=["worker"]) if str(c.state) == "RUNNING"]
+    assert victims, "no running worker container"
+    app.kill_container(victims[0].id)
+    final = wait_final(hadoop_cluster, app_id)
+    assert final["finalStatus"] == "SUCCEEDED", final
+    assert "succeeded after 1 worker replacement" in final["diagnostics"]
+    metrics = json.loads(read_hdfs(hadoop_cluster, f"{out}/metrics.json"))
+    assert metrics["replacements"] == 1
+    np.testing.assert_array_equal(hdfs_result(hadoop_cluster, f"{out}/result.npz"),
+                                  local_result(tmp_path, local_data, sleep=1.0))
+
+
+def _am_jvm_pid(app_id: str) -> int | None:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if b"com.anaconda.skein.ApplicationMaster" in cmd and app_id in cwd:
+            return int(pid)
+    return None
+
+
+def test_killed_application_master_resumes_from_checkpoint(hadoop_cluster, hdfs_base, linreg_on_hdfs,
+                                                            skein_client, tmp_path):
+    local_data, uri = linreg_on_hdfs
+    out = f"{hdfs_base}/killed-am"
+    job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{out}", sleep=1.0,
+                     supersteps=8)
+    app_id = submit(job)
+    wait_superstep(skein_client, app_id, 3)
+    pid = _am_jvm_pid(app_id)
+    assert pid, "the ApplicationMaster's JVM was not found"
+    os.kill(pid, signal.SIGKILL)  # the whole AM container dies; YARN starts attempt 2
+    final = wait_final(hadoop_cluster, app_id, timeout=600)
+    assert final["finalStatus"] == "SUCCEEDED", final
+    attempts = hadoop_cluster.rm_get(f"/ws/v1/cluster/apps/{app_id}/appattempts")["appAttempts"]["appAttempt"]
+    assert len(attempts) == 2
+    metrics = json.loads(read_hdfs(hadoop_cluster, f"{out}/metrics.json"))
+    assert [h["superstep"] for h in metrics["history"]] == list(range(8))
+    np.testing.assert_array_equal(hdfs_result(hadoop_cluster, f"{out}/result.npz"),
+                                  local_result(tmp_path, local_data, sleep=1.0, supersteps=8))
+
+
+def test_bad_job_file_and_missing_input_are_refused_before_submitting(hadoop_cluster, hdfs_base, tmp_path):
+    before = app_ids(hadoop_cluster)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nseed: 1\nworkers: {count: 0}\ninput: {paths: [a]}\noutput: o\n"
+                   "algorithm: {master: 'a:B', worker: 'a:C'}\n")
+    res = cli("submit", str(bad))
+    assert res.returncode != 0 and "workers.count: must be at least 1, got 0" in res.stderr
+    missing = linreg_job(tmp_path, hadoop_cluster, f"{hadoop_cluster.webhdfs_url}{hdfs_base}/no-such-dir",
+                         f"{hadoop_cluster.webhdfs_url}{hdfs_base}/never")
+    res = cli("submit", str(missing))
+    assert res.returncode != 0 and "no-such-dir: does not exist" in res.stderr
+    no_env = yaml.safe_load(missing.read_text())
+    del no_env["yarn"]["environment"]
+    missing.write_text(yaml.safe_dump(no_env))
+    res = cli("submit", str(missing))
+    assert res.returncode != 0 and "venv:///" in res.stderr and "python:///" in res.stderr
+    assert app_ids(hadoop_cluster) == before, "something was submitted"
+
+
+def test_failing_application_is_reported_at_once_with_the_logs_command(hadoop_cluster, hdfs_base,
+                                                                        linreg_on_hdfs, tmp_path):
+    _, uri = linreg_on_hdfs
+    job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{hdfs_base}/failing",
+                     die_at=1)  # every worker of split 0 kills itself: the replacement limit ends the job
+    spec = yaml.safe_load(job.read_text())
+    spec["workers"]["max_restarts"] = 1
+    job.write_text(yaml.safe_dump(spec))
+    t0 = time.monotonic()
+    res = cli("submit", str(job), "--wait")
+    assert res.returncode != 0
+    assert "ended FAILED" in res.stderr and "workers.max_restarts (1)" in res.stderr
+    app_id = res.stdout.strip().splitlines()[0]
+    assert f"iterreduce logs {app_id}" in res.stderr
+    assert time.monotonic() - t0 < 300
+    logs = cli("logs", app_id)
+    assert logs.returncode == 0 and "worker" in logs.stdout

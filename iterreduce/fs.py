@@ -62,6 +62,12 @@ def _make_fs(scheme: str, parsed: Any) -> pafs.FileSystem:
     if scheme in ("webhdfs", "swebhdfs"):
         import fsspec
 
+        try:
+            import requests  # noqa: F401 - fsspec's WebHDFS needs it
+        except ImportError:
+            raise InputError(f"{scheme}://{parsed.netloc}: WebHDFS access needs the `requests` package: "
+                             "pip install 'iterreduce[webhdfs]'") from None
+
         user = os.environ.get("HADOOP_USER_NAME") or os.environ.get("USER") or None
         fs = fsspec.filesystem("webhdfs", host=parsed.hostname, port=parsed.port or 9870,
                                user=user, use_https=scheme == "swebhdfs")

@@ -210,3 +210,23 @@ def test_silent_worker_is_replaced_after_heartbeat_timeout(tmp_path, dataset, ba
     assert j.error is None, j.error
     assert metrics(job)["replacements"] == 1
     np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
+
+
+def test_unreadable_input_file_is_named_before_any_worker_starts(tmp_path, dataset):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    (data / "part-00002.parquet").write_bytes(b"PAR1 this is not parquet")
+    job = make_job(tmp_path, data, "corrupt")
+    res = cli("run", str(job))
+    assert res.returncode != 0
+    assert f"input file {data / 'part-00002.parquet'}: not a readable Parquet file" in res.stderr
+    assert not (Path(load_job(job).output) / "logs" / "local_0001.log").exists()
+
+
+def test_missing_input_path_is_named(tmp_path):
+    job = make_job(tmp_path, tmp_path / "nowhere", "missing")
+    res = cli("run", str(job))
+    assert res.returncode != 0
+    assert f"input path {tmp_path / 'nowhere'}: does not exist" in res.stderr

@@ -146,7 +146,7 @@ def packed_env(tmp_path_factory):
     venv = tmp / "env"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "venv-pack", str(ROOT)], check=True, timeout=900)
+    subprocess.run([*pip, "venv-pack", f"{ROOT}[webhdfs]"], check=True, timeout=900)
     out = tmp / "environment.tar.gz"
     subprocess.run([str(venv / "bin" / "venv-pack"), "-p", str(venv), "-o", str(out), "-q"], check=True,
                    timeout=600)

@@ -257,40 +257,55 @@ def _get_json(url: str) -> Any:
         return json.loads(r.read())
 
 
-def container_logs(app_id: str) -> list[tuple[str, str, str]]:
-    """(container id, file name, text) of every container of ``app_id`` that its
-    NodeManager still has, through the ResourceManager and NodeManager REST APIs."""
+def container_logs(app_id: str, max_gap: int = 5) -> list[tuple[str, str, str]]:
+    """(container id, file name, text) of every container of ``app_id`` whose logs a
+    NodeManager still holds (log aggregation off, or not done yet), through the REST APIs
+    of the ResourceManager (attempts, nodes) and of the NodeManagers (logs). Container ids
+    of an attempt are numbered from its ApplicationMaster's; ``max_gap`` missing numbers in
+    a row end the search."""
     import urllib.error
     import urllib.request
 
     rm = "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
-    out = []
     attempts = _get_json(f"{rm}/ws/v1/cluster/apps/{app_id}/appattempts")["appAttempts"]["appAttempt"]
-    for attempt in attempts:
-        attempt_id = attempt.get("appAttemptId")
+    nodes = [n["nodeHTTPAddress"] for n in
+             ((_get_json(f"{rm}/ws/v1/cluster/nodes").get("nodes") or {}).get("node") or [])]
+
+    def log_files(node: str, cid: str) -> list[str] | None:
         try:
-            containers = _get_json(f"{rm}/ws/v1/cluster/apps/{app_id}/appattempts/{attempt_id}/containers")
-            items = (containers.get("containers") or {}).get("container") or []
-            found = [(c["containerId"], c["nodeHttpAddress"]) for c in items]
-        except (urllib.error.URLError, KeyError, ValueError):
-            found = []
-        am = (attempt["containerId"], attempt["nodeHttpAddress"])
-        if am not in found:
-            found.insert(0, am)
-        for cid, node in found:
-            node = node if node.startswith("http") else f"http://{node}"
-            try:
-                files = _get_json(f"{node}/ws/v1/node/containers/{cid}/logs")
-            except (urllib.error.URLError, ValueError):
+            info = _get_json(f"http://{node}/ws/v1/node/containers/{cid}/logs")
+        except (urllib.error.URLError, ValueError):
+            return None
+        groups = info if isinstance(info, list) else [info]
+        names = []
+        for g in groups:
+            g = g.get("containerLogsInfo", g)
+            names += [f["fileName"] for f in g.get("containerLogInfo") or []]
+        return names or None  # NodeManagers answer 200 with no files for containers they never ran
+
+    out = []
+    for attempt in attempts:
+        prefix, _, first = attempt["containerId"].rpartition("_")
+        am_node = attempt["nodeHttpAddress"]
+        number, gap = int(first), 0
+        while gap < max_gap:
+            cid = f"{prefix}_{number:0{len(first)}d}"
+            number += 1
+            for node in [am_node] + [n for n in nodes if n != am_node]:
+                names = log_files(node, cid)
+                if names is not None:
+                    break
+            else:
+                gap += 1
                 continue
-            files = files if isinstance(files, list) else [files]
-            for group in files:
-                for info in (group.get("containerLogInfo") or []):
-                    name = info["fileName"]
-                    try:
-                        with urllib.request.urlopen(f"{node}/ws/v1/node/containers/{cid}/logs/{name}",
-                                                    timeout=30) as r:
-                            out.append((cid, name, r.read().decode(errors="replace")))
-                    except urllib.error.URLError:
-                        continue
+            gap = 0
+            for name in names:
+                if name in ("launch_container.sh", "directory.info", "prelaunch.out", "prelaunch.err"):
+                    continue
+                try:
+                    with urllib.request.urlopen(f"http://{node}/ws/v1/node/containers/{cid}/logs/{name}",
+                                                timeout=30) as r:
+                        out.append((cid, name, r.read().decode(errors="replace")))
+                except urllib.error.URLError:
+                    continue
     return out

@@ -102,6 +102,8 @@ def hadoop_cluster() -> HadoopCluster:
     """The running pseudo-distributed cluster (skips the test when absent)."""
     found = _cluster_from_env()
     if isinstance(found, str):
+        if os.environ.get("PSEUDO_HADOOP_REQUIRED"):  # CI started a cluster: its absence is a failure
+            pytest.fail(found)
         pytest.skip(found)
     return found
 

@@ -116,6 +116,8 @@ class AppMaster:
         self._last_metrics: dict[str, float] = {}
         self._phase = "starting"
         self._events: list[tuple[str, str]] = []  # (container, reason) lost containers, from IPC threads
+        self._metrics_lines: list[str] = []  # metrics.jsonl lines not written yet
+        self._metrics_flushed = 0.0
         self.server: ipc.IPCServer | None = None
         self.master: Master | None = None
 
@@ -158,6 +160,8 @@ class AppMaster:
             self._superstep = step
             self._replacements = meta.get("replacements", 0)
             self._history = meta.get("history", [])
+            # metrics.jsonl may hold supersteps after the checkpoint: keep what the checkpoint knows
+            self.output.write_bytes("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self._history).encode())
             log.info("resumed from checkpoint %s at superstep %d", self.checkpoints.dir.uri_of(
                 f"ckpt-{step:08d}.npz"), step)
         else:
@@ -224,7 +228,8 @@ class AppMaster:
             }
             self._history.append(record)
             self._last_metrics = {**record["workers"], **record["master"]}
-            self.output.append_text("metrics.jsonl", json.dumps(record) + "\n")
+            self._metrics_lines.append(json.dumps(record) + "\n")
+            self._flush_metrics(force=isinstance(nxt, Final))
             _log_superstep(record, total)
             if isinstance(nxt, Final):
                 self.master.save(nxt, self.output)
@@ -243,6 +248,16 @@ class AppMaster:
             if self.status_hook:
                 self.status_hook({**self.status(), "total": total})
             step_started = time.monotonic()
+
+    def _flush_metrics(self, force: bool = False) -> None:
+        """Append to metrics.jsonl: at once on a local disk; on a remote filesystem (where an
+        append rewrites the file) at most every 10 s, at checkpoints and at the end."""
+        if not self._metrics_lines:
+            return
+        if force or self.output.is_local or time.monotonic() - self._metrics_flushed > 10:
+            self.output.append_text("metrics.jsonl", "".join(self._metrics_lines))
+            self._metrics_lines = []
+            self._metrics_flushed = time.monotonic()
 
     def _set_broadcast(self, update: Update) -> None:
         """Encode the broadcast once; the master may not change its arrays afterwards."""
@@ -264,6 +279,7 @@ class AppMaster:
                           "num_samples": broadcast.num_samples},
         }
         uri = self.checkpoints.save(step, arrays, meta)
+        self._flush_metrics(force=True)
         log.info("checkpoint %s", uri)
 
     def _finish(self, final: Final) -> None:
@@ -302,6 +318,7 @@ class AppMaster:
             self._cond.notify_all()
         log.error("job %s failed: %s", self.job.name, reason)
         try:
+            self._flush_metrics(force=True)
             self._write_metrics(None)
         except Exception:  # noqa: BLE001 - the reason above matters more
             log.exception("could not write metrics.json")

@@ -213,8 +213,12 @@ class Output:
             f.write(data)
         self.fs.move(tmp, self._p(name))
 
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
     def append_text(self, name: str, text: str) -> None:
-        if isinstance(self.fs, pafs.LocalFileSystem):
+        if self.is_local:
             with open(self._p(name), "a") as f:
                 f.write(text)
         else:  # HDFS appends are fragile through WebHDFS: rewrite the small file

@@ -140,6 +140,8 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, dataset, base
     assert "resumed from checkpoint" in res.stderr
     np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
     assert [h["superstep"] for h in metrics(job)["history"]] == list(range(6))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["superstep"] for line in lines] == list(range(6))
 
 
 class InProcessJob:

@@ -40,6 +40,8 @@ class Progress:
         if not self.enabled:
             return
         step, total = status["superstep"], status.get("total")
+        if status["state"] == "SUCCEEDED" and total:
+            step = total
         if total:
             filled = int(min(step / total, 1.0) * self.width)
             head = f"[{'#' * filled}{'.' * (self.width - filled)}] {step}/{total}"

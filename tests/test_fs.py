@@ -1,0 +1,47 @@
+"""Filesystems and input splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from iterreduce.fs import InputError, filesystem, plan_splits, read_split
+
+
+def write(path, rows, row_group):
+    t = pa.table({"v": np.arange(rows, dtype=np.int64)})
+    pq.write_table(t, path, row_group_size=row_group)
+
+
+def test_splits_are_balanced_by_row_group_and_cover_everything_once(tmp_path):
+    write(tmp_path / "a.parquet", 9000, 1000)   # one big file: 9 row groups
+    write(tmp_path / "b.parquet", 1000, 1000)
+    write(tmp_path / "c.parquet", 2000, 1000)
+    splits = plan_splits([str(tmp_path)], 4)
+    rows = [sum(p.num_rows for p in s) for s in splits]
+    assert sum(rows) == 12000 and max(rows) - min(rows) <= 1000, rows
+    values = np.concatenate([read_split(s).column("v").to_numpy() for s in splits])
+    assert len(values) == 12000 and len(np.unique(values[:9000])) == 9000
+
+
+def test_more_splits_than_row_groups_is_refused(tmp_path):
+    write(tmp_path / "a.parquet", 100, 100)
+    with pytest.raises(InputError, match="1 row group\\(s\\) cannot make 2 splits"):
+        plan_splits([str(tmp_path)], 2)
+
+
+def test_every_split_gets_a_piece_even_when_one_row_group_dominates(tmp_path):
+    write(tmp_path / "a.parquet", 100000, 100000)
+    write(tmp_path / "b.parquet", 10, 10)
+    write(tmp_path / "c.parquet", 10, 10)
+    splits = plan_splits([str(tmp_path)], 3)
+    assert all(splits) and sum(sum(p.num_rows for p in s) for s in splits) == 100020
+
+
+def test_hdfs_without_libhdfs_says_what_to_do():
+    with pytest.raises(InputError) as err:
+        filesystem("hdfs://127.0.0.1:1/data")
+    msg = str(err.value)
+    assert "libhdfs" in msg and "webhdfs://127.0.0.1:9870/" in msg

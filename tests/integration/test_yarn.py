@@ -180,9 +180,12 @@ def test_killed_worker_container_is_replaced_on_yarn(hadoop_cluster, hdfs_base, 
                                                      tmp_path):
     local_data, uri = linreg_on_hdfs
     out = f"{hdfs_base}/killed-worker"
-    job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{out}", sleep=1.0)
+    job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{out}", sleep=1.0, supersteps=14)
     app_id = submit(job)
     wait_superstep(skein_client, app_id, 2)
+    status = cli("status", app_id)
+    assert status.returncode == 0, status.stderr
+    assert f"{app_id} yarn-linreg: RUNNING" in status.stdout and "| workers 2/2 |" in status.stdout
     app = skein_client.connect(app_id, wait=False)
     victims = [c for c in app.get_containers(services=["worker"]) if str(c.state) == "RUNNING"]
     assert victims, "no running worker container"
@@ -193,7 +196,7 @@ def test_killed_worker_container_is_replaced_on_yarn(hadoop_cluster, hdfs_base, 
     metrics = json.loads(read_hdfs(hadoop_cluster, f"{out}/metrics.json"))
     assert metrics["replacements"] == 1
     np.testing.assert_array_equal(hdfs_result(hadoop_cluster, f"{out}/result.npz"),
-                                  local_result(tmp_path, local_data, sleep=1.0))
+                                  local_result(tmp_path, local_data, sleep=1.0, supersteps=14))
 
 
 def _am_jvm_pid(app_id: str) -> int | None:
@@ -267,3 +270,20 @@ def test_failing_application_is_reported_at_once_with_the_logs_command(hadoop_cl
     assert time.monotonic() - t0 < 300
     logs = cli("logs", app_id)
     assert logs.returncode == 0 and "worker" in logs.stdout
+
+
+def test_kill_ends_the_application_and_its_containers(hadoop_cluster, hdfs_base, linreg_on_hdfs, skein_client,
+                                                      tmp_path):
+    _, uri = linreg_on_hdfs
+    job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{hdfs_base}/killed-app",
+                     sleep=1.0, supersteps=100)
+    app_id = submit(job)
+    wait_superstep(skein_client, app_id, 1)
+    res = cli("kill", app_id)
+    assert res.returncode == 0 and f"{app_id} killed" in res.stdout
+    final = wait_final(hadoop_cluster, app_id, timeout=120)
+    assert final["state"] == "KILLED", final
+    deadline = time.monotonic() + 60
+    while _am_jvm_pid(app_id) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _am_jvm_pid(app_id) is None, "the ApplicationMaster outlived the kill"

@@ -153,27 +153,63 @@ def packed_env(tmp_path_factory):
     return out
 
 
-def test_logreg_on_hdfs_with_a_packed_environment_succeeds(hadoop_cluster, hdfs_base, mnist_parquet,
-                                                            packed_env, tmp_path):
-    train = upload(hadoop_cluster, mnist_parquet / "train", f"{hdfs_base}/mnist/train")
-    test = upload(hadoop_cluster, mnist_parquet / "test", f"{hdfs_base}/mnist/test")
-    spec = yaml.safe_load((ROOT / "examples" / "logreg.yaml").read_text())
-    spec["input"]["paths"] = [train]
-    spec["algorithm"]["params"]["test"] = test
-    spec["output"] = f"{hadoop_cluster.webhdfs_url}{hdfs_base}/logreg-out"
-    spec["yarn"] = {"environment": str(packed_env), "files": [str(ROOT / "examples")],
-                    "env": {"HADOOP_USER_NAME": hadoop_cluster.user}}
-    job = tmp_path / "logreg.yaml"
+@pytest.fixture(scope="session")
+def mnist_on_hdfs(hadoop_cluster, hdfs_base, mnist_parquet):
+    return {name: upload(hadoop_cluster, mnist_parquet / name, f"{hdfs_base}/mnist/{name}")
+            for name in ("train", "validation", "test")}
+
+
+def test_quick_dbn_on_hdfs_with_a_packed_environment_succeeds(hadoop_cluster, hdfs_base, mnist_on_hdfs,
+                                                               packed_env, tmp_path):
+    spec = yaml.safe_load((ROOT / "examples" / "dbn-quick.yaml").read_text())
+    spec["input"]["paths"] = [mnist_on_hdfs["train"]]
+    for name in ("train", "validation", "test"):
+        spec["algorithm"]["params"][name] = mnist_on_hdfs[name]
+    out = f"{hdfs_base}/dbn-quick-out"
+    spec["output"] = f"{hadoop_cluster.webhdfs_url}{out}"
+    spec["yarn"] = {"environment": str(packed_env), "env": {"HADOOP_USER_NAME": hadoop_cluster.user}}
+    assert spec["workers"]["count"] == 2
+    job = tmp_path / "dbn-quick.yaml"
     job.write_text(yaml.safe_dump(spec))
     res = cli("submit", str(job), "--wait")
     assert res.returncode == 0, res.stderr + res.stdout
     app_id = res.stdout.strip().splitlines()[0]
     app = rm_app(hadoop_cluster, app_id)
     assert (app["state"], app["finalStatus"]) == ("FINISHED", "SUCCEEDED"), app
-    metrics = json.loads(read_hdfs(hadoop_cluster, f"{hdfs_base}/logreg-out/metrics.json"))
+    metrics = json.loads(read_hdfs(hadoop_cluster, f"{out}/metrics.json"))
     assert metrics["state"] == "SUCCEEDED" and metrics["replacements"] == 0
+    test_error = metrics["final"]["metrics"]["test_error"]
+    assert test_error < 0.05, test_error
+    import dbn
+
+    model = dbn.load(io.BytesIO(read_hdfs(hadoop_cluster, f"{out}/model.avro")))
+    x, y = _test_set(mnist_on_hdfs["test"])
+    assert abs(model.error_rate(x, y) - test_error) < 1e-9
+
+
+def _test_set(uri: str):
+    from dbn.data import table_to_arrays
+    from iterreduce.fs import FilePiece, list_input_files, read_split
+
+    return table_to_arrays(read_split([FilePiece(f) for f in list_input_files([uri])]))
+
+
+def test_logreg_reads_and_writes_hdfs_and_reaches_its_accuracy(hadoop_cluster, hdfs_base, mnist_on_hdfs, tmp_path):
+    spec = yaml.safe_load((ROOT / "examples" / "logreg.yaml").read_text())
+    spec["input"]["paths"] = [mnist_on_hdfs["train"]]
+    spec["algorithm"]["params"]["test"] = mnist_on_hdfs["test"]
+    spec["output"] = f"{hadoop_cluster.webhdfs_url}{hdfs_base}/logreg-out"
+    spec["yarn"] = {"environment": PYTHON, "files": [str(ROOT / "examples")],
+                    "env": {"HADOOP_USER_NAME": hadoop_cluster.user}}
+    job = tmp_path / "logreg.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    res = cli("submit", str(job), "--wait")
+    assert res.returncode == 0, res.stderr + res.stdout
+    metrics = json.loads(read_hdfs(hadoop_cluster, f"{hdfs_base}/logreg-out/metrics.json"))
+    assert metrics["state"] == "SUCCEEDED"
     assert metrics["final"]["metrics"]["test_error"] < 0.09
-    assert np.load(io.BytesIO(read_hdfs(hadoop_cluster, f"{hdfs_base}/logreg-out/result.npz")))["W"].shape == (784, 10)
+    result = np.load(io.BytesIO(read_hdfs(hadoop_cluster, f"{hdfs_base}/logreg-out/result.npz")))
+    assert result["W"].shape == (784, 10)
 
 
 def test_killed_worker_container_is_replaced_on_yarn(hadoop_cluster, hdfs_base, linreg_on_hdfs, skein_client,

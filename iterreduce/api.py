@@ -14,7 +14,7 @@ A minimal algorithm (the mean of a column, in one superstep)::
     class MeanWorker(Worker):
         def setup(self, ctx):
             self.x = ctx.read_table(["x"]).column("x").to_numpy()
-        def compute(self, update, ctx):
+        def compute(self, update, superstep, ctx):
             return Update({"mean": np.array(self.x.mean())}, num_samples=len(self.x))
 
     class MeanMaster(Master):

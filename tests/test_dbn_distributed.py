@@ -1,0 +1,258 @@
+"""The distributed DBN (dbn.distributed) end to end: real worker processes via the CLI.
+
+* the CI-sized job (examples/dbn-quick.yaml) reaches < 5% test error and writes the model,
+  the pictures and the metrics;
+* a worker SIGKILLed in the middle of the second layer, a master killed and resumed from a
+  checkpoint, and a worker killed during fine-tuning on the workers all give a model
+  identical to the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import dbn
+from dbn.data import read_parquet_dir
+from dbn.plots import read_png
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "iterreduce.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def with_data(spec: dict, data: Path, out: Path) -> dict:
+    spec["input"]["paths"] = [str(data / "train")]
+    p = spec["algorithm"]["params"]
+    p["train"], p["validation"], p["test"] = (str(data / s) for s in ("train", "validation", "test"))
+    spec["output"] = str(out)
+    return spec
+
+
+def write_job(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    ma, mb = dbn.load(a / "model.avro"), dbn.load(b / "model.avro")
+    assert sorted(ma.params) == sorted(mb.params)
+    for k in ma.params:
+        np.testing.assert_array_equal(ma.params[k], mb.params[k], err_msg=k)
+    fa, fb = metrics(a)["final"]["metrics"], metrics(b)["final"]["metrics"]
+    assert fa == fb
+
+
+# ------------------------------------------------------------------ the quick job
+
+
+def test_quick_job_reaches_under_5_percent_and_writes_everything(tmp_path, mnist_parquet):
+    spec = yaml.safe_load((ROOT / "examples" / "dbn-quick.yaml").read_text())
+    assert spec["workers"]["count"] == 2
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "quick.yaml", with_data(spec, mnist_parquet, out))
+    res = cli("run", str(job))
+    assert res.returncode == 0, res.stderr
+    m = metrics(out)
+    final = m["final"]["metrics"]
+    assert final["test_error"] < 0.05, f"test error {final['test_error']:.4f}"
+    assert 0 <= final["best_epoch"] < spec["algorithm"]["params"]["finetune"]["epochs"]
+    assert final["validation_error"] < 0.06
+    p = spec["algorithm"]["params"]
+    n_pre = len(p["layers"]) * p["pretrain"]["epochs"]
+    assert len(m["history"]) == n_pre + p["finetune"]["epochs"] == m["supersteps"]
+    assert m["history"][0]["phase"] == f"pretrain layer 1/{len(p['layers'])} epoch 1/{p['pretrain']['epochs']}"
+    assert m["history"][-1]["phase"].startswith("finetune epoch")
+    # the model file: loadable, and its predictions give the reported error
+    model = dbn.load(out / "model.avro")
+    assert model.sizes == [784, *p["layers"], 10]
+    x, y = read_parquet_dir(mnist_parquet / "test")
+    assert model.error_rate(x, y) == pytest.approx(final["test_error"], abs=1e-12)
+    for name in ("filters.png", "pretrain.png", "finetune.png"):
+        img = read_png(out / name)
+        assert img.size > 0 and img.max() > img.min(), name
+
+
+# ------------------------------------------------------------------ faults (tiny nets)
+
+
+def tiny_spec(data: Path, out: Path, where: str = "master", worker: str = "dbn.distributed:DBNWorker",
+              checkpoint_every: int = 0, **extra) -> dict:
+    spec = {
+        "name": "dbn-tiny", "seed": 3,
+        "workers": {"count": 2, "max_restarts": 2},
+        "input": {"paths": [str(data / "train")]},
+        "output": str(out),
+        "checkpoint": {"every": checkpoint_every, "keep": 2},
+        "heartbeat": {"interval": 0.2, "timeout": 20.0, "master_timeout": 5},
+        "algorithm": {
+            "master": "dbn.distributed:DBNMaster", "worker": worker,
+            "params": {
+                "layers": [48, 32], "max_examples_per_worker": 600,
+                "pretrain": {"epochs": 3, "batch_size": 50},
+                "finetune": {"where": where, "epochs": 3, "batch_size": 50, "learning_rate": 0.3},
+                "extra": extra,
+            },
+        },
+    }
+    return with_data(spec, data, out)
+
+
+@pytest.fixture(scope="module")
+def tiny_baseline(tmp_path_factory, mnist_parquet):
+    tmp = tmp_path_factory.mktemp("dbn-baseline")
+    out = tmp / "out"
+    res = cli("run", str(write_job(tmp / "job.yaml", tiny_spec(mnist_parquet, out))))
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_tiny_run_learns(tiny_baseline):
+    m = metrics(tiny_baseline)
+    assert m["state"] == "SUCCEEDED" and m["replacements"] == 0
+    assert len(m["history"]) == 2 * 3 + 3
+    assert m["final"]["metrics"]["test_error"] < 0.5  # 1200 examples, 3 epochs: better than chance (0.9)
+
+
+def test_worker_killed_mid_second_layer_gives_the_same_model(tmp_path, mnist_parquet, tiny_baseline):
+    marker = tmp_path / "died"
+    out = tmp_path / "out"
+    # supersteps 0-2: layer 1; 3-5: layer 2. Die at 4: the replacement must rebuild layer 1's output
+    spec = tiny_spec(mnist_parquet, out, worker="tests.dbn_faults:FaultyDBNWorker",
+                     die_at=4, die_split=1, die_marker=str(marker))
+    res = cli("run", str(write_job(tmp_path / "job.yaml", spec)))
+    assert res.returncode == 0, res.stderr
+    assert marker.exists(), "the worker never reached its SIGKILL"
+    assert metrics(out)["replacements"] == 1
+    assert_same_model(out, tiny_baseline)
+
+
+def test_master_killed_and_resumed_gives_the_same_model(tmp_path, mnist_parquet, tiny_baseline):
+    out = tmp_path / "out"
+    spec = tiny_spec(mnist_parquet, out, worker="tests.dbn_faults:FaultyDBNWorker", checkpoint_every=1, sleep=0.4)
+    job = write_job(tmp_path / "job.yaml", spec)
+    proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", str(job)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = out / "checkpoints"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:  # kill it in the middle of layer 2 (supersteps 3-5)
+        if ckpt_dir.exists() and any(int(p.stem.split("-")[1]) >= 4 for p in ckpt_dir.glob("ckpt-*.npz")):
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("no checkpoint at superstep 4 within 90 s")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.avro").exists()
+    res = cli("run", "--resume", str(job))
+    assert res.returncode == 0, res.stderr
+    assert "resumed from checkpoint" in res.stderr
+    assert_same_model(out, tiny_baseline)
+    assert [h["superstep"] for h in metrics(out)["history"]] == list(range(9))
+
+
+def test_finetuning_on_workers_survives_a_lost_worker(tmp_path, mnist_parquet):
+    plain, killed = tmp_path / "plain", tmp_path / "killed"
+    res = cli("run", str(write_job(tmp_path / "plain.yaml", tiny_spec(mnist_parquet, plain, where="workers"))))
+    assert res.returncode == 0, res.stderr
+    m = metrics(plain)
+    assert m["final"]["metrics"]["test_error"] < 0.75  # averaging halves the steps: slower, but learning
+    assert m["history"][-1]["phase"] == "finetune epoch 3/3 (workers)"
+    assert m["history"][-1]["workers"]["train_error"] < 0.85  # the workers did the fine-tuning (chance: 0.9)
+    marker = tmp_path / "died"
+    spec = tiny_spec(mnist_parquet, killed, where="workers", worker="tests.dbn_faults:FaultyDBNWorker",
+                     die_at=7, die_split=0, die_marker=str(marker))
+    res = cli("run", str(write_job(tmp_path / "killed.yaml", spec)))
+    assert res.returncode == 0, res.stderr
+    assert marker.exists() and metrics(killed)["replacements"] == 1
+    assert_same_model(killed, plain)
+
+
+# ------------------------------------------------------------------ in process (no runtime)
+
+
+def test_in_process_phases_catch_up_and_restore_mid_finetuning(tmp_path, mnist_parquet):
+    """Master and workers driven by hand: phases, total supersteps, catch-up contents, and a
+    master restored from state() in the middle of fine-tuning finishing with the same model."""
+    import logging
+
+    from iterreduce import MasterContext, Update, WorkerContext
+    from iterreduce.fs import Output, plan_splits
+
+    from dbn.distributed import DBNMaster, DBNWorker
+
+    params = {"layers": [24, 16], "max_examples_per_worker": 300, "train": str(mnist_parquet / "train"),
+              "validation": str(mnist_parquet / "validation"), "test": str(mnist_parquet / "test"),
+              "pretrain": {"epochs": [2, 1], "batch_size": 50},
+              "finetune": {"where": "master", "epochs": 3, "batch_size": 50, "learning_rate": 0.3}}
+    log = logging.getLogger("test")
+    splits = plan_splits([str(mnist_parquet / "train")], 2)
+
+    def master():
+        m = DBNMaster()
+        m.setup(MasterContext(params=params, seed=5, num_workers=2, output=Output(str(tmp_path)).create(), log=log))
+        return m
+
+    def workers(start=0, catch_up=None):
+        out = []
+        for i, s in enumerate(splits):
+            ctx = WorkerContext(params=params, seed=5, split_index=i, num_splits=2, split=s, catch_up=catch_up,
+                                start_superstep=start, log=log)
+            w = DBNWorker()
+            w.setup(ctx)
+            out.append((w, ctx))
+        return out
+
+    def step(m, ws, b, s):
+        return m.combine([w.compute(b, s, ctx) for w, ctx in ws], s)
+
+    m, ws = master(), workers()
+    assert m.total_supersteps() == 3 + 3
+    b = m.initial_update()
+    phases = [m.phase()]
+    saved = None
+    for s in range(6):
+        if s == 2:  # layer 2 starts: the broadcast carries layer 1, the catch-up too
+            assert set(b.arrays) >= {"prev/W", "prev/b"} and m.catch_up().meta["finished"] == 1
+            # a replacement joining now rebuilds layer 1's output from the catch-up alone
+            late = workers(2, m.catch_up())
+            r1, r2 = ws[1][0].compute(b, 2, ws[1][1]), late[1][0].compute(
+                Update({k: v for k, v in b.arrays.items() if not k.startswith("prev/")}, meta=b.meta), 2, late[1][1])
+            for k in r1.arrays:
+                np.testing.assert_array_equal(r1.arrays[k], r2.arrays[k])
+        if s == 4:
+            st = m.state()
+            saved = (Update({k: v.copy() for k, v in st.arrays.items()}, meta=json.loads(json.dumps(st.meta))), b)
+        b = step(m, ws, b, s)
+        phases.append(m.phase())
+    assert phases[:6] == ["pretrain layer 1/2 epoch 1/2", "pretrain layer 1/2 epoch 2/2",
+                          "pretrain layer 2/2 epoch 1/1",
+                          "finetune epoch 1/3 (master)", "finetune epoch 2/3 (master)", "finetune epoch 3/3 (master)"]
+    assert type(b).__name__ == "Final" and set(b.metrics) >= {"test_error", "validation_error", "best_epoch"}
+    m2 = master()
+    m2.restore(saved[0])
+    assert m2.phase() == "finetune epoch 2/3 (master)"
+    b2 = saved[1]
+    for s in (4, 5):
+        b2 = step(m2, ws, b2, s)
+    assert b2.metrics == b.metrics
+    for k in b.arrays:
+        np.testing.assert_array_equal(b.arrays[k], b2.arrays[k])
+    m2.save(b2, Output(str(tmp_path)))
+    assert {"model.avro", "filters.png", "pretrain.png", "finetune.png"} <= set(Output(str(tmp_path)).list())

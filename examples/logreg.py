@@ -12,7 +12,6 @@ integer column ``y`` (see ``python examples/mnist_dbn.py prepare``).
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from iterreduce import Final, Master, Update, Worker, weighted_average
 from iterreduce.fs import list_input_files, read_split, FilePiece

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,12 +75,6 @@ class _Split:
     container: str | None = None  # the container started for this split
     owner: str | None = None  # worker id currently holding it
     launched_at: float = 0.0
-
-
-@dataclass
-class _Stats:
-    bytes_in: int = 0
-    bytes_out: int = 0
 
 
 class AppMaster:
@@ -263,7 +257,6 @@ class AppMaster:
         """Encode the broadcast once; the master may not change its arrays afterwards."""
         self._broadcast = update_to_avro(update, self._superstep)
         self._broadcast_nbytes = update.nbytes()
-        self._broadcast_update = update
         cu = self.master.catch_up()
         self._catch_up = update_to_avro(_copy(cu), self._superstep) if cu is not None else None
 

@@ -94,15 +94,14 @@ def submit(job_file: str, wait: bool, verbose: bool) -> None:
     job = _load(job_file)
     _setup_logging(verbose)
     try:
-        from .client import check_inputs, python_command
+        from .client import check_submission
 
-        python_command(job.yarn.environment)
-        check_inputs(job)
+        check_submission(job)  # before the skein driver starts: nothing is submitted on a bad job
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from None
     client = _skein_client()
     try:
-        app_id = submit_job(job, client)
+        app_id = submit_job(job, client, check=False)
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(app_id)

@@ -167,24 +167,27 @@ def build_spec(job: JobSpec, token_file: str, job_file: str) -> Any:
     )
 
 
-def check_inputs(job: JobSpec) -> None:
-    """Refuse, before submitting, a job whose input cannot make its splits."""
+def check_submission(job: JobSpec) -> None:
+    """Refuse, before anything is submitted, a job without a usable environment or whose
+    input cannot make its splits."""
     from .fs import InputError, plan_splits
 
+    python_command(job.yarn.environment)
     try:
         plan_splits(job.input.paths, job.workers.count)
     except InputError as exc:
         raise SubmitError(f"{job.source}: input: {exc}") from None
 
 
-def submit(job: JobSpec, client: Any = None) -> str:
-    """Validate the inputs, submit ``job`` to YARN through skein, return the application id."""
+def submit(job: JobSpec, client: Any = None, check: bool = True) -> str:
+    """Submit ``job`` to YARN through skein (after :func:`check_submission`, unless the
+    caller did it); returns the application id."""
     import secrets
 
     import skein
 
-    python_command(job.yarn.environment)  # refuse a missing environment before anything else
-    check_inputs(job)
+    if check:
+        check_submission(job)
     with tempfile.TemporaryDirectory(prefix="iterreduce-submit-") as tmp:
         token_file = os.path.join(tmp, "token")
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

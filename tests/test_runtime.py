@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from iterreduce import ipc
-from iterreduce.appmaster import AppMaster, JobFailed
+from iterreduce.appmaster import AppMaster
 from iterreduce.containers import LocalLauncher
 from iterreduce.fs import Output
-from iterreduce.job import JobSpec, load_job
+from iterreduce.job import load_job
 
 from .algos import write_dataset
 

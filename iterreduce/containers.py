@@ -54,13 +54,23 @@ class Launcher:
         return container_id
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+ENV_PARENT = "ITERREDUCE_PARENT_PID"  # local workers: die when this process (the master) dies
+
+
+def die_with_parent() -> None:
+    """In a local worker: get SIGKILL when the master process dies, so a killed master leaves
+    no orphans. Done by the worker itself (not in a fork hook: the master may run threads,
+    gRPC's among them, that a Python hook between fork and exec can deadlock or crash)."""
+    parent = os.environ.get(ENV_PARENT)
+    if not parent:
+        return
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans if the master is killed
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
-        pass
-    os.setpgrp()
+        return
+    if os.getppid() != int(parent):  # the master died before prctl
+        os._exit(2)
 
 
 class LocalLauncher(Launcher):
@@ -91,7 +101,8 @@ class LocalLauncher(Launcher):
             cid = f"local_{self._counter:04d}"
         env = dict(os.environ)
         env.update(self.extra_env)
-        env.update({ENV_MASTER: self._url, ENV_CONTAINER: cid, ENV_SPLIT: str(split_index), ENV_TOKEN_FILE: "-"})
+        env.update({ENV_MASTER: self._url, ENV_CONTAINER: cid, ENV_SPLIT: str(split_index), ENV_TOKEN_FILE: "-",
+                    ENV_PARENT: str(os.getpid())})
         # the worker imports algorithm classes by path: make the current directory importable, as `python -m` does
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
         # share the cores among the workers instead of every BLAS using all of them
@@ -101,7 +112,7 @@ class LocalLauncher(Launcher):
         proc = subprocess.Popen(
             [sys.executable, "-m", "iterreduce.worker"],
             stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
-            preexec_fn=_die_with_parent, close_fds=True,
+            start_new_session=True, close_fds=True,
         )
         log.close()
         assert proc.stdin is not None

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import ipc
 from .api import Update, Worker, WorkerContext, update_from_avro, update_to_avro
-from .containers import ENV_CONTAINER, ENV_MASTER, ENV_SPLIT, ENV_TOKEN_FILE, KV_MASTER_URL
+from .containers import ENV_CONTAINER, ENV_MASTER, ENV_SPLIT, ENV_TOKEN_FILE, KV_MASTER_URL, die_with_parent
 from .fs import FilePiece
 from .job import JobSpec
 
@@ -177,6 +177,7 @@ def _master_url() -> str:
 
 
 def main() -> None:
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     container = os.environ.get(ENV_CONTAINER) or os.environ.get("SKEIN_CONTAINER_ID")
     if not container:

@@ -118,6 +118,21 @@ def test_nan_update_is_rejected_and_fails_the_job_clearly(tmp_path, dataset):
     assert metrics(job)["history"][-1]["superstep"] == 0  # superstep 1 never combined a NaN
 
 
+def workers_of(master_pid: int) -> list[int]:
+    """Live worker processes started by the master with this PID."""
+    mark = f"ITERREDUCE_PARENT_PID={master_pid}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+                if state != "Z":
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, dataset, baseline):
     job = make_job(tmp_path, dataset, "resumed", sleep=0.4)
     out = Path(load_job(job).output)
@@ -135,6 +150,10 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, dataset, base
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "result.npz").exists()
+    deadline = time.monotonic() + 3  # less than heartbeat.master_timeout: they die with the master
+    while workers_of(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not workers_of(proc.pid), "workers outlived their killed master"
     res = cli("run", "--resume", str(job))
     assert res.returncode == 0, res.stderr
     assert "resumed from checkpoint" in res.stderr

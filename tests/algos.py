@@ -4,9 +4,6 @@ parameter-averaged SGD on synthetic Parquet data, with switches to misbehave
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from iterreduce import Final, Master, Update, Worker, weighted_average
+
+from .helpers import misbehave
 
 DIM = 8
 
@@ -40,14 +39,7 @@ class LinRegWorker(Worker):
 
     def compute(self, update, superstep, ctx):
         p = self.params
-        marker = p.get("die_marker")
-        if superstep == p.get("die_at") and ctx.split_index == p.get("die_split", 0):
-            if not marker or not os.path.exists(marker):
-                if marker:
-                    Path(marker).write_text(str(os.getpid()))
-                os.kill(os.getpid(), signal.SIGKILL)
-        if p.get("sleep"):
-            time.sleep(p["sleep"])
+        misbehave(p, superstep, ctx.split_index)
         w = update.arrays["w"].copy()
         rng = ctx.rng(superstep)
         order = rng.permutation(len(self.y))

@@ -9,23 +9,12 @@ Neither changes what the worker computes.
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-from pathlib import Path
-
 from dbn.distributed import DBNWorker
+
+from .helpers import misbehave
 
 
 class FaultyDBNWorker(DBNWorker):
     def compute(self, update, superstep, ctx):
-        extra = ctx.params.get("extra") or {}
-        marker = extra.get("die_marker")
-        if superstep == extra.get("die_at") and ctx.split_index == extra.get("die_split", 0):
-            if not marker or not os.path.exists(marker):
-                if marker:
-                    Path(marker).write_text(str(os.getpid()))
-                os.kill(os.getpid(), signal.SIGKILL)
-        if extra.get("sleep"):
-            time.sleep(float(extra["sleep"]))
+        misbehave(ctx.params.get("extra") or {}, superstep, ctx.split_index)
         return super().compute(update, superstep, ctx)

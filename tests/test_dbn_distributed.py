@@ -10,10 +10,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +20,9 @@ import dbn
 from dbn.data import read_parquet_dir
 from dbn.plots import read_png
 
+from .helpers import cli, run_and_kill_after_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "iterreduce.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def with_data(spec: dict, data: Path, out: Path) -> dict:
@@ -146,19 +139,7 @@ def test_master_killed_and_resumed_gives_the_same_model(tmp_path, mnist_parquet,
     out = tmp_path / "out"
     spec = tiny_spec(mnist_parquet, out, worker="tests.dbn_faults:FaultyDBNWorker", checkpoint_every=1, sleep=0.4)
     job = write_job(tmp_path / "job.yaml", spec)
-    proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", str(job)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt_dir = out / "checkpoints"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:  # kill it in the middle of layer 2 (supersteps 3-5)
-        if ckpt_dir.exists() and any(int(p.stem.split("-")[1]) >= 4 for p in ckpt_dir.glob("ckpt-*.npz")):
-            break
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("no checkpoint at superstep 4 within 90 s")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_and_kill_after_checkpoint(job, out / "checkpoints", 4)  # in the middle of layer 2 (supersteps 3-5)
     assert not (out / "model.avro").exists()
     res = cli("run", "--resume", str(job))
     assert res.returncode == 0, res.stderr

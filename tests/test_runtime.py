@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from iterreduce.fs import Output
 from iterreduce.job import load_job
 
 from .algos import write_dataset
+from .helpers import cli, run_and_kill_after_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,11 +44,6 @@ def make_job(tmp_path: Path, dataset: Path, name: str = "run", workers: int = 2,
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "iterreduce.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def result(job_path: Path) -> dict[str, np.ndarray]:
@@ -136,24 +130,12 @@ def workers_of(master_pid: int) -> list[int]:
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, dataset, baseline):
     job = make_job(tmp_path, dataset, "resumed", sleep=0.4)
     out = Path(load_job(job).output)
-    proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", str(job)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ckpts = list((out / "checkpoints").glob("ckpt-*.npz")) if (out / "checkpoints").exists() else []
-        if any(int(p.stem.split("-")[1]) >= 3 for p in ckpts):
-            break
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("no checkpoint at superstep 3 within 60 s")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    master_pid = run_and_kill_after_checkpoint(job, out / "checkpoints", 3)
     assert not (out / "result.npz").exists()
     deadline = time.monotonic() + 3  # less than heartbeat.master_timeout: they die with the master
-    while workers_of(proc.pid) and time.monotonic() < deadline:
+    while workers_of(master_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not workers_of(proc.pid), "workers outlived their killed master"
+    assert not workers_of(master_pid), "workers outlived their killed master"
     res = cli("run", "--resume", str(job))
     assert res.returncode == 0, res.stderr
     assert "resumed from checkpoint" in res.stderr
@@ -224,7 +206,7 @@ def test_bad_messages_are_rejected_without_harming_the_job(tmp_path, dataset, ba
 
 
 def test_silent_worker_is_replaced_after_heartbeat_timeout(tmp_path, dataset, baseline):
-    job = make_job(tmp_path, dataset, "silent", sleep=0.3, heartbeat_timeout=1.5)
+    job = make_job(tmp_path, dataset, "silent", sleep=0.5, heartbeat_timeout=3.0)
     with InProcessJob(job) as j:
         cid = next(iter(j.launcher._procs))
         os.kill(j.launcher.pid(cid), signal.SIGSTOP)  # alive but silent

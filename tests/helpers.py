@@ -1,0 +1,54 @@
+"""Helpers shared by the tests that run real jobs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``iterreduce ARGS`` in a new process, from the repository root."""
+    return subprocess.run([sys.executable, "-m", "iterreduce.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_and_kill_after_checkpoint(job: Path, checkpoint_dir: Path, superstep: int, timeout: float = 90) -> int:
+    """Start ``iterreduce run JOB``, SIGKILL it once a checkpoint at ``superstep`` or later
+    exists; returns the killed master's PID."""
+    proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", str(job)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [int(p.stem.split("-")[1]) for p in checkpoint_dir.glob("ckpt-*.npz")] if checkpoint_dir.exists() else []
+        if any(s >= superstep for s in steps):
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail(f"no checkpoint at superstep {superstep} within {timeout} s")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc.pid
+
+
+def misbehave(params: dict[str, Any], superstep: int, split_index: int) -> None:
+    """Test switches for workers: ``die_at`` (superstep) with ``die_split`` (default 0)
+    SIGKILLs the worker at the start of that superstep, once if ``die_marker`` names a file
+    (the replacement then lives), every time otherwise; ``sleep`` waits that many seconds."""
+    marker = params.get("die_marker")
+    if superstep == params.get("die_at") and split_index == params.get("die_split", 0):
+        if not marker or not os.path.exists(marker):
+            if marker:
+                Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+    if params.get("sleep"):
+        time.sleep(float(params["sleep"]))

@@ -18,16 +18,12 @@ import pytest
 import yaml
 
 from tests.algos import write_dataset
+from tests.helpers import cli
 
 pytestmark = pytest.mark.hadoop
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = f"python://{sys.executable}"
-
-
-def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "iterreduce.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def rm_app(cluster, app_id: str) -> dict:
@@ -171,7 +167,7 @@ def test_quick_dbn_on_hdfs_with_a_packed_environment_succeeds(hadoop_cluster, hd
     assert spec["workers"]["count"] == 2
     job = tmp_path / "dbn-quick.yaml"
     job.write_text(yaml.safe_dump(spec))
-    res = cli("submit", str(job), "--wait")
+    res = cli("submit", str(job), "--wait", timeout=600)
     assert res.returncode == 0, res.stderr + res.stdout
     app_id = res.stdout.strip().splitlines()[0]
     app = rm_app(hadoop_cluster, app_id)
@@ -203,7 +199,7 @@ def test_logreg_reads_and_writes_hdfs_and_reaches_its_accuracy(hadoop_cluster, h
                     "env": {"HADOOP_USER_NAME": hadoop_cluster.user}}
     job = tmp_path / "logreg.yaml"
     job.write_text(yaml.safe_dump(spec))
-    res = cli("submit", str(job), "--wait")
+    res = cli("submit", str(job), "--wait", timeout=600)
     assert res.returncode == 0, res.stderr + res.stdout
     metrics = json.loads(read_hdfs(hadoop_cluster, f"{hdfs_base}/logreg-out/metrics.json"))
     assert metrics["state"] == "SUCCEEDED"
@@ -298,7 +294,7 @@ def test_failing_application_is_reported_at_once_with_the_logs_command(hadoop_cl
     spec["workers"]["max_restarts"] = 1
     job.write_text(yaml.safe_dump(spec))
     t0 = time.monotonic()
-    res = cli("submit", str(job), "--wait")
+    res = cli("submit", str(job), "--wait", timeout=600)
     assert res.returncode != 0
     assert "ended FAILED" in res.stderr and "workers.max_restarts (1)" in res.stderr
     app_id = res.stdout.strip().splitlines()[0]

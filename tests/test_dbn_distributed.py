@@ -237,3 +237,103 @@ def test_in_process_phases_catch_up_and_restore_mid_finetuning(tmp_path, mnist_p
         np.testing.assert_array_equal(b.arrays[k], b2.arrays[k])
     m2.save(b2, Output(str(tmp_path)))
     assert {"model.avro", "filters.png", "pretrain.png", "finetune.png"} <= set(Output(str(tmp_path)).list())
+
+
+# ------------------------------------------------------------------ averaging vs. serial training
+
+
+def test_one_worker_equals_serial_training(tmp_path, mnist_parquet):
+    """A job with one worker process (fine-tuning on the workers too) gives exactly the model of
+    plain serial training with dbn.rbm / dbn.network and the same random streams: the runtime,
+    the transport and the averaging of a single update change nothing."""
+    from dbn import network as N
+    from dbn import rbm as R
+
+    out = tmp_path / "out"
+    spec = tiny_spec(mnist_parquet, out, where="workers")
+    spec["workers"]["count"] = 1
+    res = cli("run", str(write_job(tmp_path / "job.yaml", spec)))
+    assert res.returncode == 0, res.stderr
+
+    seed, p = spec["seed"], spec["algorithm"]["params"]
+    master_rng = lambda s: np.random.default_rng([seed, 0x6D61, s])  # noqa: E731  (MasterContext.rng)
+    worker_rng = lambda s: np.random.default_rng([seed, 0, s])       # noqa: E731  (WorkerContext.rng, split 0)
+    x, y = read_parquet_dir(mnist_parquet / "train")
+    n = p["max_examples_per_worker"]
+    x, y = x[:n], y[:n]
+    rs = R.RBMSettings(batch_size=p["pretrain"]["batch_size"])
+    fs = N.FinetuneSettings(**{k: v for k, v in p["finetune"].items() if k != "where"})
+    step, data, finished = 0, x, []
+    sizes = [784, *p["layers"]]
+    params = R.init_rbm(sizes[0], sizes[1], master_rng(0), rs)
+    recon = []
+    for layer in range(len(p["layers"])):
+        if layer:
+            data = R.transform(data, finished[-1])
+            params = R.init_rbm(sizes[layer], sizes[layer + 1], master_rng(step), rs)
+        for epoch in range(p["pretrain"]["epochs"]):
+            recon.append(R.train_epoch(params, data, epoch, worker_rng(step), rs))
+            step += 1
+        finished.append({k: params[k] for k in R.PARAM_KEYS})
+    net = N.init_classifier(N.stack(finished), 10, master_rng(step))
+    xv, yv = read_parquet_dir(mnist_parquet / "validation")
+    best, best_val = None, np.inf
+    for epoch in range(fs.epochs):
+        N.finetune_epoch(net, x, y, epoch, worker_rng(step), fs)
+        step += 1
+        val = N.error_rate(net, xv, yv)
+        if val < best_val:
+            best, best_val = {k: net[k].copy() for k in N.param_keys(net)}, val
+
+    model = dbn.load(out / "model.avro")
+    assert sorted(model.params) == sorted(best)
+    for k in best:
+        np.testing.assert_array_equal(model.params[k], best[k], err_msg=k)
+    m = metrics(out)
+    assert [h["master"]["recon_error"] for h in m["history"][:step - fs.epochs]] == pytest.approx(recon, rel=1e-12)
+    assert m["final"]["metrics"]["validation_error"] == best_val
+
+
+def test_identical_splits_averaged_equal_one_worker(tmp_path, mnist_parquet):
+    """K workers that hold the same split and draw the same random numbers send the same
+    update; the master's weighted average of them (parameters and momentum, pre-training and
+    fine-tuning on the workers) must equal what one worker alone gives, bit for bit."""
+    import logging
+
+    from iterreduce import MasterContext, WorkerContext
+    from iterreduce.fs import Output, plan_splits
+
+    from dbn.distributed import DBNMaster, DBNWorker
+
+    params = {"layers": [24, 16], "max_examples_per_worker": 250, "train": str(mnist_parquet / "train"),
+              "validation": str(mnist_parquet / "validation"),
+              "pretrain": {"epochs": 2, "batch_size": 50},
+              "finetune": {"where": "workers", "epochs": 2, "batch_size": 50, "learning_rate": 0.3}}
+    split = plan_splits([str(mnist_parquet / "train")], 1)[0]
+    log = logging.getLogger("test")
+
+    def run(k: int, out: Path):
+        m = DBNMaster()
+        m.setup(MasterContext(params=params, seed=9, num_workers=k, output=Output(str(out)).create(), log=log))
+        ws = []
+        for _ in range(k):  # the same split and split index: the same data and the same random streams
+            ctx = WorkerContext(params=params, seed=9, split_index=0, num_splits=k, split=split, catch_up=None,
+                                start_superstep=0, log=log)
+            w = DBNWorker()
+            w.setup(ctx)
+            ws.append((w, ctx))
+        b, history = m.initial_update(), []
+        for s in range(m.total_supersteps()):
+            b = m.combine([w.compute(b, s, ctx) for w, ctx in ws], s)
+            history.append(b.metrics)
+        return b, history
+
+    one, h1 = run(1, tmp_path / "one")
+    for k in (2, 4):
+        many, hk = run(k, tmp_path / f"k{k}")
+        assert hk == h1
+        assert sorted(many.arrays) == sorted(one.arrays)
+        for name in one.arrays:
+            np.testing.assert_array_equal(many.arrays[name], one.arrays[name], err_msg=f"{k} workers: {name}")
+    # and the workers' updates really differ from the broadcast: averaging was not a no-op
+    assert h1[0]["recon_error"] > h1[1]["recon_error"] > 0

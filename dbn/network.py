@@ -302,6 +302,7 @@ class Workspace:
         self.mask = [np.empty((b, s), dt) for s in sizes[:-1]]
         self.dropped = [np.empty((b, s), dt) for s in sizes[:-1]]
         self.grads = {k: np.empty_like(net[k]) for k in param_keys(net)}
+        self.scratch = {k: np.empty_like(net[k]) for k in param_keys(net) if k.startswith("W")}
 
     def rows(self, n: int) -> "Workspace":
         """Row views for a smaller (last) batch."""
@@ -309,7 +310,7 @@ class Workspace:
             return self
         w = object.__new__(Workspace)
         for k, v in vars(self).items():
-            setattr(w, k, v if k == "grads" else (v[:n] if isinstance(v, np.ndarray) else [a[:n] for a in v]))
+            setattr(w, k, v if k in ("grads", "scratch") else (v[:n] if isinstance(v, np.ndarray) else [a[:n] for a in v]))
         return w
 
 
@@ -369,7 +370,7 @@ def loss_and_grads(
         np.matmul(inputs[i].T, d, out=g[f"W{i}"])
         np.sum(d, axis=0, out=g[f"b{i}"])
         if weight_cost:
-            g[f"W{i}"] += dt(weight_cost) * net[f"W{i}"]
+            g[f"W{i}"] += np.multiply(net[f"W{i}"], dt(weight_cost), out=ws.scratch[f"W{i}"])
         if i > 0:
             dp = np.matmul(d, net[f"W{i}"].T, out=ws.delta[i - 1])
             s = ws.act[i - 1]
@@ -385,16 +386,17 @@ def loss_and_grads(
 
 
 def apply_update(net: dict, grads: dict, learning_rate: float, momentum: float,
-                 max_norm: float = 0.0) -> None:
+                 max_norm: float = 0.0, consume: bool = False) -> None:
     """``dP = momentum dP - lr grad; P += dP`` for every parameter (in place).
     ``grads`` already contain the weight cost. ``max_norm`` > 0 then rescales
-    columns of each hidden ``W`` whose L2 norm exceeds it."""
+    columns of each hidden ``W`` whose L2 norm exceeds it. ``consume=True`` lets
+    the step scale ``grads`` in place instead of allocating temporaries."""
     dt = net["W0"].dtype.type
     lr, m = dt(learning_rate), dt(momentum)
     for k in param_keys(net):
         v = net["d" + k]
         v *= m
-        v -= lr * grads[k]
+        v -= np.multiply(grads[k], lr, out=grads[k]) if consume else lr * grads[k]
         net[k] += v
     if max_norm > 0:
         for i in range(n_layers(net)):
@@ -455,7 +457,7 @@ def finetune_epoch(
         loss, grads, probs = loss_and_grads(net, xb, yb, s.weight_cost, rng,
                                             s.dropout_input, s.dropout_hidden, ws)
         wrong += int(np.count_nonzero(probs.argmax(axis=1) != yb))
-        apply_update(net, grads, lr, s.momentum, s.max_norm)
+        apply_update(net, grads, lr, s.momentum, s.max_norm, consume=True)
         loss_sum += loss * len(idx)
         seen += len(idx)
     return loss_sum / seen, wrong / seen

@@ -227,30 +227,41 @@ def reconstruction_error(v: np.ndarray, params: dict, rng: np.random.Generator |
 class CDBuffers:
     """Preallocated per-batch work arrays for :func:`cd_statistics` (float32).
 
-    ``v`` [b, nv] data batch; ``v_neg`` [b, nv] reconstruction;
-    ``h_pos``/``h_neg``/``h_states``/``rand`` [b, nh]; ``g_W`` [nv, nh]
-    scratch for the weight statistics; ``u8`` [b, nv] for uint8 input.
+    The data batch and its reconstruction are stacked in ``vv`` [2b, nv] (``v`` =
+    its first ``b`` rows, ``v_neg`` the rest), their hidden probabilities in ``hh``
+    [2b, nh] (``h_pos``, ``h_neg``), so that both weight statistics come out of one
+    matrix product ``vv^T hh``. ``h_states``/``rand`` [b, nh], ``diff`` [b, nv],
+    ``g_W`` [nv, nh], ``u8`` [b, nv] for uint8 input.
     """
 
     def __init__(self, batch_size: int, n_visible: int, n_hidden: int, dtype=_F32):
         b = batch_size
-        self.v = np.empty((b, n_visible), dtype)
-        self.v_neg = np.empty((b, n_visible), dtype)
-        self.h_pos = np.empty((b, n_hidden), dtype)
-        self.h_neg = np.empty((b, n_hidden), dtype)
+        self.vv = np.empty((2 * b, n_visible), dtype)
+        self.hh = np.empty((2 * b, n_hidden), dtype)
         self.h_states = np.empty((b, n_hidden), dtype)
         self.rand = np.empty((b, n_hidden), dtype)
+        self.diff = np.empty((b, n_visible), dtype)
         self.g_W = np.empty((n_visible, n_hidden), dtype)
-        self.g_W_neg = np.empty((n_visible, n_hidden), dtype)
         self.u8 = np.empty((b, n_visible), np.uint8)
+        self._split()
+
+    def _split(self) -> None:
+        b = len(self.vv) // 2
+        self.v, self.v_neg = self.vv[:b], self.vv[b:]
+        self.h_pos, self.h_neg = self.hh[:b], self.hh[b:]
 
     def view(self, n: int) -> "CDBuffers":
-        """Buffers for a smaller last batch of ``n`` rows (row views)."""
-        if n == self.v.shape[0]:
+        """Buffers for a smaller last batch of ``n`` rows."""
+        if 2 * n == len(self.vv):
             return self
         sub = object.__new__(CDBuffers)
         for k, a in vars(self).items():
-            setattr(sub, k, a if k.startswith("g_W") else a[:n])
+            if k in ("vv", "hh"):
+                a = a[:2 * n]
+            elif k != "g_W":
+                a = a[:n]
+            setattr(sub, k, a)
+        sub._split()
         return sub
 
 
@@ -260,23 +271,25 @@ def cd_statistics(
     rng: np.random.Generator,
     k: int = 1,
     buffers: CDBuffers | None = None,
+    scale: float = 1.0,
 ) -> tuple[dict[str, np.ndarray], float]:
     """CD-k gradient estimate on one mini-batch (no parameter change).
 
     ``v`` float32 [b, n_visible] in [0, 1]. Returns ``(grads, err)`` where
-    ``grads`` has ``W`` [nv, nh], ``b_vis`` [nv], ``b_hid`` [nh] holding the
-    *batch-mean* ``<.>_data - <.>_recon`` (without weight cost; these may be
-    views into ``buffers``) and ``err`` is the summed squared reconstruction
-    error of the batch (``rbm.m``'s ``err``).
+    ``grads`` has ``W`` [nv, nh], ``b_vis`` [nv], ``b_hid`` [nh] holding
+    ``scale`` times the *batch-mean* ``<.>_data - <.>_recon`` (without weight
+    cost; these may be views into ``buffers``) and ``err`` is the summed squared
+    reconstruction error of the batch (``rbm.m``'s ``err``).
     """
     n = v.shape[0]
     nv, nh = params["W"].shape
     buf = buffers.view(n) if buffers is not None else CDBuffers(n, nv, nh, params["W"].dtype)
-    W = params["W"]
+    if v is not buf.v:
+        buf.v[...] = v
+    dt = params["W"].dtype.type
     # positive phase
-    mean_hiddens(v, params, out=buf.h_pos)
-    np.matmul(v.T, buf.h_pos, out=buf.g_W)
-    pos_vis = v.sum(axis=0)
+    mean_hiddens(buf.v, params, out=buf.h_pos)
+    pos_vis = buf.v.sum(axis=0)
     pos_hid = buf.h_pos.sum(axis=0)
     # negative phase: sampled hidden states -> visible probabilities -> hidden probabilities
     _bernoulli(buf.h_pos, rng, out=buf.h_states, scratch=buf.rand)
@@ -285,46 +298,62 @@ def cd_statistics(
         mean_hiddens(buf.v_neg, params, out=buf.h_neg)
         if step + 1 < k:
             _bernoulli(buf.h_neg, rng, out=buf.h_states, scratch=buf.rand)
-    np.matmul(buf.v_neg.T, buf.h_neg, out=buf.g_W_neg)
-    buf.g_W -= buf.g_W_neg
-    buf.g_W *= W.dtype.type(1.0 / n)
-    g_vis = (pos_vis - buf.v_neg.sum(axis=0)) / W.dtype.type(n)
-    g_hid = (pos_hid - buf.h_neg.sum(axis=0)) / W.dtype.type(n)
-    diff = buf.v_neg  # reuse: v_neg is no longer needed after the statistics
-    np.subtract(v, buf.v_neg, out=diff)
-    err = float(np.einsum("ij,ij->", diff, diff))
+    s = dt(scale / n)
+    g_vis = (pos_vis - buf.v_neg.sum(axis=0)) * s
+    g_hid = (pos_hid - buf.h_neg.sum(axis=0)) * s
+    np.subtract(buf.v, buf.v_neg, out=buf.diff)
+    err = float(np.einsum("ij,ij->", buf.diff, buf.diff))
+    # both weight statistics in one product: [v; v_neg]^T [s h_pos; -s h_neg]
+    buf.h_pos *= s
+    buf.h_neg *= -s
+    np.matmul(buf.vv.T, buf.hh, out=buf.g_W)
     return {"W": buf.g_W, "b_vis": g_vis, "b_hid": g_hid}, err
 
 
-def apply_update(params: dict, grads: dict, momentum: float, settings: RBMSettings) -> None:
+def apply_update(params: dict, grads: dict, momentum: float, settings: RBMSettings,
+                 scaled: bool = False, scratch: np.ndarray | None = None) -> None:
     """Momentum step in place (rbm.m):
-    ``dW = m dW + lr (gW - weight_cost W); W += dW``; biases without weight cost."""
-    dt = params["W"].dtype.type
+    ``dW = m dW + lr (gW - weight_cost W); W += dW``; biases without weight cost.
+
+    With ``scaled=True`` the ``grads`` already hold ``lr`` times the gradient (as
+    :func:`cd_statistics` gives with ``scale=lr``). ``scratch`` (like ``W``) avoids
+    allocating a temporary; it may be ``grads["W"]`` itself, which is read before
+    ``scratch`` is written.
+    """
+    W = params["W"]
+    dt = W.dtype.type
     lr, m = dt(settings.learning_rate), dt(momentum)
+    tmp = scratch if scratch is not None else np.empty_like(W)
     dW = params["dW"]
     dW *= m
-    dW += lr * grads["W"]
+    if scaled:
+        dW += grads["W"]
+    else:
+        np.multiply(grads["W"], lr, out=tmp)
+        dW += tmp
     if settings.weight_cost:
-        dW -= (lr * dt(settings.weight_cost)) * params["W"]
-    params["W"] += dW
+        np.multiply(W, lr * dt(settings.weight_cost), out=tmp)
+        dW -= tmp
+    W += dW
     for p, d in (("b_vis", "db_vis"), ("b_hid", "db_hid")):
         vel = params[d]
         vel *= m
-        vel += lr * grads[p]
+        vel += grads[p] if scaled else lr * grads[p]
         params[p] += vel
 
 
 def _gather(data: np.ndarray, idx: np.ndarray, buf: CDBuffers) -> np.ndarray:
     """Copy rows ``idx`` of ``data`` into ``buf.v`` (scaling uint8 to [0, 1])."""
     n = len(idx)
+    buf = buf.view(n)
     if data.dtype == np.uint8:
-        np.take(data, idx, axis=0, out=buf.u8[:n])
-        np.multiply(buf.u8[:n], buf.v.dtype.type(1.0 / 255.0), out=buf.v[:n])
+        np.take(data, idx, axis=0, out=buf.u8)
+        np.multiply(buf.u8, buf.v.dtype.type(1.0 / 255.0), out=buf.v)
     elif data.dtype == buf.v.dtype:
-        np.take(data, idx, axis=0, out=buf.v[:n])
+        np.take(data, idx, axis=0, out=buf.v)
     else:
-        buf.v[:n] = data[idx]
-    return buf.v[:n]
+        buf.v[...] = data[idx]
+    return buf.v
 
 
 def train_epoch(
@@ -365,8 +394,8 @@ def train_epoch(
     for b in range(n_batches):
         idx = order[b * bs:(b + 1) * bs]
         v = _gather(data, idx, buf)
-        grads, err = cd_statistics(v, params, rng, s.cd_k, buf)
-        apply_update(params, grads, momentum, s)
+        grads, err = cd_statistics(v, params, rng, s.cd_k, buf, scale=s.learning_rate)
+        apply_update(params, grads, momentum, s, scaled=True, scratch=buf.g_W)  # g_W is spent by then
         err_sum += err
         seen += len(idx)
     return err_sum / seen

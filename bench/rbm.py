@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Speed of one CD-1 epoch: dbn.rbm beside scikit-learn and beside the machine's GEMM rate.
+
+One epoch over the 60000 MNIST training images, 784 visible / 500 hidden units,
+mini-batches of 100, float32 data in [0, 1], in one run:
+
+* ``dbn.rbm.train_epoch`` (CD-1, rbm.m's settings);
+* scikit-learn's ``BernoulliRBM`` (same units, batch size and learning rate,
+  ``n_iter=1``, ``verbose=0``, float32 input; it uses persistent CD, one Gibbs step,
+  so the same five matrix products per mini-batch);
+* the matrix products alone: the five GEMMs one CD-1 mini-batch needs
+  (``v W``, ``h W^T``, ``v' W``, ``v^T h``, ``v'^T h'``), into preallocated outputs,
+  600 times. That is the time an epoch cannot beat with this BLAS, and its GFLOP/s
+  is the machine's own rate for these shapes.
+
+Each figure is the best of ``--repeat`` runs. Needs the ``bench`` extra
+(scikit-learn) for the comparison; without it that row is skipped.
+
+    python bench/rbm.py --data ../shared/data/mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dbn import rbm as R  # noqa: E402
+from dbn.data import load_mnist  # noqa: E402
+
+
+def best_of(repeat: int, fn) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="directory with the MNIST IDX files (gzipped or not)")
+    ap.add_argument("--hidden", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+
+    x_u8 = load_mnist(a.data)[0]
+    x = x_u8.astype(np.float32) / np.float32(255)
+    n, nv = x.shape
+    nh, bs = a.hidden, a.batch_size
+    n_batches = -(-n // bs)
+    flops = n_batches * 5 * 2.0 * bs * nv * nh  # five GEMMs of (bs x nv x nh) per mini-batch
+    threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
+    print(f"CD-1 epoch: {n} images, {nv}x{nh}, batch {bs}, float32; {os.cpu_count()} CPUs "
+          f"({platform.processor() or platform.machine()}), BLAS threads: {threads}; best of {a.repeat}")
+
+    # the matrix products alone
+    rng = np.random.default_rng(a.seed)
+    W = (rng.standard_normal((nv, nh)) * 0.01).astype(np.float32)
+    v, v2 = x[:bs].copy(), x[bs:2 * bs].copy()
+    h, h2 = np.empty((bs, nh), np.float32), np.empty((bs, nh), np.float32)
+    vn = np.empty((bs, nv), np.float32)
+    g, g2 = np.empty((nv, nh), np.float32), np.empty((nv, nh), np.float32)
+
+    def gemms():
+        for _ in range(n_batches):
+            np.matmul(v, W, out=h)
+            np.matmul(h, W.T, out=vn)
+            np.matmul(v2, W, out=h2)
+            np.matmul(v.T, h, out=g)
+            np.matmul(v2.T, h2, out=g2)
+
+    gemms()  # warm up
+    t_gemm = best_of(a.repeat, gemms)
+
+    # ours
+    settings = R.RBMSettings(batch_size=bs)
+
+    def ours(data):
+        params = R.init_rbm(nv, nh, np.random.default_rng(a.seed), settings)
+        R.train_epoch(params, data, 0, np.random.default_rng(a.seed + 1), settings)
+
+    t_ours = best_of(a.repeat, lambda: ours(x))
+    t_ours_u8 = best_of(a.repeat, lambda: ours(x_u8))
+
+    rows = [("GEMMs alone (5 per mini-batch)", t_gemm),
+            ("dbn.rbm.train_epoch, float32 input", t_ours),
+            ("dbn.rbm.train_epoch, uint8 pixels", t_ours_u8)]
+    t_sk = None
+    try:
+        from sklearn.neural_network import BernoulliRBM
+    except ImportError:
+        print("scikit-learn is not installed (pip install -e '.[bench]'): its row is skipped")
+    else:
+        def sk():
+            BernoulliRBM(n_components=nh, learning_rate=0.1, batch_size=bs, n_iter=1, verbose=0,
+                         random_state=a.seed).fit(x)
+
+        t_sk = best_of(a.repeat, sk)
+        rows.append(("scikit-learn BernoulliRBM (n_iter=1)", t_sk))
+
+    print(f"\n{'':40s} {'s/epoch':>8s} {'GFLOP/s':>8s} {'images/s':>9s}")
+    for name, t in rows:
+        print(f"{name:40s} {t:8.3f} {flops / t / 1e9:8.1f} {n / t:9.0f}")
+    print(f"\nours / GEMM rate: {t_gemm / t_ours:.0%} of the matrix-multiply rate (target >= 75%)")
+    if t_sk is not None:
+        print(f"ours vs scikit-learn: {t_sk / t_ours:.2f}x faster (target >= 2.5x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

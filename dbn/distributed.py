@@ -66,6 +66,7 @@ Parameters (``algorithm.params`` of the job file; defaults in brackets)::
       dropout_input: 0.0
       dropout_hidden: 0.0
       max_norm: 0.0
+      top_only_epochs: 0           # first epochs train only the softmax layer
       batches_per_superstep: null  # workers mode: mini-batches per worker per superstep
     extra: {}                      # ignored here: settings of subclasses (e.g. test fault injection)
 
@@ -170,6 +171,8 @@ class DBNConfig:
         ft = _net.FinetuneSettings(**fine)
         if ft.epochs < 0:
             raise ValueError(f"algorithm.params.finetune.epochs: must be at least 0, got {ft.epochs}")
+        if ft.top_only_epochs < 0:
+            raise ValueError(f"algorithm.params.finetune.top_only_epochs: must be at least 0, got {ft.top_only_epochs}")
         return cls(layers=layers, classes=int(params.get("classes", 10)), n_visible=int(params.get("n_visible", 784)),
                    train=params.get("train"), validation=params.get("validation"), test=params.get("test"),
                    max_examples_per_worker=_optional_int(params.get("max_examples_per_worker"),

@@ -78,6 +78,9 @@ class FinetuneSettings:
     0.2 / 0.5 are the usual values). The learning rate of (0-based) epoch e is
     ``learning_rate * lr_decay ** e``. ``max_norm`` > 0 caps the L2 norm of
     each unit's incoming weight vector (Srivastava et al.; 0 = off).
+    During the first ``top_only_epochs`` epochs only the output layer learns
+    (Hinton & Salakhutdinov's mnistclassify.m: the new softmax layer settles
+    before its large early gradients reach the pre-trained features).
     """
 
     learning_rate: float = 0.1
@@ -89,6 +92,7 @@ class FinetuneSettings:
     dropout_hidden: float = 0.0
     lr_decay: float = 1.0
     max_norm: float = 0.0
+    top_only_epochs: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -331,6 +335,7 @@ def loss_and_grads(
     dropout_input: float = 0.0,
     dropout_hidden: float = 0.0,
     workspace: Workspace | None = None,
+    first: int = 0,
 ) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
     """Mean cross-entropy (plus ``0.5 * weight_cost * sum ||W_i||^2``) of a
     mini-batch and its gradient by back-propagation.
@@ -340,7 +345,8 @@ def loss_and_grads(
     ``dropout_input`` and to those of the later layers with ``dropout_hidden``.
     Returns ``(loss, grads, probs)``: ``grads[k]`` like ``net[k]`` (views into
     ``workspace`` if given, valid until its next use), ``probs`` [m, k] the
-    softmax output.
+    softmax output. With ``first`` > 0 the gradients of layers below ``first`` are
+    neither computed nor returned.
     """
     L = n_layers(net)
     m = len(x)
@@ -366,12 +372,12 @@ def loss_and_grads(
     d[np.arange(m), y] -= 1
     d *= dt(1.0 / m)
     g = ws.grads
-    for i in range(L - 1, -1, -1):
+    for i in range(L - 1, first - 1, -1):
         np.matmul(inputs[i].T, d, out=g[f"W{i}"])
         np.sum(d, axis=0, out=g[f"b{i}"])
         if weight_cost:
             g[f"W{i}"] += np.multiply(net[f"W{i}"], dt(weight_cost), out=ws.scratch[f"W{i}"])
-        if i > 0:
+        if i > first:
             dp = np.matmul(d, net[f"W{i}"].T, out=ws.delta[i - 1])
             s = ws.act[i - 1]
             t = np.subtract(1, s, out=ws.tmp[i - 1])
@@ -382,6 +388,8 @@ def loss_and_grads(
             d = dp
     if weight_cost:
         loss += 0.5 * weight_cost * sum(float(np.vdot(net[f"W{i}"], net[f"W{i}"])) for i in range(L))
+    if first:
+        g = {k: v for k, v in g.items() if int(k[1:]) >= first}
     return loss, g, probs
 
 
@@ -394,12 +402,16 @@ def apply_update(net: dict, grads: dict, learning_rate: float, momentum: float,
     dt = net["W0"].dtype.type
     lr, m = dt(learning_rate), dt(momentum)
     for k in param_keys(net):
+        if k not in grads:  # a frozen layer (FinetuneSettings.top_only_epochs)
+            continue
         v = net["d" + k]
         v *= m
         v -= np.multiply(grads[k], lr, out=grads[k]) if consume else lr * grads[k]
         net[k] += v
     if max_norm > 0:
         for i in range(n_layers(net)):
+            if f"W{i}" not in grads:
+                continue
             W = net[f"W{i}"]
             norms = np.sqrt(np.einsum("ij,ij->j", W, W))
             scale = np.minimum(1, dt(max_norm) / np.maximum(norms, dt(1e-12)))
@@ -448,6 +460,7 @@ def finetune_epoch(
         n_batches = min(n_batches, batches)
     ws = Workspace(net, bs)
     lr = learning_rate_for(epoch, s)
+    first = n_layers(net) - 1 if epoch < s.top_only_epochs else 0
     y = np.asarray(y, np.int64)
     loss_sum, wrong, seen = 0.0, 0, 0
     for b in range(n_batches):
@@ -455,7 +468,7 @@ def finetune_epoch(
         xb = _gather(x, idx, ws)
         yb = y[idx]
         loss, grads, probs = loss_and_grads(net, xb, yb, s.weight_cost, rng,
-                                            s.dropout_input, s.dropout_hidden, ws)
+                                            s.dropout_input, s.dropout_hidden, ws, first)
         wrong += int(np.count_nonzero(probs.argmax(axis=1) != yb))
         apply_update(net, grads, lr, s.momentum, s.max_norm, consume=True)
         loss_sum += loss * len(idx)

@@ -39,7 +39,7 @@ Parameters (``algorithm.params`` of the job file; defaults in brackets)::
     layers: [500, 500, 2000]       # hidden layer widths
     classes: 10                    # softmax outputs
     n_visible: 784                 # input width
-    train: PATH                    # labelled training data (for finetune.where: master)
+    train: PATH                    # labelled training data (for finetune.where: master); a list of paths too
     validation: PATH               # chooses the fine-tuning epoch (optional)
     test: PATH                     # final evaluation (optional)
     max_examples_per_worker: null  # use only the first N rows of each split
@@ -123,7 +123,7 @@ class DBNConfig:
     layers: list[int] = field(default_factory=lambda: [500, 500, 2000])
     classes: int = 10
     n_visible: int = 784
-    train: str | None = None
+    train: str | list[str] | None = None
     validation: str | None = None
     test: str | None = None
     max_examples_per_worker: int | None = None
@@ -141,6 +141,10 @@ class DBNConfig:
         if unknown:
             raise ValueError(f"algorithm.params.{unknown[0]}: unknown parameter "
                              f"(known: {', '.join(sorted(_TOP_KEYS))})")
+        train = params.get("train")
+        if train is not None and not (isinstance(train, str) or (
+                isinstance(train, list) and train and all(isinstance(t, str) for t in train))):
+            raise ValueError(f"algorithm.params.train: expected a path or a list of paths, got {train!r}")
         layers = [int(n) for n in params.get("layers", [500, 500, 2000])]
         if not layers or min(layers) < 1:
             raise ValueError(f"algorithm.params.layers: expected a list of positive widths, got {layers!r}")
@@ -197,8 +201,8 @@ def _read_xy(pieces: list[FilePiece]) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _read_path(path: str) -> tuple[np.ndarray, np.ndarray]:
-    return _read_xy([FilePiece(f) for f in list_input_files([path])])
+def _read_path(path: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return _read_xy([FilePiece(f) for f in list_input_files([path] if isinstance(path, str) else path)])
 
 
 # --------------------------------------------------------------------------- worker
@@ -296,7 +300,8 @@ class DBNMaster(Master):
             if not cfg.train:
                 raise ValueError("algorithm.params.train: the path of the labelled training data is needed "
                                  "for finetune.where: master")
-            self.train = self._read_train(ctx.resolve(cfg.train))
+            train = [cfg.train] if isinstance(cfg.train, str) else list(cfg.train)
+            self.train = self._read_train([ctx.resolve(t) for t in train])
         if cfg.validation:
             self.validation = _read_path(ctx.resolve(cfg.validation))
         if cfg.test:
@@ -305,13 +310,13 @@ class DBNMaster(Master):
                      "data loaded in %.1f s", "-".join(map(str, [cfg.n_visible, *cfg.layers, cfg.classes])),
                      self.P, self.F, cfg.where, time.monotonic() - t0)
 
-    def _read_train(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+    def _read_train(self, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
         n = self.cfg.max_examples_per_worker
         if not n:
-            return _read_path(path)
+            return _read_path(paths)
         # the same examples the workers use: the first n rows of each split
         xs, ys = [], []
-        for pieces in plan_splits([path], self.ctx.num_workers):
+        for pieces in plan_splits(paths, self.ctx.num_workers):
             x, y = _read_xy(pieces)
             xs.append(x[:n])
             ys.append(y[:n])

@@ -337,3 +337,24 @@ def test_identical_splits_averaged_equal_one_worker(tmp_path, mnist_parquet):
             np.testing.assert_array_equal(many.arrays[name], one.arrays[name], err_msg=f"{k} workers: {name}")
     # and the workers' updates really differ from the broadcast: averaging was not a no-op
     assert h1[0]["recon_error"] > h1[1]["recon_error"] > 0
+
+
+def test_master_fine_tunes_on_several_training_paths(tmp_path, mnist_parquet):
+    """``train`` may list several paths (e.g. train + validation for a final fit on all the
+    labelled data); anything but a path or a list of paths is refused, naming the field."""
+    import logging
+
+    from iterreduce import MasterContext
+    from iterreduce.fs import Output
+
+    from dbn.distributed import DBNConfig, DBNMaster
+
+    paths = [str(mnist_parquet / "train"), str(mnist_parquet / "validation")]
+    m = DBNMaster()
+    m.setup(MasterContext(params={"layers": [8], "train": paths, "finetune": {"epochs": 1}}, seed=1, num_workers=2,
+                          output=Output(str(tmp_path)).create(), log=logging.getLogger("test")))
+    n = sum(len(read_parquet_dir(p)[1]) for p in paths)
+    assert len(m.train[0]) == len(m.train[1]) == n
+    for bad in (3, [], ["a", 4]):
+        with pytest.raises(ValueError, match="algorithm.params.train"):
+            DBNConfig.from_params({"train": bad})

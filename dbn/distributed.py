@@ -108,6 +108,42 @@ _TOP_KEYS = {"layers", "classes", "n_visible", "train", "validation", "test", "m
              "pretrain", "finetune", "extra"}
 
 
+# (kind, lowest, highest, lowest excluded, highest excluded) of every numeric setting
+_RBM_RULES = {
+    "learning_rate": (float, 0.0, None, True), "initial_momentum": (float, 0.0, 1.0, False, True),
+    "final_momentum": (float, 0.0, 1.0, False, True), "momentum_switch_epoch": (int, 0),
+    "weight_cost": (float, 0.0), "init_std": (float, 0.0, None, True), "batch_size": (int, 1), "cd_k": (int, 1),
+}
+_FINETUNE_RULES = {
+    "learning_rate": (float, 0.0, None, True), "momentum": (float, 0.0, 1.0, False, True),
+    "weight_cost": (float, 0.0), "batch_size": (int, 1), "epochs": (int, 0),
+    "dropout_input": (float, 0.0, 1.0, False, True), "dropout_hidden": (float, 0.0, 1.0, False, True),
+    "lr_decay": (float, 0.0, 1.0, True), "max_norm": (float, 0.0), "top_only_epochs": (int, 0),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_number(where: str, value: Any, kind: type, low: float | None = None, high: float | None = None,
+                  low_open: bool = False, high_open: bool = False) -> None:
+    """Refuse a setting that is not a number of ``kind`` within [low, high] (ends excluded
+    when ``*_open``), naming it."""
+    ok_type = _is_int(value) if kind is int else (_is_int(value) or isinstance(value, float))
+    what = "an integer" if kind is int else "a number"
+    rng = ""
+    if low is not None or high is not None:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        rng = " " + " and ".join(x for x in (lo, hi) if x)
+    if not ok_type:
+        raise ValueError(f"{where}: expected {what}{rng}, got {value!r}")
+    if (low is not None and (value <= low if low_open else value < low)) or \
+            (high is not None and (value >= high if high_open else value > high)):
+        raise ValueError(f"{where}: expected {what}{rng}, got {value!r}")
+
+
 def _optional_int(value: Any, where: str) -> int | None:
     if value is None:
         return None
@@ -137,6 +173,9 @@ class DBNConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "DBNConfig":
+        """Validate the job file's ``algorithm.params``; every error names its field."""
+        if not isinstance(params, dict):
+            raise ValueError(f"algorithm.params: expected a mapping, got {type(params).__name__}")
         unknown = sorted(set(params) - _TOP_KEYS)
         if unknown:
             raise ValueError(f"algorithm.params.{unknown[0]}: unknown parameter "
@@ -145,11 +184,20 @@ class DBNConfig:
         if train is not None and not (isinstance(train, str) or (
                 isinstance(train, list) and train and all(isinstance(t, str) for t in train))):
             raise ValueError(f"algorithm.params.train: expected a path or a list of paths, got {train!r}")
-        layers = [int(n) for n in params.get("layers", [500, 500, 2000])]
-        if not layers or min(layers) < 1:
+        for key in ("validation", "test"):
+            if params.get(key) is not None and not isinstance(params[key], str):
+                raise ValueError(f"algorithm.params.{key}: expected a path, got {params[key]!r}")
+        layers = params.get("layers", [500, 500, 2000])
+        if not isinstance(layers, list) or not layers or not all(_is_int(n) and n >= 1 for n in layers):
             raise ValueError(f"algorithm.params.layers: expected a list of positive widths, got {layers!r}")
-        pre = dict(params.get("pretrain") or {})
-        fine = dict(params.get("finetune") or {})
+        for key, default in (("classes", 10), ("n_visible", 784)):
+            _check_number(f"algorithm.params.{key}", params.get(key, default), int, low=2 if key == "classes" else 1)
+        pre = params.get("pretrain") or {}
+        fine = params.get("finetune") or {}
+        for name, d in (("pretrain", pre), ("finetune", fine)):
+            if not isinstance(d, dict):
+                raise ValueError(f"algorithm.params.{name}: expected a mapping, got {d!r}")
+        pre, fine = dict(pre), dict(fine)
         rbm_fields = {f.name for f in dataclasses.fields(_rbm.RBMSettings)}
         ft_fields = {f.name for f in dataclasses.fields(_net.FinetuneSettings)}
         for name, d, known in (("pretrain", pre, rbm_fields | _PRETRAIN_EXTRA),
@@ -159,10 +207,10 @@ class DBNConfig:
                 raise ValueError(f"algorithm.params.{name}.{bad[0]}: unknown parameter "
                                  f"(known: {', '.join(sorted(known))})")
         epochs = pre.pop("epochs", 50)
-        epochs = [int(epochs)] * len(layers) if isinstance(epochs, int) else [int(e) for e in epochs]
-        if len(epochs) != len(layers) or min(epochs) < 1:
+        epochs = [epochs] * len(layers) if not isinstance(epochs, list) else epochs
+        if len(epochs) != len(layers) or not all(_is_int(e) and e >= 1 for e in epochs):
             raise ValueError(f"algorithm.params.pretrain.epochs: expected a positive number or one per layer "
-                             f"({len(layers)}), got {epochs!r}")
+                             f"({len(layers)}), got {pre.get('epochs', epochs)!r}")
         pretrain_batches = _optional_int(pre.pop("batches_per_superstep", None),
                                          "algorithm.params.pretrain.batches_per_superstep")
         spe = _optional_int(pre.pop("supersteps_per_epoch", 1), "algorithm.params.pretrain.supersteps_per_epoch")
@@ -171,17 +219,16 @@ class DBNConfig:
             raise ValueError(f"algorithm.params.finetune.where: expected 'master' or 'workers', got {where!r}")
         finetune_batches = _optional_int(fine.pop("batches_per_superstep", None),
                                          "algorithm.params.finetune.batches_per_superstep")
+        for name, d, rules in (("pretrain", pre, _RBM_RULES), ("finetune", fine, _FINETUNE_RULES)):
+            for key, value in d.items():
+                _check_number(f"algorithm.params.{name}.{key}", value, *rules[key])
         rbm = _rbm.RBMSettings(**pre)
         ft = _net.FinetuneSettings(**fine)
-        if ft.epochs < 0:
-            raise ValueError(f"algorithm.params.finetune.epochs: must be at least 0, got {ft.epochs}")
-        if ft.top_only_epochs < 0:
-            raise ValueError(f"algorithm.params.finetune.top_only_epochs: must be at least 0, got {ft.top_only_epochs}")
-        return cls(layers=layers, classes=int(params.get("classes", 10)), n_visible=int(params.get("n_visible", 784)),
+        return cls(layers=list(layers), classes=params.get("classes", 10), n_visible=params.get("n_visible", 784),
                    train=params.get("train"), validation=params.get("validation"), test=params.get("test"),
                    max_examples_per_worker=_optional_int(params.get("max_examples_per_worker"),
                                                          "algorithm.params.max_examples_per_worker"),
-                   rbm=rbm, pretrain_epochs=epochs, pretrain_batches=pretrain_batches,
+                   rbm=rbm, pretrain_epochs=list(epochs), pretrain_batches=pretrain_batches,
                    supersteps_per_epoch=spe or 1, finetune=ft, where=where, finetune_batches=finetune_batches)
 
     def schedule(self) -> list[tuple[int, int, int]]:
@@ -277,6 +324,10 @@ class DBNWorker(Worker):
 
 class DBNMaster(Master):
     """Averages the workers' RBMs layer by layer, then fine-tunes (here or on the workers)."""
+
+    @classmethod
+    def check_params(cls, params):
+        DBNConfig.from_params(params)
 
     def setup(self, ctx):
         super().setup(ctx)

@@ -60,6 +60,19 @@ class LogRegWorker(Worker):
 
 
 class LogRegMaster(Master):
+    PARAMS = {"epochs", "learning_rate", "decay", "batch_size", "l2", "features", "classes", "test"}
+
+    @classmethod
+    def check_params(cls, params):  # called by `iterreduce validate/run/submit` before anything starts
+        for key, value in params.items():
+            if key not in cls.PARAMS:
+                raise ValueError(f"algorithm.params.{key}: unknown parameter (known: {', '.join(sorted(cls.PARAMS))})")
+            if key == "test":
+                if not isinstance(value, str):
+                    raise ValueError(f"algorithm.params.test: expected a path, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"algorithm.params.{key}: expected a positive number, got {value!r}")
+
     def setup(self, ctx):
         super().setup(ctx)
         self.p = ctx.params

@@ -192,6 +192,13 @@ class Worker:
 class Master:
     """Combines the workers' updates into the next broadcast, superstep after superstep."""
 
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """Refuse bad ``algorithm.params`` before anything starts: raise ``ValueError``
+        naming the field (``algorithm.params.x: ...``). ``iterreduce validate``, ``run`` and
+        ``submit`` call it on the job file, so a mistake there is reported before a container
+        is asked for. The default accepts anything."""
+
     def setup(self, ctx: MasterContext) -> None:
         """Called once before the first superstep (and before :meth:`restore` on resume)."""
         self.ctx = ctx

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import ipc
-from .api import Final, Master, MasterContext, Update, average_metrics, update_from_avro, update_to_avro
+from .api import Final, Master, MasterContext, Update, Worker, average_metrics, update_from_avro, update_to_avro
 from .containers import Launcher
 from .fs import Checkpoints, FilePiece, Output, plan_splits
 from .job import JobSpec
@@ -55,6 +55,24 @@ def load_class(path: str, kind: type) -> type:
     if not isinstance(cls, type) or not issubclass(cls, kind):
         raise JobFailed(f"algorithm: {path!r} is not a subclass of iterreduce.{kind.__name__}")
     return cls
+
+
+def check_algorithm(job: JobSpec) -> None:
+    """Import the job's master and worker classes and let the master check the job's
+    ``algorithm.params`` (:meth:`Master.check_params`); raises :class:`JobFailed` naming the
+    job file and the field."""
+    try:
+        master = load_class(job.algorithm.master, Master)
+        load_class(job.algorithm.worker, Worker)
+    except JobFailed as exc:
+        raise JobFailed(f"{job.source}: {exc}") from None
+    try:
+        master.check_params(job.algorithm.params)
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        if not msg.startswith("algorithm.params"):
+            msg = f"algorithm.params: {msg}"
+        raise JobFailed(f"{job.source}: {msg}") from None
 
 
 @dataclass

@@ -16,10 +16,15 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load(path: str):
+    """The job file, checked (the algorithm's classes and params included) or refused."""
+    from .appmaster import JobFailed, check_algorithm
+
     try:
-        return load_job(path)
-    except JobError as exc:
+        job = load_job(path)
+        check_algorithm(job)
+    except (JobError, JobFailed) as exc:
         raise click.ClickException(str(exc)) from None
+    return job
 
 
 @click.group()

@@ -168,10 +168,15 @@ def build_spec(job: JobSpec, token_file: str, job_file: str) -> Any:
 
 
 def check_submission(job: JobSpec) -> None:
-    """Refuse, before anything is submitted, a job without a usable environment or whose
-    input cannot make its splits."""
+    """Refuse, before anything is submitted, a job with bad algorithm classes or params,
+    without a usable environment, or whose input cannot make its splits."""
+    from .appmaster import check_algorithm
     from .fs import InputError, plan_splits
 
+    try:
+        check_algorithm(job)
+    except JobFailed as exc:
+        raise SubmitError(str(exc)) from None
     python_command(job.yarn.environment)
     try:
         plan_splits(job.input.paths, job.workers.count)

@@ -111,3 +111,51 @@ def test_cli_validate_accepts_good_and_refuses_bad(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode != 0
     assert "workers.count: must be at least 1, got 0" in res.stderr
+
+
+DBN_BAD = GOOD.replace("tests.algos:LinRegMaster", "dbn.distributed:DBNMaster").replace(
+    "tests.algos:LinRegWorker", "dbn.distributed:DBNWorker").replace(
+    "params: {supersteps: 4}", "params: {layers: [20], finetune: {dropout_hidden: 1.5}}")
+
+
+def test_cli_refuses_bad_algorithm_params_naming_file_and_field_before_running(tmp_path):
+    job = write(tmp_path, DBN_BAD)
+    for command in ("validate", "run"):
+        res = subprocess.run([sys.executable, "-m", "iterreduce.cli", command, str(job)],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0, command
+        assert (f"{job}: algorithm.params.finetune.dropout_hidden: expected a number >= 0 and < 1, got 1.5"
+                in res.stderr), res.stderr
+    assert not (tmp_path / "out").exists(), "run started although the job file is bad"
+
+
+@pytest.mark.parametrize("path, words", [
+    ("nosuch.module:Master", "cannot import module 'nosuch.module'"),
+    ("tests.algos:LinRegWorker", "is not a subclass of iterreduce.Master"),
+])
+def test_cli_validate_refuses_a_bad_algorithm_class(tmp_path, path, words):
+    job = write(tmp_path, GOOD.replace("tests.algos:LinRegMaster", path))
+    res = subprocess.run([sys.executable, "-m", "iterreduce.cli", "validate", str(job)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and words in res.stderr and str(job) in res.stderr, res.stderr
+
+
+def test_submit_checks_algorithm_params_before_anything_else(tmp_path):
+    from iterreduce.client import SubmitError, check_submission
+
+    with pytest.raises(SubmitError, match=r"algorithm\.params\.finetune\.dropout_hidden: expected a number"):
+        check_submission(load_job(write(tmp_path, DBN_BAD)))
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_job_file_validates(path, monkeypatch):
+    from iterreduce.appmaster import check_algorithm
+
+    monkeypatch.chdir(path.parents[1])  # examples.logreg is imported from the repository root
+    job = load_job(path)
+    check_algorithm(job)
+    others = [load_job(p) for p in EXAMPLES if p != path]
+    assert job.output not in {o.output for o in others}, f"{path.name} writes where another example does"

@@ -282,6 +282,15 @@ def test_bad_job_file_and_missing_input_are_refused_before_submitting(hadoop_clu
     missing.write_text(yaml.safe_dump(no_env))
     res = cli("submit", str(missing))
     assert res.returncode != 0 and "venv:///" in res.stderr and "python:///" in res.stderr
+    bad_params = linreg_job(tmp_path, hadoop_cluster, f"{hadoop_cluster.webhdfs_url}{hdfs_base}/no-such-dir",
+                            f"{hadoop_cluster.webhdfs_url}{hdfs_base}/never")
+    spec = yaml.safe_load(bad_params.read_text())
+    spec["algorithm"] = {"master": "dbn.distributed:DBNMaster", "worker": "dbn.distributed:DBNWorker",
+                         "params": {"layers": [20], "finetune": {"learning_rate": -1}}}
+    bad_params.write_text(yaml.safe_dump(spec))
+    res = cli("submit", str(bad_params))
+    assert res.returncode != 0
+    assert "algorithm.params.finetune.learning_rate: expected a number > 0, got -1" in res.stderr
     assert app_ids(hadoop_cluster) == before, "something was submitted"
 
 

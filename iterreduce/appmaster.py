@@ -57,14 +57,19 @@ def load_class(path: str, kind: type) -> type:
     return cls
 
 
-def check_algorithm(job: JobSpec) -> None:
+def check_algorithm(job: JobSpec, must_import: bool = True) -> None:
     """Import the job's master and worker classes and let the master check the job's
     ``algorithm.params`` (:meth:`Master.check_params`); raises :class:`JobFailed` naming the
-    job file and the field."""
+    job file and the field. With ``must_import=False`` (submitting to YARN, where the
+    algorithm may exist only in the cluster's environment) a module that cannot be imported
+    here is logged and its params are left to the ApplicationMaster."""
     try:
         master = load_class(job.algorithm.master, Master)
         load_class(job.algorithm.worker, Worker)
     except JobFailed as exc:
+        if not must_import and "cannot import module" in str(exc):
+            log.warning("%s: %s; its params will be checked by the ApplicationMaster", job.source, exc)
+            return
         raise JobFailed(f"{job.source}: {exc}") from None
     try:
         master.check_params(job.algorithm.params)

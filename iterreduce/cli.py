@@ -15,13 +15,14 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def _load(path: str):
-    """The job file, checked (the algorithm's classes and params included) or refused."""
+def _load(path: str, algorithm: bool = True):
+    """The job file, checked (with ``algorithm``, its classes and params too) or refused."""
     from .appmaster import JobFailed, check_algorithm
 
     try:
         job = load_job(path)
-        check_algorithm(job)
+        if algorithm:
+            check_algorithm(job)
     except (JobError, JobFailed) as exc:
         raise click.ClickException(str(exc)) from None
     return job
@@ -96,7 +97,7 @@ def submit(job_file: str, wait: bool, verbose: bool) -> None:
     from .client import submit as submit_job
     from .client import wait as wait_app
 
-    job = _load(job_file)
+    job = _load(job_file, algorithm=False)  # check_submission checks the algorithm
     _setup_logging(verbose)
     try:
         from .client import check_submission

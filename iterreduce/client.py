@@ -174,7 +174,7 @@ def check_submission(job: JobSpec) -> None:
     from .fs import InputError, plan_splits
 
     try:
-        check_algorithm(job)
+        check_algorithm(job, must_import=False)
     except JobFailed as exc:
         raise SubmitError(str(exc)) from None
     python_command(job.yarn.environment)

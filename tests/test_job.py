@@ -147,6 +147,17 @@ def test_submit_checks_algorithm_params_before_anything_else(tmp_path):
         check_submission(load_job(write(tmp_path, DBN_BAD)))
 
 
+def test_submit_leaves_an_algorithm_it_cannot_import_to_the_cluster(tmp_path, caplog):
+    # on YARN the algorithm may exist only in the cluster's environment
+    from iterreduce.client import SubmitError, check_submission
+
+    job = load_job(write(tmp_path, GOOD.replace("tests.algos:LinRegMaster", "cluster_only.algo:Master")))
+    with pytest.raises(SubmitError) as err:  # the next check: GOOD names no yarn.environment
+        check_submission(job)
+    assert "cannot import" not in str(err.value) and "environment" in str(err.value)
+    assert "cannot import module 'cluster_only.algo'" in caplog.text
+
+
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
 

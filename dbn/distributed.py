@@ -159,7 +159,7 @@ class DBNConfig:
     layers: list[int] = field(default_factory=lambda: [500, 500, 2000])
     classes: int = 10
     n_visible: int = 784
-    train: str | list[str] | None = None
+    train: list[str] | None = None  # one path or several in the job file
     validation: str | None = None
     test: str | None = None
     max_examples_per_worker: int | None = None
@@ -190,8 +190,8 @@ class DBNConfig:
         layers = params.get("layers", [500, 500, 2000])
         if not isinstance(layers, list) or not layers or not all(_is_int(n) and n >= 1 for n in layers):
             raise ValueError(f"algorithm.params.layers: expected a list of positive widths, got {layers!r}")
-        for key, default in (("classes", 10), ("n_visible", 784)):
-            _check_number(f"algorithm.params.{key}", params.get(key, default), int, low=2 if key == "classes" else 1)
+        for key, default, low in (("classes", 10, 2), ("n_visible", 784, 1)):
+            _check_number(f"algorithm.params.{key}", params.get(key, default), int, low)
         pre = params.get("pretrain") or {}
         fine = params.get("finetune") or {}
         for name, d in (("pretrain", pre), ("finetune", fine)):
@@ -225,7 +225,7 @@ class DBNConfig:
         rbm = _rbm.RBMSettings(**pre)
         ft = _net.FinetuneSettings(**fine)
         return cls(layers=list(layers), classes=params.get("classes", 10), n_visible=params.get("n_visible", 784),
-                   train=params.get("train"), validation=params.get("validation"), test=params.get("test"),
+                   train=[train] if isinstance(train, str) else train, validation=params.get("validation"), test=params.get("test"),
                    max_examples_per_worker=_optional_int(params.get("max_examples_per_worker"),
                                                          "algorithm.params.max_examples_per_worker"),
                    rbm=rbm, pretrain_epochs=list(epochs), pretrain_batches=pretrain_batches,
@@ -351,8 +351,7 @@ class DBNMaster(Master):
             if not cfg.train:
                 raise ValueError("algorithm.params.train: the path of the labelled training data is needed "
                                  "for finetune.where: master")
-            train = [cfg.train] if isinstance(cfg.train, str) else list(cfg.train)
-            self.train = self._read_train([ctx.resolve(t) for t in train])
+            self.train = self._read_train([ctx.resolve(t) for t in cfg.train])
         if cfg.validation:
             self.validation = _read_path(ctx.resolve(cfg.validation))
         if cfg.test:

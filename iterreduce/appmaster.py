@@ -42,6 +42,10 @@ class JobFailed(RuntimeError):
     """The job cannot finish; the message says why and where to look."""
 
 
+class AlgorithmImportError(JobFailed):
+    """The algorithm's module cannot be imported here."""
+
+
 def load_class(path: str, kind: type) -> type:
     """Import ``package.module:ClassName`` and check it subclasses ``kind``."""
     module_name, _, cls_name = path.partition(":")
@@ -50,7 +54,7 @@ def load_class(path: str, kind: type) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise JobFailed(f"algorithm: cannot import module {module_name!r} for {path!r}: {exc}") from None
+        raise AlgorithmImportError(f"algorithm: cannot import module {module_name!r} for {path!r}: {exc}") from None
     cls = getattr(module, cls_name, None)
     if not isinstance(cls, type) or not issubclass(cls, kind):
         raise JobFailed(f"algorithm: {path!r} is not a subclass of iterreduce.{kind.__name__}")
@@ -67,7 +71,7 @@ def check_algorithm(job: JobSpec, must_import: bool = True) -> None:
         master = load_class(job.algorithm.master, Master)
         load_class(job.algorithm.worker, Worker)
     except JobFailed as exc:
-        if not must_import and "cannot import module" in str(exc):
+        if not must_import and isinstance(exc, AlgorithmImportError):
             log.warning("%s: %s; its params will be checked by the ApplicationMaster", job.source, exc)
             return
         raise JobFailed(f"{job.source}: {exc}") from None

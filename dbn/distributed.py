@@ -24,7 +24,10 @@ The scheme of PayPal's "Deep Learning on Hadoop 2.0" (IterativeReduce):
 
   After every epoch the master measures the validation error (``params.validation``)
   and keeps the parameters of the best epoch; at the end it evaluates them on the
-  test set (``params.test``).
+  test set (``params.test``). With ``finetune.average_from: E`` the master also keeps
+  the running mean of the parameters at the end of epochs ``E, E+1, ...`` and, from
+  epoch ``E`` on, validates and keeps that mean instead (the training itself goes on
+  from the latest parameters).
 
 Randomness: a worker uses only ``ctx.rng(superstep)``; the master uses
 ``self.ctx.rng(superstep + 1)`` in ``combine(superstep)`` (the randomness that produces
@@ -67,6 +70,8 @@ Parameters (``algorithm.params`` of the job file; defaults in brackets)::
       dropout_hidden: 0.0
       max_norm: 0.0
       top_only_epochs: 0           # first epochs train only the softmax layer
+      average_from: null           # 0-based epoch: from then on validate/keep the running mean of the
+                                   # epoch-end parameters (stochastic weight averaging)
       batches_per_superstep: null  # workers mode: mini-batches per worker per superstep
     extra: {}                      # ignored here: settings of subclasses (e.g. test fault injection)
 
@@ -119,6 +124,7 @@ _FINETUNE_RULES = {
     "weight_cost": (float, 0.0), "batch_size": (int, 1), "epochs": (int, 0),
     "dropout_input": (float, 0.0, 1.0, False, True), "dropout_hidden": (float, 0.0, 1.0, False, True),
     "lr_decay": (float, 0.0, 1.0, True), "max_norm": (float, 0.0), "top_only_epochs": (int, 0),
+    "average_from": (int, 0),  # or null (off)
 }
 
 
@@ -221,7 +227,8 @@ class DBNConfig:
                                          "algorithm.params.finetune.batches_per_superstep")
         for name, d, rules in (("pretrain", pre, _RBM_RULES), ("finetune", fine, _FINETUNE_RULES)):
             for key, value in d.items():
-                _check_number(f"algorithm.params.{name}.{key}", value, *rules[key])
+                if not (key == "average_from" and value is None):
+                    _check_number(f"algorithm.params.{name}.{key}", value, *rules[key])
         rbm = _rbm.RBMSettings(**pre)
         ft = _net.FinetuneSettings(**fine)
         return cls(layers=list(layers), classes=params.get("classes", 10), n_visible=params.get("n_visible", 784),
@@ -344,6 +351,8 @@ class DBNMaster(Master):
         self.best: dict[str, np.ndarray] | None = None
         self.best_val = math.inf
         self.best_epoch = -1
+        self.avg: dict[str, np.ndarray] | None = None  # running mean of the epoch-end params (average_from)
+        self.avg_n = 0
         self.times: dict[str, float] = {}
         self.train = self.validation = self.test = None
         t0 = time.monotonic()
@@ -449,14 +458,28 @@ class DBNMaster(Master):
         else:
             loss, train_err = _net.finetune_epoch(self.net, self.train[0], self.train[1], epoch, rng,
                                                   self.cfg.finetune)
-        val = _net.error_rate(self.net, *self.validation) if self.validation is not None else float("nan")
+        extra = {}
+        candidate = self._params_only()
+        start = self.cfg.finetune.average_from
+        if start is not None and epoch >= start:
+            if self.avg is None:
+                self.avg, self.avg_n = candidate, 1
+            else:  # running mean: avg += (p - avg) / n
+                self.avg_n += 1
+                for k, p in candidate.items():
+                    a = self.avg[k]
+                    a += (p - a) / np.float32(self.avg_n)
+            if self.validation is not None:  # the last epoch's own error, for comparison
+                extra["validation_error_last"] = _net.error_rate(candidate, *self.validation)
+            candidate = {k: v.copy() for k, v in self.avg.items()}
+        val = _net.error_rate(candidate, *self.validation) if self.validation is not None else float("nan")
         self.curves["loss"].append(float(loss))
         self.curves["train_error"].append(float(train_err))
         self.curves["validation_error"].append(float(val))
         # keep the best validation epoch (the last one when there is no validation set)
         if self.validation is None or val < self.best_val:
-            self.best, self.best_val, self.best_epoch = self._params_only(), float(val), epoch
-        return {"loss": float(loss), "train_error": float(train_err), "validation_error": float(val)}
+            self.best, self.best_val, self.best_epoch = candidate, float(val), epoch
+        return {"loss": float(loss), "train_error": float(train_err), "validation_error": float(val), **extra}
 
     def _final(self, metrics: dict[str, float]) -> Final:
         if self.F > 0:
@@ -504,13 +527,14 @@ class DBNMaster(Master):
         arrays: dict[str, np.ndarray] = {}
         for i, p in enumerate(self.finished):
             arrays.update({f"finished{i}/{k}": v for k, v in p.items()})
-        for name, d in (("rbm", self.rbm), ("net", self.net), ("best", self.best)):
+        groups = (("rbm", self.rbm), ("net", self.net), ("best", self.best), ("avg", self.avg))
+        for name, d in groups:
             if d is not None:
                 arrays.update({f"{name}/{k}": v for k, v in d.items()})
         meta = {
             "step": self.step, "finished": len(self.finished), "recon": self.recon, "curves": self.curves,
             "best_val": None if math.isinf(self.best_val) else self.best_val, "best_epoch": self.best_epoch,
-            "has": [n for n, d in (("rbm", self.rbm), ("net", self.net), ("best", self.best)) if d is not None],
+            "has": [n for n, d in groups if d is not None], "avg_n": self.avg_n,
         }
         return Update(arrays, meta=meta)
 
@@ -525,6 +549,8 @@ class DBNMaster(Master):
         self.rbm = group("rbm") if "rbm" in m["has"] else None
         self.net = group("net") if "net" in m["has"] else None
         self.best = group("best") if "best" in m["has"] else None
+        self.avg = group("avg") if "avg" in m["has"] else None
+        self.avg_n = int(m.get("avg_n", 0))
         self.recon = [list(r) for r in m["recon"]]
         self.curves = {k: list(v) for k, v in m["curves"].items()}
         self.best_val = math.inf if m["best_val"] is None else float(m["best_val"])

@@ -81,6 +81,11 @@ class FinetuneSettings:
     During the first ``top_only_epochs`` epochs only the output layer learns
     (Hinton & Salakhutdinov's mnistclassify.m: the new softmax layer settles
     before its large early gradients reach the pre-trained features).
+    ``average_from`` (0-based epoch, ``None`` = off) is used by
+    :class:`dbn.distributed.DBNMaster`: from that epoch on the master keeps the
+    running mean of the end-of-epoch parameters (stochastic weight averaging,
+    Izmailov et al. 2018) and validates, keeps and tests the mean instead of the
+    last epoch's parameters; training itself goes on from the last parameters.
     """
 
     learning_rate: float = 0.1
@@ -93,6 +98,7 @@ class FinetuneSettings:
     lr_decay: float = 1.0
     max_norm: float = 0.0
     top_only_epochs: int = 0
+    average_from: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

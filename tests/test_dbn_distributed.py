@@ -358,3 +358,63 @@ def test_master_fine_tunes_on_several_training_paths(tmp_path, mnist_parquet):
     for bad in (3, [], ["a", 4]):
         with pytest.raises(ValueError, match="algorithm.params.train"):
             DBNConfig.from_params({"train": bad})
+
+
+def test_weight_averaging_keeps_the_mean_of_the_epoch_end_parameters(tmp_path, mnist_parquet):
+    """``finetune.average_from: 1``: the model is the mean of the parameters at the end of
+    epochs 1 and 2 (not the last epoch's), a master restored between the two averaged
+    epochs ends with the same model, and the setting is range-checked."""
+    import logging
+
+    from iterreduce import MasterContext, Update, WorkerContext
+    from iterreduce.fs import Output, plan_splits
+
+    from dbn.distributed import DBNConfig, DBNMaster, DBNWorker
+    from dbn.network import param_keys
+
+    params = {"layers": [16], "max_examples_per_worker": 200, "train": str(mnist_parquet / "train"),
+              "test": str(mnist_parquet / "test"),
+              "pretrain": {"epochs": 1, "batch_size": 50},
+              "finetune": {"where": "master", "epochs": 3, "batch_size": 50, "learning_rate": 0.3,
+                           "average_from": 1}}
+    log = logging.getLogger("test")
+    splits = plan_splits([str(mnist_parquet / "train")], 2)
+
+    def master():
+        m = DBNMaster()
+        m.setup(MasterContext(params=params, seed=3, num_workers=2, output=Output(str(tmp_path)).create(), log=log))
+        return m
+
+    ws = []
+    for i, s in enumerate(splits):
+        ctx = WorkerContext(params=params, seed=3, split_index=i, num_splits=2, split=s, catch_up=None,
+                            start_superstep=0, log=log)
+        w = DBNWorker()
+        w.setup(ctx)
+        ws.append((w, ctx))
+    m = master()
+    b = m.initial_update()
+    ends, saved = [], None
+    for s in range(4):  # 1 pre-training + 3 fine-tuning supersteps
+        if s == 3:
+            st = m.state()
+            saved = (Update({k: v.copy() for k, v in st.arrays.items()}, meta=json.loads(json.dumps(st.meta))), b)
+        b = m.combine([w.compute(b, s, ctx) for w, ctx in ws], s)
+        if s >= 1:
+            ends.append({k: m.net[k].copy() for k in param_keys(m.net)})
+    assert type(b).__name__ == "Final" and set(b.metrics) >= {"test_error"}
+    keys = param_keys(ends[0])
+    assert set(b.arrays) == set(keys)
+    for k in keys:
+        np.testing.assert_allclose(b.arrays[k], (ends[1][k] + ends[2][k]) / 2, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(b.arrays["W0"], ends[2]["W0"])  # not simply the last epoch's
+    # restored after the first averaged epoch: the same model
+    m2 = master()
+    m2.restore(saved[0])
+    b2 = m2.combine([w.compute(saved[1], 3, ctx) for w, ctx in ws], 3)
+    for k in keys:
+        np.testing.assert_array_equal(b.arrays[k], b2.arrays[k])
+    for bad in (-1, 1.5, "3"):
+        with pytest.raises(ValueError, match="algorithm.params.finetune.average_from"):
+            DBNConfig.from_params({"finetune": {"average_from": bad}})
+    assert DBNConfig.from_params({"finetune": {"average_from": None}}).finetune.average_from is None

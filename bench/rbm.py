@@ -11,7 +11,10 @@ mini-batches of 100, float32 data in [0, 1], in one run:
 * the matrix products alone: the five GEMMs one CD-1 mini-batch needs
   (``v W``, ``h W^T``, ``v' W``, ``v^T h``, ``v'^T h'``), into preallocated outputs,
   600 times. That is the time an epoch cannot beat with this BLAS, and its GFLOP/s
-  is the machine's own rate for these shapes.
+  is the machine's own rate for these shapes;
+* the same products with ``W += dW`` after each mini-batch: the one write every
+  trainer must make. It shows what a weight matrix that changes between the products
+  costs them (the threads' caches lose it), apart from the cost of the write itself.
 
 Each figure is the best of ``--repeat`` runs. Needs the ``bench`` extra
 (scikit-learn) for the comparison; without it that row is skipped.
@@ -72,16 +75,32 @@ def main(argv=None) -> int:
     vn = np.empty((bs, nv), np.float32)
     g, g2 = np.empty((nv, nh), np.float32), np.empty((nv, nh), np.float32)
 
+    def gemms_once():
+        np.matmul(v, W, out=h)
+        np.matmul(h, W.T, out=vn)
+        np.matmul(v2, W, out=h2)
+        np.matmul(v.T, h, out=g)
+        np.matmul(v2.T, h2, out=g2)
+
     def gemms():
         for _ in range(n_batches):
-            np.matmul(v, W, out=h)
-            np.matmul(h, W.T, out=vn)
-            np.matmul(v2, W, out=h2)
-            np.matmul(v.T, h, out=g)
-            np.matmul(v2.T, h2, out=g2)
+            gemms_once()
 
     gemms()  # warm up
     t_gemm = best_of(a.repeat, gemms)
+    dW = np.full_like(W, 1e-12)
+
+    def write_only():
+        for _ in range(n_batches):
+            np.add(W, dW, out=W)
+
+    def gemms_and_write():
+        for _ in range(n_batches):
+            gemms_once()
+            np.add(W, dW, out=W)
+
+    t_write = best_of(a.repeat, write_only)
+    t_gemm_w = best_of(a.repeat, gemms_and_write)
 
     # ours
     settings = R.RBMSettings(batch_size=bs)
@@ -94,6 +113,7 @@ def main(argv=None) -> int:
     t_ours_u8 = best_of(a.repeat, lambda: ours(x_u8))
 
     rows = [("GEMMs alone (5 per mini-batch)", t_gemm),
+            ("GEMMs + W += dW per mini-batch", t_gemm_w),
             ("dbn.rbm.train_epoch, float32 input", t_ours),
             ("dbn.rbm.train_epoch, uint8 pixels", t_ours_u8)]
     t_sk = None
@@ -113,6 +133,8 @@ def main(argv=None) -> int:
     for name, t in rows:
         print(f"{name:40s} {t:8.3f} {flops / t / 1e9:8.1f} {n / t:9.0f}")
     print(f"\nours / GEMM rate: {t_gemm / t_ours:.0%} of the matrix-multiply rate (target >= 75%)")
+    print(f"a W that changes every mini-batch costs the GEMMs {t_gemm_w - t_gemm - t_write:.3f} s per epoch "
+          f"beyond the write itself ({t_write:.3f} s)")
     if t_sk is not None:
         print(f"ours vs scikit-learn: {t_sk / t_ours:.2f}x faster (target >= 2.5x)")
     return 0

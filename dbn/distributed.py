@@ -231,6 +231,9 @@ class DBNConfig:
                     _check_number(f"algorithm.params.{name}.{key}", value, *rules[key])
         rbm = _rbm.RBMSettings(**pre)
         ft = _net.FinetuneSettings(**fine)
+        if ft.average_from is not None and ft.average_from >= ft.epochs:
+            raise ValueError(f"algorithm.params.finetune.average_from: {ft.average_from} is not an epoch of "
+                             f"fine-tuning (epochs 0..{ft.epochs - 1}); use null to turn averaging off")
         return cls(layers=list(layers), classes=params.get("classes", 10), n_visible=params.get("n_visible", 784),
                    train=[train] if isinstance(train, str) else train, validation=params.get("validation"), test=params.get("test"),
                    max_examples_per_worker=_optional_int(params.get("max_examples_per_worker"),

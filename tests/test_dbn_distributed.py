@@ -417,4 +417,6 @@ def test_weight_averaging_keeps_the_mean_of_the_epoch_end_parameters(tmp_path, m
     for bad in (-1, 1.5, "3"):
         with pytest.raises(ValueError, match="algorithm.params.finetune.average_from"):
             DBNConfig.from_params({"finetune": {"average_from": bad}})
+    with pytest.raises(ValueError, match=r"average_from: 50 is not an epoch of fine-tuning \(epochs 0..49\)"):
+        DBNConfig.from_params({"finetune": {"epochs": 50, "average_from": 50}})
     assert DBNConfig.from_params({"finetune": {"average_from": None}}).finetune.average_from is None

@@ -72,6 +72,9 @@ Parameters (``algorithm.params`` of the job file; defaults in brackets)::
       top_only_epochs: 0           # first epochs train only the softmax layer
       average_from: null           # 0-based epoch: from then on validate/keep the running mean of the
                                    # epoch-end parameters (stochastic weight averaging)
+      final_momentum: null         # momentum rises linearly from `momentum` to this ...
+      momentum_ramp_epochs: 0      # ... over these epochs (Hinton et al. 2012: 0.5 -> 0.99 over 500)
+      momentum_scales_lr: false    # step = m * step - (1 - m) * lr * grad (Hinton et al. 2012)
       batches_per_superstep: null  # workers mode: mini-batches per worker per superstep
     extra: {}                      # ignored here: settings of subclasses (e.g. test fault injection)
 
@@ -125,7 +128,10 @@ _FINETUNE_RULES = {
     "dropout_input": (float, 0.0, 1.0, False, True), "dropout_hidden": (float, 0.0, 1.0, False, True),
     "lr_decay": (float, 0.0, 1.0, True), "max_norm": (float, 0.0), "top_only_epochs": (int, 0),
     "average_from": (int, 0),  # or null (off)
+    "final_momentum": (float, 0.0, 1.0, False, True),  # or null (off)
+    "momentum_ramp_epochs": (int, 0),
 }
+_NULLABLE = {"average_from", "final_momentum"}
 
 
 def _is_int(value: Any) -> bool:
@@ -227,7 +233,11 @@ class DBNConfig:
                                          "algorithm.params.finetune.batches_per_superstep")
         for name, d, rules in (("pretrain", pre, _RBM_RULES), ("finetune", fine, _FINETUNE_RULES)):
             for key, value in d.items():
-                if not (key == "average_from" and value is None):
+                if name == "finetune" and key == "momentum_scales_lr":
+                    if not isinstance(value, bool):
+                        raise ValueError(f"algorithm.params.finetune.momentum_scales_lr: expected true or false, "
+                                         f"got {value!r}")
+                elif not (key in _NULLABLE and value is None):
                     _check_number(f"algorithm.params.{name}.{key}", value, *rules[key])
         rbm = _rbm.RBMSettings(**pre)
         ft = _net.FinetuneSettings(**fine)

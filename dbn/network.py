@@ -86,6 +86,14 @@ class FinetuneSettings:
     running mean of the end-of-epoch parameters (stochastic weight averaging,
     Izmailov et al. 2018) and validates, keeps and tests the mean instead of the
     last epoch's parameters; training itself goes on from the last parameters.
+
+    Hinton et al. 2012's dropout schedule ("Improving neural networks by
+    preventing co-adaptation of feature detectors", appendix A): with
+    ``final_momentum`` set, the momentum of epoch e rises linearly from
+    ``momentum`` to ``final_momentum`` over ``momentum_ramp_epochs`` epochs and
+    stays there; with ``momentum_scales_lr`` the step is
+    ``dP = m dP - (1 - m) lr grad``, so the step size does not grow as ``m``
+    does.
     """
 
     learning_rate: float = 0.1
@@ -99,6 +107,9 @@ class FinetuneSettings:
     max_norm: float = 0.0
     top_only_epochs: int = 0
     average_from: int | None = None
+    final_momentum: float | None = None
+    momentum_ramp_epochs: int = 0
+    momentum_scales_lr: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -424,9 +435,25 @@ def apply_update(net: dict, grads: dict, learning_rate: float, momentum: float,
             W *= scale.astype(W.dtype)
 
 
+def momentum_for(epoch: int, settings: FinetuneSettings) -> float:
+    """Momentum of (0-based) ``epoch``: ``momentum``, or with ``final_momentum`` set
+    ``momentum + (final_momentum - momentum) * min(1, epoch / momentum_ramp_epochs)``
+    (``final_momentum`` from epoch 0 when ``momentum_ramp_epochs`` is 0)."""
+    s = settings
+    if s.final_momentum is None:
+        return s.momentum
+    if s.momentum_ramp_epochs <= 0 or epoch >= s.momentum_ramp_epochs:
+        return s.final_momentum
+    return s.momentum + (s.final_momentum - s.momentum) * epoch / s.momentum_ramp_epochs
+
+
 def learning_rate_for(epoch: int, settings: FinetuneSettings) -> float:
-    """Learning rate of (0-based) ``epoch``: ``lr * lr_decay ** epoch``."""
-    return settings.learning_rate * settings.lr_decay ** epoch
+    """Learning rate of (0-based) ``epoch``: ``lr * lr_decay ** epoch``, times
+    ``1 - momentum_for(epoch)`` with ``momentum_scales_lr``."""
+    lr = settings.learning_rate * settings.lr_decay ** epoch
+    if settings.momentum_scales_lr:
+        lr *= 1.0 - momentum_for(epoch, settings)
+    return lr
 
 
 def _gather(x: np.ndarray, idx: np.ndarray, ws: Workspace) -> np.ndarray:
@@ -453,7 +480,8 @@ def finetune_epoch(
 
     ``x`` uint8 [n, d] or float32 in [0, 1]; ``y`` int [n]. Rows are shuffled
     by ``rng``; ``batches`` limits the number of mini-batches. The learning
-    rate is :func:`learning_rate_for` ``(epoch)``; dropout from ``settings``.
+    rate is :func:`learning_rate_for` ``(epoch)``, the momentum
+    :func:`momentum_for` ``(epoch)``; dropout from ``settings``.
     Returns ``(mean training cross-entropy, training error rate)`` over the
     mini-batches seen (with dropout active, so they are noisy estimates).
     """
@@ -465,7 +493,7 @@ def finetune_epoch(
     if batches is not None:
         n_batches = min(n_batches, batches)
     ws = Workspace(net, bs)
-    lr = learning_rate_for(epoch, s)
+    lr, momentum = learning_rate_for(epoch, s), momentum_for(epoch, s)
     first = n_layers(net) - 1 if epoch < s.top_only_epochs else 0
     y = np.asarray(y, np.int64)
     loss_sum, wrong, seen = 0.0, 0, 0
@@ -476,7 +504,7 @@ def finetune_epoch(
         loss, grads, probs = loss_and_grads(net, xb, yb, s.weight_cost, rng,
                                             s.dropout_input, s.dropout_hidden, ws, first)
         wrong += int(np.count_nonzero(probs.argmax(axis=1) != yb))
-        apply_update(net, grads, lr, s.momentum, s.max_norm, consume=True)
+        apply_update(net, grads, lr, momentum, s.max_norm, consume=True)
         loss_sum += loss * len(idx)
         seen += len(idx)
     return loss_sum / seen, wrong / seen

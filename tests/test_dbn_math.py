@@ -302,3 +302,44 @@ def test_top_only_epochs_freeze_the_pretrained_layers():
     assert not np.array_equal(net["W2"], before["W2"]) and net["dW2"].any()
     N.finetune_epoch(net, x, y, 1, np.random.default_rng(2), s)  # epoch 1: every layer learns
     assert not np.array_equal(net["W0"], before["W0"]) and net["dW0"].any()
+
+
+def test_momentum_ramp_and_momentum_scaled_steps():
+    """Hinton et al. 2012's schedule: momentum rising linearly to ``final_momentum``, steps
+    scaled by ``1 - momentum``; an epoch with the schedule equals one with those numbers fixed."""
+    s = N.FinetuneSettings(momentum=0.5, final_momentum=0.9, momentum_ramp_epochs=4, learning_rate=2.0,
+                           lr_decay=0.5, momentum_scales_lr=True)
+    assert [N.momentum_for(e, s) for e in range(6)] == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9, 0.9])
+    assert N.learning_rate_for(1, s) == pytest.approx(2.0 * 0.5 * (1 - 0.6))
+    assert N.momentum_for(3, N.FinetuneSettings(momentum=0.7)) == 0.7  # no final_momentum: constant
+    assert N.momentum_for(0, N.FinetuneSettings(final_momentum=0.95)) == 0.95  # no ramp: at once
+    rng = np.random.default_rng(0)
+    base = N.init_net([12, 9, 4], rng, init_std=0.3)
+    x = rng.random((60, 12), dtype=np.float32)
+    y = rng.integers(0, 4, 60)
+    a, b = ({k: v.copy() for k, v in base.items()} for _ in range(2))
+    for k in N.velocity_keys(a):  # non-zero velocities, so the momentum matters
+        a[k][...] = b[k][...] = 0.01
+    N.finetune_epoch(a, x, y, 2, np.random.default_rng(1), N.FinetuneSettings(
+        batch_size=20, momentum=0.5, final_momentum=0.9, momentum_ramp_epochs=4, learning_rate=1.0,
+        momentum_scales_lr=True))
+    N.finetune_epoch(b, x, y, 2, np.random.default_rng(1), N.FinetuneSettings(
+        batch_size=20, momentum=0.7, learning_rate=0.3))
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    c = {k: v.copy() for k, v in base.items()}
+    N.finetune_epoch(c, x, y, 2, np.random.default_rng(1), N.FinetuneSettings(batch_size=20, momentum=0.5,
+                                                                            learning_rate=1.0))
+    assert not np.allclose(c["W0"], a["W0"])
+
+
+def test_momentum_schedule_settings_are_checked():
+    from dbn.distributed import DBNConfig
+
+    ft = DBNConfig.from_params({"finetune": {"final_momentum": 0.99, "momentum_ramp_epochs": 500,
+                                             "momentum_scales_lr": True, "epochs": 600}}).finetune
+    assert (ft.final_momentum, ft.momentum_ramp_epochs, ft.momentum_scales_lr) == (0.99, 500, True)
+    for key, bad in (("final_momentum", 1.0), ("final_momentum", -0.1), ("momentum_ramp_epochs", -1),
+                     ("momentum_ramp_epochs", 2.5), ("momentum_scales_lr", 1), ("momentum_scales_lr", "yes")):
+        with pytest.raises(ValueError, match=f"algorithm.params.finetune.{key}"):
+            DBNConfig.from_params({"finetune": {key: bad}})

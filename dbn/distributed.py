@@ -129,7 +129,7 @@ _FINETUNE_RULES = {
     "lr_decay": (float, 0.0, 1.0, True), "max_norm": (float, 0.0), "top_only_epochs": (int, 0),
     "average_from": (int, 0),  # or null (off)
     "final_momentum": (float, 0.0, 1.0, False, True),  # or null (off)
-    "momentum_ramp_epochs": (int, 0),
+    "momentum_ramp_epochs": (int, 0), "momentum_scales_lr": (bool,),
 }
 _NULLABLE = {"average_from", "final_momentum"}
 
@@ -141,7 +141,11 @@ def _is_int(value: Any) -> bool:
 def _check_number(where: str, value: Any, kind: type, low: float | None = None, high: float | None = None,
                   low_open: bool = False, high_open: bool = False) -> None:
     """Refuse a setting that is not a number of ``kind`` within [low, high] (ends excluded
-    when ``*_open``), naming it."""
+    when ``*_open``), or not true/false when ``kind`` is bool, naming it."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return
     ok_type = _is_int(value) if kind is int else (_is_int(value) or isinstance(value, float))
     what = "an integer" if kind is int else "a number"
     rng = ""
@@ -233,11 +237,7 @@ class DBNConfig:
                                          "algorithm.params.finetune.batches_per_superstep")
         for name, d, rules in (("pretrain", pre, _RBM_RULES), ("finetune", fine, _FINETUNE_RULES)):
             for key, value in d.items():
-                if name == "finetune" and key == "momentum_scales_lr":
-                    if not isinstance(value, bool):
-                        raise ValueError(f"algorithm.params.finetune.momentum_scales_lr: expected true or false, "
-                                         f"got {value!r}")
-                elif not (key in _NULLABLE and value is None):
+                if not (key in _NULLABLE and value is None):
                     _check_number(f"algorithm.params.{name}.{key}", value, *rules[key])
         rbm = _rbm.RBMSettings(**pre)
         ft = _net.FinetuneSettings(**fine)
@@ -365,7 +365,6 @@ class DBNMaster(Master):
         self.best_val = math.inf
         self.best_epoch = -1
         self.avg: dict[str, np.ndarray] | None = None  # running mean of the epoch-end params (average_from)
-        self.avg_n = 0
         self.times: dict[str, float] = {}
         self.train = self.validation = self.test = None
         t0 = time.monotonic()
@@ -475,13 +474,13 @@ class DBNMaster(Master):
         candidate = self._params_only()
         start = self.cfg.finetune.average_from
         if start is not None and epoch >= start:
-            if self.avg is None:
-                self.avg, self.avg_n = candidate, 1
+            n = epoch - start + 1  # epochs start..epoch
+            if self.avg is None or n == 1:
+                self.avg = candidate
             else:  # running mean: avg += (p - avg) / n
-                self.avg_n += 1
                 for k, p in candidate.items():
                     a = self.avg[k]
-                    a += (p - a) / np.float32(self.avg_n)
+                    a += (p - a) / np.float32(n)
             if self.validation is not None:  # the last epoch's own error, for comparison
                 extra["validation_error_last"] = _net.error_rate(candidate, *self.validation)
             candidate = {k: v.copy() for k, v in self.avg.items()}
@@ -547,7 +546,7 @@ class DBNMaster(Master):
         meta = {
             "step": self.step, "finished": len(self.finished), "recon": self.recon, "curves": self.curves,
             "best_val": None if math.isinf(self.best_val) else self.best_val, "best_epoch": self.best_epoch,
-            "has": [n for n, d in groups if d is not None], "avg_n": self.avg_n,
+            "has": [n for n, d in groups if d is not None],
         }
         return Update(arrays, meta=meta)
 
@@ -563,7 +562,6 @@ class DBNMaster(Master):
         self.net = group("net") if "net" in m["has"] else None
         self.best = group("best") if "best" in m["has"] else None
         self.avg = group("avg") if "avg" in m["has"] else None
-        self.avg_n = int(m.get("avg_n", 0))
         self.recon = [list(r) for r in m["recon"]]
         self.curves = {k: list(v) for k, v in m["curves"].items()}
         self.best_val = math.inf if m["best_val"] is None else float(m["best_val"])

@@ -4,7 +4,9 @@
 One epoch over the 60000 MNIST training images, 784 visible / 500 hidden units,
 mini-batches of 100, float32 data in [0, 1], in one run:
 
-* ``dbn.rbm.train_epoch`` (CD-1, rbm.m's settings);
+* ``dbn.rbm.train_epoch`` (CD-1, rbm.m's settings; its products and the momentum
+  update go straight to numpy's own OpenBLAS, see ``dbn/_blas.py``; run with
+  ``DBN_BLAS=numpy`` for the numpy-only path);
 * scikit-learn's ``BernoulliRBM`` (same units, batch size and learning rate,
   ``n_iter=1``, ``verbose=0``, float32 input; it uses persistent CD, one Gibbs step,
   so the same five matrix products per mini-batch);
@@ -35,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dbn import _blas  # noqa: E402
 from dbn import rbm as R  # noqa: E402
 from dbn.data import load_mnist  # noqa: E402
 
@@ -66,6 +69,7 @@ def main(argv=None) -> int:
     threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
     print(f"CD-1 epoch: {n} images, {nv}x{nh}, batch {bs}, float32; {os.cpu_count()} CPUs "
           f"({platform.processor() or platform.machine()}), BLAS threads: {threads}; best of {a.repeat}")
+    print(f"dbn products and updates through: {_blas.backend()} (DBN_BLAS=numpy for numpy's matmul only)")
 
     # the matrix products alone
     rng = np.random.default_rng(a.seed)

@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import _blas
+
 __all__ = [
     "RBMSettings",
     "PARAM_KEYS",
@@ -225,14 +227,18 @@ def reconstruction_error(v: np.ndarray, params: dict, rng: np.random.Generator |
 
 
 class CDBuffers:
-    """Preallocated per-batch work arrays for :func:`cd_statistics` (float32).
+    """Preallocated per-batch work arrays of CD-k (float32).
 
     The data batch and its reconstruction are stacked in ``vv`` [2b, nv] (``v`` =
     its first ``b`` rows, ``v_neg`` the rest), their hidden probabilities in ``hh``
-    [2b, nh] (``h_pos``, ``h_neg``), so that both weight statistics come out of one
-    matrix product ``vv^T hh``. ``h_states``/``rand`` [b, nh], ``diff`` [b, nv],
-    ``g_W`` [nv, nh], ``u8`` [b, nv] for uint8 input.
+    [2b, nh] (``h_pos``, then ``h_neg`` *negated*), so that both weight
+    statistics ``<v h>_data - <v h>_recon`` come out of one matrix product
+    ``vv^T hh``. ``h_states``/``rand`` [b, nh], ``diff`` [b, nv], ``u8`` [b, nv]
+    for uint8 input; ``half_b_vis``/``half_b_hid`` hold the halved biases and
+    ``ones`` [2b] sums rows with a matrix-vector product.
     """
+
+    _PER_ROW = ("h_states", "rand", "diff", "u8")
 
     def __init__(self, batch_size: int, n_visible: int, n_hidden: int, dtype=_F32):
         b = batch_size
@@ -241,8 +247,10 @@ class CDBuffers:
         self.h_states = np.empty((b, n_hidden), dtype)
         self.rand = np.empty((b, n_hidden), dtype)
         self.diff = np.empty((b, n_visible), dtype)
-        self.g_W = np.empty((n_visible, n_hidden), dtype)
         self.u8 = np.empty((b, n_visible), np.uint8)
+        self.half_b_vis = np.empty(n_visible, dtype)
+        self.half_b_hid = np.empty(n_hidden, dtype)
+        self.ones = np.ones(2 * b, dtype)
         self._split()
 
     def _split(self) -> None:
@@ -255,14 +263,54 @@ class CDBuffers:
         if 2 * n == len(self.vv):
             return self
         sub = object.__new__(CDBuffers)
-        for k, a in vars(self).items():
-            if k in ("vv", "hh"):
-                a = a[:2 * n]
-            elif k != "g_W":
-                a = a[:n]
-            setattr(sub, k, a)
+        vars(sub).update(vars(self))
+        for k in ("vv", "hh", "ones"):
+            setattr(sub, k, getattr(self, k)[:2 * n])
+        for k in self._PER_ROW:
+            setattr(sub, k, getattr(self, k)[:n])
         sub._split()
         return sub
+
+
+def _sigmoid_of_half(x: np.ndarray, negate: bool = False) -> None:
+    """``x <- sigmoid(2 x)`` (or its negative) in place, as ``(1 + tanh x) / 2``.
+
+    The callers put ``z / 2`` into ``x`` with the matrix product itself (``alpha``
+    0.5, the bias halved), so the logistic costs three passes and never overflows.
+    """
+    np.tanh(x, out=x)
+    half = x.dtype.type(-0.5 if negate else 0.5)
+    x *= half
+    x += half
+
+
+def _cd_phases(buf: CDBuffers, W: np.ndarray, b_vis: np.ndarray, b_hid: np.ndarray,
+               rng: np.random.Generator, k: int) -> None:
+    """Fill ``buf`` for the batch in ``buf.v``: ``h_pos``, ``k`` Gibbs steps to
+    ``v_neg``, and ``-h_neg`` (see :class:`CDBuffers`)."""
+    np.multiply(b_hid, 0.5, out=buf.half_b_hid)
+    np.multiply(b_vis, 0.5, out=buf.half_b_vis)
+    np.copyto(buf.h_pos, buf.half_b_hid)
+    _blas.gemm(buf.v, W, buf.h_pos, alpha=0.5, beta=1.0)
+    _sigmoid_of_half(buf.h_pos)
+    _bernoulli(buf.h_pos, rng, out=buf.h_states, scratch=buf.rand)
+    for step in range(k):
+        last = step + 1 == k
+        np.copyto(buf.v_neg, buf.half_b_vis)
+        _blas.gemm(buf.h_states, W, buf.v_neg, trans_b=True, alpha=0.5, beta=1.0)
+        _sigmoid_of_half(buf.v_neg)
+        np.copyto(buf.h_neg, buf.half_b_hid)
+        _blas.gemm(buf.v_neg, W, buf.h_neg, alpha=0.5, beta=1.0)
+        _sigmoid_of_half(buf.h_neg, negate=last)
+        if not last:
+            _bernoulli(buf.h_neg, rng, out=buf.h_states, scratch=buf.rand)
+
+
+def _batch_error(buf: CDBuffers) -> float:
+    """Summed squared reconstruction error of the batch (``rbm.m``'s ``err``); leaves ``v - v_neg`` in ``diff``."""
+    np.subtract(buf.v, buf.v_neg, out=buf.diff)
+    d = buf.diff.reshape(-1)
+    return float(np.dot(d, d))
 
 
 def cd_statistics(
@@ -278,67 +326,41 @@ def cd_statistics(
     ``v`` float32 [b, n_visible] in [0, 1]. Returns ``(grads, err)`` where
     ``grads`` has ``W`` [nv, nh], ``b_vis`` [nv], ``b_hid`` [nh] holding
     ``scale`` times the *batch-mean* ``<.>_data - <.>_recon`` (without weight
-    cost; these may be views into ``buffers``) and ``err`` is the summed squared
-    reconstruction error of the batch (``rbm.m``'s ``err``).
+    cost) and ``err`` is the summed squared reconstruction error of the batch
+    (``rbm.m``'s ``err``). :func:`train_epoch` makes the same estimate and fuses
+    it with the update.
     """
     n = v.shape[0]
-    nv, nh = params["W"].shape
-    buf = buffers.view(n) if buffers is not None else CDBuffers(n, nv, nh, params["W"].dtype)
+    W = params["W"]
+    buf = buffers.view(n) if buffers is not None else CDBuffers(n, *W.shape, W.dtype)
     if v is not buf.v:
         buf.v[...] = v
-    dt = params["W"].dtype.type
-    # positive phase
-    mean_hiddens(buf.v, params, out=buf.h_pos)
-    pos_vis = buf.v.sum(axis=0)
-    pos_hid = buf.h_pos.sum(axis=0)
-    # negative phase: sampled hidden states -> visible probabilities -> hidden probabilities
-    _bernoulli(buf.h_pos, rng, out=buf.h_states, scratch=buf.rand)
-    for step in range(k):
-        mean_visibles(buf.h_states, params, out=buf.v_neg)
-        mean_hiddens(buf.v_neg, params, out=buf.h_neg)
-        if step + 1 < k:
-            _bernoulli(buf.h_neg, rng, out=buf.h_states, scratch=buf.rand)
-    s = dt(scale / n)
-    g_vis = (pos_vis - buf.v_neg.sum(axis=0)) * s
-    g_hid = (pos_hid - buf.h_neg.sum(axis=0)) * s
-    np.subtract(buf.v, buf.v_neg, out=buf.diff)
-    err = float(np.einsum("ij,ij->", buf.diff, buf.diff))
-    # both weight statistics in one product: [v; v_neg]^T [s h_pos; -s h_neg]
-    buf.h_pos *= s
-    buf.h_neg *= -s
-    np.matmul(buf.vv.T, buf.hh, out=buf.g_W)
-    return {"W": buf.g_W, "b_vis": g_vis, "b_hid": g_hid}, err
+    _cd_phases(buf, W, params["b_vis"], params["b_hid"], rng, k)
+    err = _batch_error(buf)
+    s = W.dtype.type(scale / n)
+    g_W = _blas.gemm(buf.vv, buf.hh, np.empty_like(W), trans_a=True, alpha=s)
+    return {"W": g_W, "b_vis": (buf.ones[:n] @ buf.diff) * s, "b_hid": (buf.ones @ buf.hh) * s}, err
 
 
-def apply_update(params: dict, grads: dict, momentum: float, settings: RBMSettings,
-                 scaled: bool = False, scratch: np.ndarray | None = None) -> None:
+def apply_update(params: dict, grads: dict, momentum: float, settings: RBMSettings) -> None:
     """Momentum step in place (rbm.m):
     ``dW = m dW + lr (gW - weight_cost W); W += dW``; biases without weight cost.
 
-    With ``scaled=True`` the ``grads`` already hold ``lr`` times the gradient (as
-    :func:`cd_statistics` gives with ``scale=lr``). ``scratch`` (like ``W``) avoids
-    allocating a temporary; it may be ``grads["W"]`` itself, which is read before
-    ``scratch`` is written.
+    ``grads`` as :func:`cd_statistics` gives them with ``scale=1``.
     """
     W = params["W"]
     dt = W.dtype.type
     lr, m = dt(settings.learning_rate), dt(momentum)
-    tmp = scratch if scratch is not None else np.empty_like(W)
     dW = params["dW"]
     dW *= m
-    if scaled:
-        dW += grads["W"]
-    else:
-        np.multiply(grads["W"], lr, out=tmp)
-        dW += tmp
+    dW += lr * grads["W"]
     if settings.weight_cost:
-        np.multiply(W, lr * dt(settings.weight_cost), out=tmp)
-        dW -= tmp
+        dW -= (lr * dt(settings.weight_cost)) * W
     W += dW
     for p, d in (("b_vis", "db_vis"), ("b_hid", "db_hid")):
         vel = params[d]
         vel *= m
-        vel += grads[p] if scaled else lr * grads[p]
+        vel += lr * grads[p]
         params[p] += vel
 
 
@@ -375,12 +397,20 @@ def train_epoch(
     Returns the mean reconstruction error per example: squared error summed
     over visible units, averaged over the examples seen (``rbm.m``'s
     ``errsum`` divided by the number of examples).
+
+    The update is rbm.m's (:func:`apply_update`), written so that it costs one
+    pass over ``W`` beyond the products: with ``W_prev = W - dW``,
+    ``W_next = (1 + m - lr wc) W - m W_prev + lr G`` (``G`` the batch-mean
+    statistics). ``W_prev`` is overwritten by ``W_next`` (``sgemm`` with
+    ``beta = -m``, then ``W_prev += (1 + m - lr wc) W``) and the two swap; ``dW`` is
+    ``W - W_prev`` again when the epoch ends.
     """
     s = settings or RBMSettings()
     n = len(data)
     if n == 0:
         return 0.0
-    nv, nh = params["W"].shape
+    W = params["W"]
+    nv, nh = W.shape
     if data.shape[1] != nv:
         raise ValueError(f"data has {data.shape[1]} columns, the RBM {nv} visible units")
     bs = min(s.batch_size, n)
@@ -388,16 +418,42 @@ def train_epoch(
     n_batches = -(-n // bs)
     if batches is not None:
         n_batches = min(n_batches, batches)
-    buf = CDBuffers(bs, nv, nh, params["W"].dtype)
-    momentum = momentum_for(epoch, s)
+    full = CDBuffers(bs, nv, nh, W.dtype)
+    m = momentum_for(epoch, s)
+    lr = s.learning_rate
+    keep = 1.0 + m - lr * s.weight_cost
+    dt = W.dtype.type
+    b_vis, b_hid, db_vis, db_hid = params["b_vis"], params["b_hid"], params["db_vis"], params["db_hid"]
+    cur, prev = W, W - params["dW"]
+    g_vis, g_hid = np.empty_like(b_vis), np.empty_like(b_hid)
     err_sum, seen = 0.0, 0
     for b in range(n_batches):
         idx = order[b * bs:(b + 1) * bs]
-        v = _gather(data, idx, buf)
-        grads, err = cd_statistics(v, params, rng, s.cd_k, buf, scale=s.learning_rate)
-        apply_update(params, grads, momentum, s, scaled=True, scratch=buf.g_W)  # g_W is spent by then
-        err_sum += err
+        buf = full.view(len(idx))
+        _gather(data, idx, buf)
+        _cd_phases(buf, cur, b_vis, b_hid, rng, s.cd_k)
+        err_sum += _batch_error(buf)
+        step = dt(lr / len(idx))
+        # W_next = -m W_prev + lr G + (1 + m - lr wc) W, written over W_prev
+        _blas.gemm(buf.vv, buf.hh, prev, trans_a=True, alpha=step, beta=-m)
+        _blas.axpy(keep, cur, prev)
+        cur, prev = prev, cur
+        db_vis *= dt(m)
+        np.matmul(buf.ones[:len(idx)], buf.diff, out=g_vis)
+        g_vis *= step
+        db_vis += g_vis
+        b_vis += db_vis
+        db_hid *= dt(m)
+        np.matmul(buf.ones, buf.hh, out=g_hid)
+        g_hid *= step
+        db_hid += g_hid
+        b_hid += db_hid
         seen += len(idx)
+    if cur is W:
+        np.subtract(W, prev, out=params["dW"])
+    else:
+        np.subtract(cur, W, out=params["dW"])
+        W[...] = cur
     return err_sum / seen
 
 

@@ -153,37 +153,65 @@ def test_init_and_shapes():
     assert R.momentum_for(4, R.RBMSettings()) == 0.5 and R.momentum_for(5, R.RBMSettings()) == 0.9
 
 
-def _rbm_m_reference(params, data, rng, s, momentum):
-    """One rbm.m mini-batch update in float64 with the same random draws."""
+def _rbm_m_reference(params, data, rng, s, momentum, batches=1):
+    """``batches`` rbm.m mini-batch updates in float64 with the same random draws."""
     n, bs = len(data), s.batch_size
     perm = rng.permutation(n)
     W, bv, bh = (params[k].astype(np.float64) for k in ("W", "b_vis", "b_hid"))
     dW, dbv, dbh = (params[k].astype(np.float64) for k in ("dW", "db_vis", "db_hid"))
-    v = data[perm[:bs]].astype(np.float64)
     sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
-    poshidprobs = sig(v @ W + bh)
-    states = (poshidprobs > rng.random(poshidprobs.shape, dtype=np.float32)).astype(np.float64)
-    negdata = sig(states @ W.T + bv)
-    neghidprobs = sig(negdata @ W + bh)
-    err = ((v - negdata) ** 2).sum()
-    dW = momentum * dW + s.learning_rate * ((v.T @ poshidprobs - negdata.T @ neghidprobs) / bs - s.weight_cost * W)
-    dbv = momentum * dbv + s.learning_rate / bs * (v.sum(0) - negdata.sum(0))
-    dbh = momentum * dbh + s.learning_rate / bs * (poshidprobs.sum(0) - neghidprobs.sum(0))
-    return {"W": W + dW, "b_vis": bv + dbv, "b_hid": bh + dbh, "dW": dW, "db_vis": dbv, "db_hid": dbh}, err / bs
+    err = 0.0
+    for b in range(batches):
+        v = data[perm[b * bs:(b + 1) * bs]].astype(np.float64)
+        m = len(v)
+        poshidprobs = sig(v @ W + bh)
+        states = (poshidprobs > rng.random(poshidprobs.shape, dtype=np.float32)).astype(np.float64)
+        negdata = sig(states @ W.T + bv)
+        neghidprobs = sig(negdata @ W + bh)
+        err += ((v - negdata) ** 2).sum()
+        dW = momentum * dW + s.learning_rate * ((v.T @ poshidprobs - negdata.T @ neghidprobs) / m
+                                                - s.weight_cost * W)
+        dbv = momentum * dbv + s.learning_rate / m * (v.sum(0) - negdata.sum(0))
+        dbh = momentum * dbh + s.learning_rate / m * (poshidprobs.sum(0) - neghidprobs.sum(0))
+        W, bv, bh = W + dW, bv + dbv, bh + dbh
+    seen = min(n, batches * bs)
+    return {"W": W, "b_vis": bv, "b_hid": bh, "dW": dW, "db_vis": dbv, "db_hid": dbh}, err / seen
 
 
-def test_cd1_step_matches_rbm_m():
+def _random_rbm(nv, nh, rng):
+    p = R.init_rbm(nv, nh, rng, R.RBMSettings(init_std=0.3))
+    for k in ("b_vis", "b_hid", "dW", "db_vis", "db_hid"):
+        p[k][...] = rng.normal(0, 0.1, p[k].shape)
+    return p
+
+
+@pytest.mark.parametrize("batches", [1, 2, 3])
+def test_cd1_steps_match_rbm_m(batches):
+    # 40 rows in batches of 16: three batches end with a short one (8 rows)
     s = R.RBMSettings(batch_size=16)
     rng = np.random.default_rng(0)
     data = (rng.random((40, 12)) < 0.3).astype(np.float32)
-    p = R.init_rbm(12, 7, rng, R.RBMSettings(init_std=0.3))
-    for k in ("b_vis", "b_hid", "dW", "db_vis", "db_hid"):
-        p[k][...] = rng.normal(0, 0.1, p[k].shape)
-    ref, ref_err = _rbm_m_reference(p, data, np.random.default_rng(5), s, 0.9)
-    err = R.train_epoch(p, data, epoch=7, rng=np.random.default_rng(5), settings=s, batches=1)
+    p = _random_rbm(12, 7, rng)
+    ref, ref_err = _rbm_m_reference(p, data, np.random.default_rng(5), s, 0.9, batches)
+    err = R.train_epoch(p, data, epoch=7, rng=np.random.default_rng(5), settings=s, batches=batches)
     assert err == pytest.approx(ref_err, rel=1e-5)
     for k in ref:
-        np.testing.assert_allclose(p[k], ref[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(p[k], ref[k], rtol=1e-4, atol=2e-6, err_msg=k)
+
+
+def test_cd_statistics_and_apply_update_make_the_rbm_m_step():
+    s = R.RBMSettings(batch_size=16)
+    rng = np.random.default_rng(0)
+    data = (rng.random((16, 12)) < 0.3).astype(np.float32)
+    p = _random_rbm(12, 7, rng)
+    ref, ref_err = _rbm_m_reference(p, data, np.random.default_rng(5), s, 0.9)
+    r = np.random.default_rng(5)
+    v = data[r.permutation(16)]
+    grads, err = R.cd_statistics(v, p, r, k=1)
+    assert err / 16 == pytest.approx(ref_err, rel=1e-5)
+    R.apply_update(p, grads, 0.9, s)
+    for k in ref:
+        np.testing.assert_allclose(p[k], ref[k], rtol=1e-4, atol=2e-6, err_msg=k)
 
 
 def test_cd_k_and_uint8_input():

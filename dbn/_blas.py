@@ -1,0 +1,153 @@
+"""``C = alpha op(A) op(B) + beta C`` and ``y += a x`` in the BLAS numpy itself uses.
+
+numpy's ``matmul`` has no ``alpha``/``beta``: a momentum update written with it
+(``dW *= m; dW += G``) makes extra passes over a weight matrix that does not fit
+the core's cache, once per mini-batch. BLAS's own ``sgemm`` does it in the
+product. This module finds the OpenBLAS that numpy's wheels bundle (the
+ILP64 ``scipy_cblas_sgemm64_`` of numpy 2, ``cblas_sgemm64_`` of numpy 1.22+),
+calls it through :mod:`ctypes`, and checks it once against numpy on a small
+product before using it. Where there is no such library (another BLAS, another
+build), where the check fails, or with ``DBN_BLAS=numpy`` in the environment,
+the same functions run in numpy: same results up to rounding, only slower.
+
+Only C-contiguous float32 arrays go to BLAS; anything else takes the numpy path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import warnings
+
+import numpy as np
+
+__all__ = ["gemm", "axpy", "backend"]
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+_F32 = np.dtype(np.float32)
+
+
+def _library_candidates() -> list[str]:
+    """Shared libraries next to numpy that may hold its OpenBLAS (wheel layouts)."""
+    base = os.path.dirname(np.__file__)
+    pats = [os.path.join(base, "..", "numpy.libs", "*openblas*"),  # Linux wheels
+            os.path.join(base, ".dylibs", "*openblas*"),  # macOS wheels
+            os.path.join(base, ".libs", "*openblas*")]  # older wheels
+    return sorted({os.path.realpath(p) for pat in pats for p in glob.glob(pat)})
+
+
+def _bind(lib: ctypes.CDLL):
+    """(sgemm, saxpy) of ``lib`` with 64-bit integer arguments, or None."""
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    for prefix, suffix in (("scipy_cblas_", "64_"), ("cblas_", "64_")):
+        try:
+            sgemm = getattr(lib, f"{prefix}sgemm{suffix}")
+            saxpy = getattr(lib, f"{prefix}saxpy{suffix}")
+        except AttributeError:
+            continue
+        sgemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, f32, ptr, i64, ptr, i64,
+                          f32, ptr, i64]
+        sgemm.restype = None
+        saxpy.argtypes = [i64, f32, ptr, i64, ptr, i64]
+        saxpy.restype = None
+        return sgemm, saxpy
+    return None
+
+
+def _gemm_numpy(A, B, C, trans_a, trans_b, alpha, beta):
+    prod = np.matmul(A.T if trans_a else A, B.T if trans_b else B)
+    if alpha != 1.0:
+        prod *= C.dtype.type(alpha)
+    if beta == 0.0:
+        C[...] = prod
+    else:
+        if beta != 1.0:
+            C *= C.dtype.type(beta)
+        C += prod
+
+
+class _Blas:
+    def __init__(self, sgemm, saxpy, path: str):
+        self.sgemm, self.saxpy, self.path = sgemm, saxpy, path
+
+    def gemm(self, A, B, C, trans_a, trans_b, alpha, beta):
+        m, n = C.shape
+        k = A.shape[0] if trans_a else A.shape[1]
+        self.sgemm(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
+                   m, n, k, alpha, A.ctypes.data, A.shape[1], B.ctypes.data, B.shape[1],
+                   beta, C.ctypes.data, C.shape[1])
+
+
+def _self_check(blas: _Blas) -> bool:
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((7, 5)).astype(np.float32)
+    B = rng.standard_normal((6, 7)).astype(np.float32)
+    C0 = rng.standard_normal((5, 6)).astype(np.float32)
+    C, ref = C0.copy(), C0.copy()
+    blas.gemm(A, B, C, True, True, 0.5, -0.25)
+    _gemm_numpy(A, B, ref, True, True, 0.5, -0.25)
+    x, y = rng.standard_normal(9).astype(np.float32), rng.standard_normal(9).astype(np.float32)
+    y_ref = y + np.float32(1.5) * x
+    blas.saxpy(9, 1.5, x.ctypes.data, 1, y.ctypes.data, 1)
+    return bool(np.allclose(C, ref, rtol=1e-5, atol=1e-5) and np.allclose(y, y_ref, rtol=1e-6, atol=1e-6))
+
+
+def _load() -> _Blas | None:
+    if os.environ.get("DBN_BLAS", "").lower() == "numpy":
+        return None
+    for path in _library_candidates():
+        try:
+            fns = _bind(ctypes.CDLL(path))
+        except OSError:
+            continue
+        if fns is None:
+            continue
+        blas = _Blas(*fns, path)
+        if _self_check(blas):
+            return blas
+        warnings.warn(f"dbn: the BLAS in {path} disagrees with numpy on a test product; using numpy",
+                      RuntimeWarning, stacklevel=2)
+    return None
+
+
+_BLAS = _load()
+
+
+def backend() -> str:
+    """``"blas:<library>"`` when products go to BLAS directly, else ``"numpy"``."""
+    return f"blas:{os.path.basename(_BLAS.path)}" if _BLAS is not None else "numpy"
+
+
+def _direct(*arrays) -> bool:
+    return _BLAS is not None and all(a.dtype == _F32 and a.flags.c_contiguous for a in arrays)
+
+
+def gemm(A: np.ndarray, B: np.ndarray, C: np.ndarray, *, trans_a: bool = False, trans_b: bool = False,
+         alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """``C = alpha op(A) op(B) + beta C`` in place (``op`` transposes when asked); returns ``C``.
+
+    ``beta=0`` ignores what ``C`` held (as BLAS does), so ``C`` may be uninitialised.
+    """
+    ra, ca = A.shape[::-1] if trans_a else A.shape
+    rb, cb = B.shape[::-1] if trans_b else B.shape
+    if ca != rb or C.shape != (ra, cb):
+        raise ValueError(f"gemm: op(A) {ra}x{ca}, op(B) {rb}x{cb}, C {C.shape[0]}x{C.shape[1]} do not fit")
+    if C.size == 0:
+        return C
+    if ca and _direct(A, B, C):
+        _BLAS.gemm(A, B, C, trans_a, trans_b, float(alpha), float(beta))
+    else:
+        _gemm_numpy(A, B, C, trans_a, trans_b, alpha, beta)
+    return C
+
+
+def axpy(a: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``y += a x`` in place (same shapes); returns ``y``."""
+    if x.shape != y.shape:
+        raise ValueError(f"axpy: x {x.shape} and y {y.shape} differ")
+    if y.size and _direct(x, y):
+        _BLAS.saxpy(y.size, float(a), x.ctypes.data, 1, y.ctypes.data, 1)
+    else:
+        y += y.dtype.type(a) * x
+    return y

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,14 @@ import pytest
 import yaml
 
 import dbn
+from dbn import network as N
+from dbn import rbm as R
 from dbn.data import read_parquet_dir
+from dbn.distributed import DBNConfig, DBNMaster, DBNWorker
+from dbn.network import param_keys
 from dbn.plots import read_png
+from iterreduce import MasterContext, Update, WorkerContext
+from iterreduce.fs import Output, plan_splits
 
 from .helpers import cli, run_and_kill_after_checkpoint
 
@@ -168,41 +175,59 @@ def test_finetuning_on_workers_survives_a_lost_worker(tmp_path, mnist_parquet):
 # ------------------------------------------------------------------ in process (no runtime)
 
 
-def test_in_process_phases_catch_up_and_restore_mid_finetuning(tmp_path, mnist_parquet):
-    """Master and workers driven by hand: phases, total supersteps, catch-up contents, and a
-    master restored from state() in the middle of fine-tuning finishing with the same model."""
-    import logging
+class InProcessJob:
+    """A DBN master and its workers driven by hand in this process (no runtime, no sockets).
 
-    from iterreduce import MasterContext, Update, WorkerContext
-    from iterreduce.fs import Output, plan_splits
+    ``splits``: one per worker (by default the training path cut in two); ``same_index``
+    gives every worker split index 0, so that workers on the same split draw the same
+    random numbers. ``master()`` is a set-up master, ``workers(start, catch_up)`` one set-up
+    worker per split, ``step`` one superstep, ``snapshot`` a deep copy of ``master.state()``."""
 
-    from dbn.distributed import DBNMaster, DBNWorker
+    def __init__(self, params, seed, out_dir, splits, same_index=False):
+        self.params, self.seed, self.out_dir, self.splits = params, seed, out_dir, splits
+        self.same_index = same_index
+        self.log = logging.getLogger("test")
 
-    params = {"layers": [24, 16], "max_examples_per_worker": 300, "train": str(mnist_parquet / "train"),
-              "validation": str(mnist_parquet / "validation"), "test": str(mnist_parquet / "test"),
-              "pretrain": {"epochs": [2, 1], "batch_size": 50},
-              "finetune": {"where": "master", "epochs": 3, "batch_size": 50, "learning_rate": 0.3}}
-    log = logging.getLogger("test")
-    splits = plan_splits([str(mnist_parquet / "train")], 2)
-
-    def master():
+    def master(self):
         m = DBNMaster()
-        m.setup(MasterContext(params=params, seed=5, num_workers=2, output=Output(str(tmp_path)).create(), log=log))
+        m.setup(MasterContext(params=self.params, seed=self.seed, num_workers=len(self.splits),
+                              output=Output(str(self.out_dir)).create(), log=self.log))
         return m
 
-    def workers(start=0, catch_up=None):
+    def workers(self, start=0, catch_up=None):
         out = []
-        for i, s in enumerate(splits):
-            ctx = WorkerContext(params=params, seed=5, split_index=i, num_splits=2, split=s, catch_up=catch_up,
-                                start_superstep=start, log=log)
+        for i, sp in enumerate(self.splits):
+            ctx = WorkerContext(params=self.params, seed=self.seed, split_index=0 if self.same_index else i,
+                                num_splits=len(self.splits), split=sp, catch_up=catch_up, start_superstep=start,
+                                log=self.log)
             w = DBNWorker()
             w.setup(ctx)
             out.append((w, ctx))
         return out
 
+    @staticmethod
     def step(m, ws, b, s):
         return m.combine([w.compute(b, s, ctx) for w, ctx in ws], s)
 
+    @staticmethod
+    def snapshot(m):
+        st = m.state()
+        return Update({k: v.copy() for k, v in st.arrays.items()}, meta=json.loads(json.dumps(st.meta)))
+
+
+def halves(mnist_parquet):
+    return plan_splits([str(mnist_parquet / "train")], 2)
+
+
+def test_in_process_phases_catch_up_and_restore_mid_finetuning(tmp_path, mnist_parquet):
+    """Master and workers driven by hand: phases, total supersteps, catch-up contents, and a
+    master restored from state() in the middle of fine-tuning finishing with the same model."""
+    params = {"layers": [24, 16], "max_examples_per_worker": 300, "train": str(mnist_parquet / "train"),
+              "validation": str(mnist_parquet / "validation"), "test": str(mnist_parquet / "test"),
+              "pretrain": {"epochs": [2, 1], "batch_size": 50},
+              "finetune": {"where": "master", "epochs": 3, "batch_size": 50, "learning_rate": 0.3}}
+    job = InProcessJob(params, 5, tmp_path, halves(mnist_parquet))
+    master, workers, step = job.master, job.workers, job.step
     m, ws = master(), workers()
     assert m.total_supersteps() == 3 + 3
     b = m.initial_update()
@@ -218,8 +243,7 @@ def test_in_process_phases_catch_up_and_restore_mid_finetuning(tmp_path, mnist_p
             for k in r1.arrays:
                 np.testing.assert_array_equal(r1.arrays[k], r2.arrays[k])
         if s == 4:
-            st = m.state()
-            saved = (Update({k: v.copy() for k, v in st.arrays.items()}, meta=json.loads(json.dumps(st.meta))), b)
+            saved = (job.snapshot(m), b)
         b = step(m, ws, b, s)
         phases.append(m.phase())
     assert phases[:6] == ["pretrain layer 1/2 epoch 1/2", "pretrain layer 1/2 epoch 2/2",
@@ -246,9 +270,6 @@ def test_one_worker_equals_serial_training(tmp_path, mnist_parquet):
     """A job with one worker process (fine-tuning on the workers too) gives exactly the model of
     plain serial training with dbn.rbm / dbn.network and the same random streams: the runtime,
     the transport and the averaging of a single update change nothing."""
-    from dbn import network as N
-    from dbn import rbm as R
-
     out = tmp_path / "out"
     spec = tiny_spec(mnist_parquet, out, where="workers")
     spec["workers"]["count"] = 1
@@ -298,33 +319,19 @@ def test_identical_splits_averaged_equal_one_worker(tmp_path, mnist_parquet):
     """K workers that hold the same split and draw the same random numbers send the same
     update; the master's weighted average of them (parameters and momentum, pre-training and
     fine-tuning on the workers) must equal what one worker alone gives, bit for bit."""
-    import logging
-
-    from iterreduce import MasterContext, WorkerContext
-    from iterreduce.fs import Output, plan_splits
-
-    from dbn.distributed import DBNMaster, DBNWorker
-
     params = {"layers": [24, 16], "max_examples_per_worker": 250, "train": str(mnist_parquet / "train"),
               "validation": str(mnist_parquet / "validation"),
               "pretrain": {"epochs": 2, "batch_size": 50},
               "finetune": {"where": "workers", "epochs": 2, "batch_size": 50, "learning_rate": 0.3}}
     split = plan_splits([str(mnist_parquet / "train")], 1)[0]
-    log = logging.getLogger("test")
 
     def run(k: int, out: Path):
-        m = DBNMaster()
-        m.setup(MasterContext(params=params, seed=9, num_workers=k, output=Output(str(out)).create(), log=log))
-        ws = []
-        for _ in range(k):  # the same split and split index: the same data and the same random streams
-            ctx = WorkerContext(params=params, seed=9, split_index=0, num_splits=k, split=split, catch_up=None,
-                                start_superstep=0, log=log)
-            w = DBNWorker()
-            w.setup(ctx)
-            ws.append((w, ctx))
+        # the same split and split index: the same data and the same random streams
+        job = InProcessJob(params, 9, out, [split] * k, same_index=True)
+        m, ws = job.master(), job.workers()
         b, history = m.initial_update(), []
         for s in range(m.total_supersteps()):
-            b = m.combine([w.compute(b, s, ctx) for w, ctx in ws], s)
+            b = job.step(m, ws, b, s)
             history.append(b.metrics)
         return b, history
 
@@ -342,17 +349,9 @@ def test_identical_splits_averaged_equal_one_worker(tmp_path, mnist_parquet):
 def test_master_fine_tunes_on_several_training_paths(tmp_path, mnist_parquet):
     """``train`` may list several paths (e.g. train + validation for a final fit on all the
     labelled data); anything but a path or a list of paths is refused, naming the field."""
-    import logging
-
-    from iterreduce import MasterContext
-    from iterreduce.fs import Output
-
-    from dbn.distributed import DBNConfig, DBNMaster
-
     paths = [str(mnist_parquet / "train"), str(mnist_parquet / "validation")]
-    m = DBNMaster()
-    m.setup(MasterContext(params={"layers": [8], "train": paths, "finetune": {"epochs": 1}}, seed=1, num_workers=2,
-                          output=Output(str(tmp_path)).create(), log=logging.getLogger("test")))
+    m = InProcessJob({"layers": [8], "train": paths, "finetune": {"epochs": 1}}, 1, tmp_path,
+                     halves(mnist_parquet)).master()
     n = sum(len(read_parquet_dir(p)[1]) for p in paths)
     assert len(m.train[0]) == len(m.train[1]) == n
     for bad in (3, [], ["a", 4]):
@@ -364,42 +363,20 @@ def test_weight_averaging_keeps_the_mean_of_the_epoch_end_parameters(tmp_path, m
     """``finetune.average_from: 1``: the model is the mean of the parameters at the end of
     epochs 1 and 2 (not the last epoch's), a master restored between the two averaged
     epochs ends with the same model, and the setting is range-checked."""
-    import logging
-
-    from iterreduce import MasterContext, Update, WorkerContext
-    from iterreduce.fs import Output, plan_splits
-
-    from dbn.distributed import DBNConfig, DBNMaster, DBNWorker
-    from dbn.network import param_keys
 
     params = {"layers": [16], "max_examples_per_worker": 200, "train": str(mnist_parquet / "train"),
               "test": str(mnist_parquet / "test"),
               "pretrain": {"epochs": 1, "batch_size": 50},
               "finetune": {"where": "master", "epochs": 3, "batch_size": 50, "learning_rate": 0.3,
                            "average_from": 1}}
-    log = logging.getLogger("test")
-    splits = plan_splits([str(mnist_parquet / "train")], 2)
-
-    def master():
-        m = DBNMaster()
-        m.setup(MasterContext(params=params, seed=3, num_workers=2, output=Output(str(tmp_path)).create(), log=log))
-        return m
-
-    ws = []
-    for i, s in enumerate(splits):
-        ctx = WorkerContext(params=params, seed=3, split_index=i, num_splits=2, split=s, catch_up=None,
-                            start_superstep=0, log=log)
-        w = DBNWorker()
-        w.setup(ctx)
-        ws.append((w, ctx))
-    m = master()
+    job = InProcessJob(params, 3, tmp_path, halves(mnist_parquet))
+    ws, m = job.workers(), job.master()
     b = m.initial_update()
     ends, saved = [], None
     for s in range(4):  # 1 pre-training + 3 fine-tuning supersteps
         if s == 3:
-            st = m.state()
-            saved = (Update({k: v.copy() for k, v in st.arrays.items()}, meta=json.loads(json.dumps(st.meta))), b)
-        b = m.combine([w.compute(b, s, ctx) for w, ctx in ws], s)
+            saved = (job.snapshot(m), b)
+        b = job.step(m, ws, b, s)
         if s >= 1:
             ends.append({k: m.net[k].copy() for k in param_keys(m.net)})
     assert type(b).__name__ == "Final" and set(b.metrics) >= {"test_error"}
@@ -409,9 +386,9 @@ def test_weight_averaging_keeps_the_mean_of_the_epoch_end_parameters(tmp_path, m
         np.testing.assert_allclose(b.arrays[k], (ends[1][k] + ends[2][k]) / 2, rtol=1e-5, atol=1e-6)
     assert not np.allclose(b.arrays["W0"], ends[2]["W0"])  # not simply the last epoch's
     # restored after the first averaged epoch: the same model
-    m2 = master()
+    m2 = job.master()
     m2.restore(saved[0])
-    b2 = m2.combine([w.compute(saved[1], 3, ctx) for w, ctx in ws], 3)
+    b2 = job.step(m2, ws, saved[1], 3)
     for k in keys:
         np.testing.assert_array_equal(b.arrays[k], b2.arrays[k])
     for bad in (-1, 1.5, "3"):

@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from . import _blas
 from . import rbm as _rbm
 from .rbm import sigmoid
 
@@ -343,6 +344,64 @@ def _dropout_mask(out: np.ndarray, p: float, rng: np.random.Generator) -> np.nda
     return out
 
 
+def _backprop(
+    net: dict,
+    x: np.ndarray,
+    y: np.ndarray,
+    weight_cost: float,
+    rng: np.random.Generator | None,
+    dropout_input: float,
+    dropout_hidden: float,
+    ws: Workspace,
+    first: int,
+    on_layer: Callable[[int, np.ndarray, np.ndarray], None],
+) -> tuple[float, np.ndarray]:
+    """Forward pass and back-propagation of one mini-batch; returns ``(loss, probs)``.
+
+    For each layer ``i`` from the top down to ``first`` it calls
+    ``on_layer(i, a, d)`` with the layer's (dropped-out) input ``a`` [m, n_i] and the
+    error ``d`` [m, n_{i+1}] of its pre-activations, already divided by ``m``: the
+    weight gradient is ``a^T d`` and the bias gradient the column sums of ``d``.
+    ``on_layer`` must leave ``net`` as it was until the pass is over (the layer
+    below still back-propagates through ``W{i}``).
+    """
+    L = n_layers(net)
+    m = len(x)
+    dt = net["W0"].dtype.type
+    a = x
+    inputs = []
+    for i in range(L):
+        p = dropout_input if i == 0 else dropout_hidden
+        if p > 0:
+            _dropout_mask(ws.mask[i], p, rng)
+            a = np.multiply(a, ws.mask[i], out=ws.dropped[i])
+        inputs.append(a)
+        z = np.matmul(a, net[f"W{i}"], out=ws.act[i])
+        z += net[f"b{i}"]
+        a = softmax(z, out=z) if i == L - 1 else sigmoid(z, out=z)
+    probs = ws.act[L - 1]
+    loss = cross_entropy(probs, y)
+    # backward: output delta = (p - onehot) / m
+    d = ws.delta[L - 1]
+    d[...] = probs
+    d[np.arange(m), y] -= 1
+    d *= dt(1.0 / m)
+    for i in range(L - 1, first - 1, -1):
+        on_layer(i, inputs[i], d)
+        if i > first:
+            dp = np.matmul(d, net[f"W{i}"].T, out=ws.delta[i - 1])
+            s = ws.act[i - 1]
+            t = np.subtract(1, s, out=ws.tmp[i - 1])
+            t *= s
+            dp *= t
+            if dropout_hidden > 0:
+                dp *= ws.mask[i]
+            d = dp
+    if weight_cost:
+        loss += 0.5 * weight_cost * sum(float(np.vdot(net[f"W{i}"], net[f"W{i}"])) for i in range(L))
+    return loss, probs
+
+
 def loss_and_grads(
     net: dict,
     x: np.ndarray,
@@ -365,46 +424,17 @@ def loss_and_grads(
     softmax output. With ``first`` > 0 the gradients of layers below ``first`` are
     neither computed nor returned.
     """
-    L = n_layers(net)
-    m = len(x)
-    ws = workspace.rows(m) if workspace is not None else Workspace(net, m)
+    ws = workspace.rows(len(x)) if workspace is not None else Workspace(net, len(x))
     dt = net["W0"].dtype.type
-    # forward
-    a = x
-    inputs = []
-    for i in range(L):
-        p = dropout_input if i == 0 else dropout_hidden
-        if p > 0:
-            _dropout_mask(ws.mask[i], p, rng)
-            a = np.multiply(a, ws.mask[i], out=ws.dropped[i])
-        inputs.append(a)
-        z = np.matmul(a, net[f"W{i}"], out=ws.act[i])
-        z += net[f"b{i}"]
-        a = softmax(z, out=z) if i == L - 1 else sigmoid(z, out=z)
-    probs = ws.act[L - 1]
-    loss = cross_entropy(probs, y)
-    # backward: output delta = (p - onehot) / m
-    d = ws.delta[L - 1]
-    d[...] = probs
-    d[np.arange(m), y] -= 1
-    d *= dt(1.0 / m)
     g = ws.grads
-    for i in range(L - 1, first - 1, -1):
-        np.matmul(inputs[i].T, d, out=g[f"W{i}"])
+
+    def grads_of(i, a, d):
+        np.matmul(a.T, d, out=g[f"W{i}"])
         np.sum(d, axis=0, out=g[f"b{i}"])
         if weight_cost:
             g[f"W{i}"] += np.multiply(net[f"W{i}"], dt(weight_cost), out=ws.scratch[f"W{i}"])
-        if i > first:
-            dp = np.matmul(d, net[f"W{i}"].T, out=ws.delta[i - 1])
-            s = ws.act[i - 1]
-            t = np.subtract(1, s, out=ws.tmp[i - 1])
-            t *= s
-            dp *= t
-            if dropout_hidden > 0:
-                dp *= ws.mask[i]
-            d = dp
-    if weight_cost:
-        loss += 0.5 * weight_cost * sum(float(np.vdot(net[f"W{i}"], net[f"W{i}"])) for i in range(L))
+
+    loss, probs = _backprop(net, x, y, weight_cost, rng, dropout_input, dropout_hidden, ws, first, grads_of)
     if first:
         g = {k: v for k, v in g.items() if int(k[1:]) >= first}
     return loss, g, probs
@@ -484,6 +514,14 @@ def finetune_epoch(
     :func:`momentum_for` ``(epoch)``; dropout from ``settings``.
     Returns ``(mean training cross-entropy, training error rate)`` over the
     mini-batches seen (with dropout active, so they are noisy estimates).
+
+    The step is :func:`apply_update`'s. Without ``max_norm`` it is made without a
+    gradient buffer and with one pass over each weight matrix: with
+    ``W_prev = W - dW``, ``W_next = (1 + m - lr wc) W - m W_prev - lr a^T d`` goes
+    into ``W_prev``'s buffer (``sgemm`` with ``beta = -m``, then an ``axpy``) and
+    the two swap; ``dW`` is ``W - W_prev`` again when the epoch ends. With
+    ``max_norm`` the weights are rescaled after each step and the velocity is
+    kept apart, so that path computes the gradient and calls :func:`apply_update`.
     """
     s = settings or FinetuneSettings()
     n = len(x)
@@ -496,18 +534,52 @@ def finetune_epoch(
     lr, momentum = learning_rate_for(epoch, s), momentum_for(epoch, s)
     first = n_layers(net) - 1 if epoch < s.top_only_epochs else 0
     y = np.asarray(y, np.int64)
+    dt = net["W0"].dtype.type
+    fused = s.max_norm <= 0
+    learning = [f"W{i}" for i in range(first, n_layers(net))]
+    prev = {k: net[k] - net["d" + k] for k in learning} if fused else {}
+    start = {k: net[k] for k in learning}
+    keep = 1.0 + momentum - lr * s.weight_cost
+
+    def step(i, a, d):
+        k, kb = f"W{i}", f"b{i}"
+        W_next = _blas.gemm(a, d, prev[k], trans_a=True, alpha=-lr, beta=-momentum)
+        _blas.axpy(keep, net[k], W_next)
+        g = np.sum(d, axis=0, out=ws.grads[kb])
+        g *= dt(-lr)
+        v = net["d" + kb]
+        v *= dt(momentum)
+        v += g
+        net[kb] += v
+
     loss_sum, wrong, seen = 0.0, 0, 0
-    for b in range(n_batches):
-        idx = order[b * bs:(b + 1) * bs]
-        xb = _gather(x, idx, ws)
-        yb = y[idx]
-        loss, grads, probs = loss_and_grads(net, xb, yb, s.weight_cost, rng,
-                                            s.dropout_input, s.dropout_hidden, ws, first)
-        wrong += int(np.count_nonzero(probs.argmax(axis=1) != yb))
-        apply_update(net, grads, lr, momentum, s.max_norm, consume=True)
-        loss_sum += loss * len(idx)
-        seen += len(idx)
-    return loss_sum / seen, wrong / seen
+    try:
+        for b in range(n_batches):
+            idx = order[b * bs:(b + 1) * bs]
+            xb = _gather(x, idx, ws)
+            yb = y[idx]
+            if fused:
+                loss, probs = _backprop(net, xb, yb, s.weight_cost, rng, s.dropout_input, s.dropout_hidden,
+                                        ws.rows(len(idx)), first, step)
+                for k in learning:
+                    net[k], prev[k] = prev[k], net[k]
+            else:
+                loss, grads, probs = loss_and_grads(net, xb, yb, s.weight_cost, rng,
+                                                    s.dropout_input, s.dropout_hidden, ws, first)
+                apply_update(net, grads, lr, momentum, s.max_norm, consume=True)
+            wrong += int(np.count_nonzero(probs.argmax(axis=1) != yb))
+            loss_sum += loss * len(idx)
+            seen += len(idx)
+    finally:
+        for k, W in start.items():  # the caller's arrays hold the result, dW = W - W_prev
+            if not fused or net[k] is W:
+                if fused:
+                    np.subtract(W, prev[k], out=net["d" + k])
+                continue
+            np.subtract(net[k], W, out=net["d" + k])
+            W[...] = net[k]
+            net[k] = W
+    return loss_sum / max(seen, 1), wrong / max(seen, 1)
 
 
 # ----------------------------------------------------------------- inference

@@ -125,6 +125,37 @@ def test_finetune_update_rule_matches_formula():
         np.testing.assert_allclose(net[k], before[k] + v, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_finetune_epoch_makes_the_steps_of_loss_and_grads_and_apply_update(dropout):
+    """finetune_epoch's fused step (no gradient buffer, W_prev ping-pong) gives the net that
+    loss_and_grads + apply_update give batch by batch, with the same random draws; a short
+    last batch included; the caller's arrays hold the result."""
+    rng = np.random.default_rng(0)
+    net = N.init_net([12, 9, 7, 4], rng, init_std=0.3)
+    for k in N.velocity_keys(net):
+        net[k][...] = rng.normal(0, 0.01, net[k].shape)
+    x = rng.random((50, 12), dtype=np.float32)
+    y = rng.integers(0, 4, 50)
+    s = N.FinetuneSettings(batch_size=20, learning_rate=0.4, momentum=0.8, weight_cost=1e-3,
+                           dropout_input=dropout, dropout_hidden=dropout)
+    ref = {k: v.copy() for k, v in net.items()}
+    arrays = {k: net[k] for k in net}
+    loss, err = N.finetune_epoch(net, x, y, 3, np.random.default_rng(7), s)
+    r = np.random.default_rng(7)
+    order = r.permutation(50)
+    losses, wrong = [], 0
+    for b in range(3):
+        idx = order[b * 20:(b + 1) * 20]
+        lb, g, probs = N.loss_and_grads(ref, x[idx], y[idx], s.weight_cost, r, dropout, dropout)
+        N.apply_update(ref, g, s.learning_rate, s.momentum)
+        losses.append(lb * len(idx))
+        wrong += int((probs.argmax(1) != y[idx]).sum())
+    assert loss == pytest.approx(sum(losses) / 50, rel=1e-5) and err == wrong / 50
+    for k in ref:
+        assert net[k] is arrays[k], k
+        np.testing.assert_allclose(net[k], ref[k], rtol=1e-4, atol=2e-6, err_msg=k)
+
+
 # ----------------------------------------------------------------- RBM
 
 
@@ -310,7 +341,8 @@ def test_average_params():
     np.testing.assert_allclose(m["W"], 0.75 * a["W"] + 0.25 * b["W"], rtol=1e-5, atol=1e-8)
 
 
-def test_top_only_epochs_freeze_the_pretrained_layers():
+@pytest.mark.parametrize("max_norm", [0.0, 2.0])  # the fused step and the one with a gradient buffer
+def test_top_only_epochs_freeze_the_pretrained_layers(max_norm):
     rng = np.random.default_rng(0)
     net = N.init_net([12, 9, 7, 4], rng, init_std=0.3)
     x = rng.random((60, 12), dtype=np.float32)
@@ -322,7 +354,7 @@ def test_top_only_epochs_freeze_the_pretrained_layers():
     assert set(top) == {"W2", "b2"}
     for k in top:
         np.testing.assert_array_equal(top[k], full[k])
-    s = N.FinetuneSettings(batch_size=20, top_only_epochs=1, learning_rate=0.5, max_norm=2.0)
+    s = N.FinetuneSettings(batch_size=20, top_only_epochs=1, learning_rate=0.5, max_norm=max_norm)
     before = {k: v.copy() for k, v in net.items()}
     N.finetune_epoch(net, x, y, 0, np.random.default_rng(1), s)
     for k in ("W0", "b0", "W1", "b1", "dW0", "dW1"):

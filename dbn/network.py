@@ -537,8 +537,8 @@ def finetune_epoch(
     dt = net["W0"].dtype.type
     fused = s.max_norm <= 0
     learning = [f"W{i}" for i in range(first, n_layers(net))]
-    prev = {k: net[k] - net["d" + k] for k in learning} if fused else {}
     start = {k: net[k] for k in learning}
+    prev = {k: net[k] - net["d" + k] for k in learning} if fused else {}
     keep = 1.0 + momentum - lr * s.weight_cost
 
     def step(i, a, d):
@@ -570,15 +570,14 @@ def finetune_epoch(
             wrong += int(np.count_nonzero(probs.argmax(axis=1) != yb))
             loss_sum += loss * len(idx)
             seen += len(idx)
-    finally:
-        for k, W in start.items():  # the caller's arrays hold the result, dW = W - W_prev
-            if not fused or net[k] is W:
-                if fused:
-                    np.subtract(W, prev[k], out=net["d" + k])
-                continue
-            np.subtract(net[k], W, out=net["d" + k])
-            W[...] = net[k]
-            net[k] = W
+    finally:  # the caller's arrays hold the result, and dW = W - W_prev
+        for k, W in start.items() if fused else ():
+            if net[k] is W:
+                np.subtract(W, prev[k], out=net["d" + k])
+            else:  # the result is in the other buffer, W holds W_prev
+                np.subtract(net[k], W, out=net["d" + k])
+                W[...] = net[k]
+                net[k] = W
     return loss_sum / max(seen, 1), wrong / max(seen, 1)
 
 

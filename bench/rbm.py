@@ -18,8 +18,10 @@ mini-batches of 100, float32 data in [0, 1], in one run:
   trainer must make. It shows what a weight matrix that changes between the products
   costs them (the threads' caches lose it), apart from the cost of the write itself.
 
-Each figure is the best of ``--repeat`` runs. Needs the ``bench`` extra
-(scikit-learn) for the comparison; without it that row is skipped.
+Each figure is the best of ``--repeat`` rounds; every round times every row once, in
+turn, so that a machine whose speed drifts (a shared VM) slows all rows alike rather
+than one. Needs the ``bench`` extra (scikit-learn) for the comparison; without it that
+row is skipped.
 
     python bench/rbm.py --data ../shared/data/mnist
 """
@@ -42,13 +44,15 @@ from dbn import rbm as R  # noqa: E402
 from dbn.data import load_mnist  # noqa: E402
 
 
-def best_of(repeat: int, fn) -> float:
-    times = []
+def best_of_rounds(repeat: int, contenders: dict) -> dict:
+    """``{name: best time}`` over ``repeat`` rounds, each timing every contender once, in turn."""
+    best = {name: float("inf") for name in contenders}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def main(argv=None) -> int:
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="directory with the MNIST IDX files (gzipped or not)")
     ap.add_argument("--hidden", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=100)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
 
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
     flops = n_batches * 5 * 2.0 * bs * nv * nh  # five GEMMs of (bs x nv x nh) per mini-batch
     threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
     print(f"CD-1 epoch: {n} images, {nv}x{nh}, batch {bs}, float32; {os.cpu_count()} CPUs "
-          f"({platform.processor() or platform.machine()}), BLAS threads: {threads}; best of {a.repeat}")
+          f"({platform.processor() or platform.machine()}), BLAS threads: {threads}; best of {a.repeat} rounds")
     print(f"dbn products and updates through: {_blas.backend()} (DBN_BLAS=numpy for numpy's matmul only)")
 
     # the matrix products alone
@@ -91,7 +95,6 @@ def main(argv=None) -> int:
             gemms_once()
 
     gemms()  # warm up
-    t_gemm = best_of(a.repeat, gemms)
     dW = np.full_like(W, 1e-12)
 
     def write_only():
@@ -103,9 +106,6 @@ def main(argv=None) -> int:
             gemms_once()
             np.add(W, dW, out=W)
 
-    t_write = best_of(a.repeat, write_only)
-    t_gemm_w = best_of(a.repeat, gemms_and_write)
-
     # ours
     settings = R.RBMSettings(batch_size=bs)
 
@@ -113,14 +113,11 @@ def main(argv=None) -> int:
         params = R.init_rbm(nv, nh, np.random.default_rng(a.seed), settings)
         R.train_epoch(params, data, 0, np.random.default_rng(a.seed + 1), settings)
 
-    t_ours = best_of(a.repeat, lambda: ours(x))
-    t_ours_u8 = best_of(a.repeat, lambda: ours(x_u8))
-
-    rows = [("GEMMs alone (5 per mini-batch)", t_gemm),
-            ("GEMMs + W += dW per mini-batch", t_gemm_w),
-            ("dbn.rbm.train_epoch, float32 input", t_ours),
-            ("dbn.rbm.train_epoch, uint8 pixels", t_ours_u8)]
-    t_sk = None
+    contenders = {"GEMMs alone (5 per mini-batch)": gemms,
+                  "W += dW alone": write_only,
+                  "GEMMs + W += dW per mini-batch": gemms_and_write,
+                  "dbn.rbm.train_epoch, float32 input": lambda: ours(x),
+                  "dbn.rbm.train_epoch, uint8 pixels": lambda: ours(x_u8)}
     try:
         from sklearn.neural_network import BernoulliRBM
     except ImportError:
@@ -130,8 +127,14 @@ def main(argv=None) -> int:
             BernoulliRBM(n_components=nh, learning_rate=0.1, batch_size=bs, n_iter=1, verbose=0,
                          random_state=a.seed).fit(x)
 
-        t_sk = best_of(a.repeat, sk)
-        rows.append(("scikit-learn BernoulliRBM (n_iter=1)", t_sk))
+        contenders["scikit-learn BernoulliRBM (n_iter=1)"] = sk
+    best = best_of_rounds(a.repeat, contenders)
+    t_write = best.pop("W += dW alone")
+    t_gemm = best["GEMMs alone (5 per mini-batch)"]
+    t_gemm_w = best["GEMMs + W += dW per mini-batch"]
+    t_ours = best["dbn.rbm.train_epoch, float32 input"]
+    t_sk = best.get("scikit-learn BernoulliRBM (n_iter=1)")
+    rows = list(best.items())
 
     print(f"\n{'':40s} {'s/epoch':>8s} {'GFLOP/s':>8s} {'images/s':>9s}")
     for name, t in rows:

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import _blas
+from . import _blas, _random
 from . import rbm as _rbm
 from .rbm import sigmoid
 
@@ -338,7 +338,7 @@ class Workspace:
 
 def _dropout_mask(out: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
     """Inverted-dropout mask in ``out``: 0 with prob ``p``, else ``1/(1-p)``."""
-    rng.random(out=out, dtype=out.dtype)
+    _random.uniform(rng, out)
     np.greater_equal(out, out.dtype.type(p), out=out)
     out *= out.dtype.type(1.0 / (1.0 - p))
     return out

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import _blas
+from . import _blas, _random
 
 __all__ = [
     "RBMSettings",
@@ -189,11 +189,11 @@ def sample_visibles(
 
 def _bernoulli(p: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None,
                scratch: np.ndarray | None = None) -> np.ndarray:
-    """Binary samples ``(p > U(0,1))`` as 0/1 in ``p``'s dtype."""
+    """Binary samples ``(p > U(0,1))`` as 0/1 in ``p``'s dtype (``U`` float32 for float32 ``p``:
+    ``rng.random``'s numbers, drawn by :func:`dbn._random.uniform`)."""
     if scratch is None:
-        scratch = rng.random(p.shape, dtype=np.float32 if p.dtype == np.float32 else np.float64)
-    else:
-        rng.random(out=scratch, dtype=scratch.dtype)
+        scratch = np.empty(p.shape, np.float32 if p.dtype == np.float32 else np.float64)
+    _random.uniform(rng, scratch)
     if out is None:
         out = np.empty_like(p)
     np.greater(p, scratch, out=out)  # bool -> float cast 0/1
@@ -284,23 +284,35 @@ def _sigmoid_of_half(x: np.ndarray, negate: bool = False) -> None:
     x += half
 
 
-def _cd_phases(buf: CDBuffers, W: np.ndarray, b_vis: np.ndarray, b_hid: np.ndarray,
+class _Products:
+    """The three products of a Gibbs chain on ``buf`` with weights ``W``, prepared once
+    (:func:`dbn._blas.prepare_gemm`): ``up`` fills ``h_pos`` from ``v``, ``down``
+    ``v_neg`` from ``h_states``, ``up_neg`` ``h_neg`` from ``v_neg``; each is called with
+    ``(alpha, beta)``."""
+
+    def __init__(self, buf: CDBuffers, W: np.ndarray):
+        self.up = _blas.prepare_gemm(buf.v, W, buf.h_pos)
+        self.down = _blas.prepare_gemm(buf.h_states, W, buf.v_neg, trans_b=True)
+        self.up_neg = _blas.prepare_gemm(buf.v_neg, W, buf.h_neg)
+
+
+def _cd_phases(buf: CDBuffers, products: _Products, b_vis: np.ndarray, b_hid: np.ndarray,
                rng: np.random.Generator, k: int) -> None:
     """Fill ``buf`` for the batch in ``buf.v``: ``h_pos``, ``k`` Gibbs steps to
-    ``v_neg``, and ``-h_neg`` (see :class:`CDBuffers`)."""
+    ``v_neg``, and ``-h_neg`` (see :class:`CDBuffers`), with ``products`` of ``buf``."""
     np.multiply(b_hid, 0.5, out=buf.half_b_hid)
     np.multiply(b_vis, 0.5, out=buf.half_b_vis)
     np.copyto(buf.h_pos, buf.half_b_hid)
-    _blas.gemm(buf.v, W, buf.h_pos, alpha=0.5, beta=1.0)
+    products.up(0.5, 1.0)
     _sigmoid_of_half(buf.h_pos)
     _bernoulli(buf.h_pos, rng, out=buf.h_states, scratch=buf.rand)
     for step in range(k):
         last = step + 1 == k
         np.copyto(buf.v_neg, buf.half_b_vis)
-        _blas.gemm(buf.h_states, W, buf.v_neg, trans_b=True, alpha=0.5, beta=1.0)
+        products.down(0.5, 1.0)
         _sigmoid_of_half(buf.v_neg)
         np.copyto(buf.h_neg, buf.half_b_hid)
-        _blas.gemm(buf.v_neg, W, buf.h_neg, alpha=0.5, beta=1.0)
+        products.up_neg(0.5, 1.0)
         _sigmoid_of_half(buf.h_neg, negate=last)
         if not last:
             _bernoulli(buf.h_neg, rng, out=buf.h_states, scratch=buf.rand)
@@ -335,7 +347,7 @@ def cd_statistics(
     buf = buffers.view(n) if buffers is not None else CDBuffers(n, *W.shape, W.dtype)
     if v is not buf.v:
         buf.v[...] = v
-    _cd_phases(buf, W, params["b_vis"], params["b_hid"], rng, k)
+    _cd_phases(buf, _Products(buf, W), params["b_vis"], params["b_hid"], rng, k)
     err = _batch_error(buf)
     s = W.dtype.type(scale / n)
     g_W = _blas.gemm(buf.vv, buf.hh, np.empty_like(W), trans_a=True, alpha=s)
@@ -422,38 +434,46 @@ def train_epoch(
     m = momentum_for(epoch, s)
     lr = s.learning_rate
     keep = 1.0 + m - lr * s.weight_cost
-    dt = W.dtype.type
     b_vis, b_hid, db_vis, db_hid = params["b_vis"], params["b_hid"], params["db_vis"], params["db_hid"]
-    cur, prev = W, W - params["dW"]
-    g_vis, g_hid = np.empty_like(b_vis), np.empty_like(b_hid)
+    W_prev = W - params["dW"]
+    plans: dict[tuple[int, int], tuple] = {}
+
+    def plan(rows: int, parity: int) -> tuple:
+        """Buffers and prepared calls for a batch of ``rows`` when ``W`` (parity 0) or
+        ``W_prev`` (parity 1) holds the current weights."""
+        if (rows, parity) not in plans:
+            buf = full.view(rows)
+            cur, nxt = (W, W_prev) if parity == 0 else (W_prev, W)
+            plans[rows, parity] = (
+                buf, _Products(buf, cur),
+                _blas.prepare_gemm(buf.vv, buf.hh, nxt, trans_a=True),  # nxt = step vv^T hh + beta nxt
+                _blas.prepare_axpy(cur, nxt),  # nxt += keep cur
+                _blas.prepare_gemv(buf.diff, buf.ones[:rows], db_vis),  # db = step (col sums) + m db
+                _blas.prepare_gemv(buf.hh, buf.ones, db_hid),
+                _blas.prepare_axpy(db_vis, b_vis), _blas.prepare_axpy(db_hid, b_hid))
+        return plans[rows, parity]
+
     err_sum, seen = 0.0, 0
     for b in range(n_batches):
         idx = order[b * bs:(b + 1) * bs]
-        buf = full.view(len(idx))
+        buf, products, stats, add_keep, vis_sums, hid_sums, step_vis, step_hid = plan(len(idx), b % 2)
         _gather(data, idx, buf)
-        _cd_phases(buf, cur, b_vis, b_hid, rng, s.cd_k)
+        _cd_phases(buf, products, b_vis, b_hid, rng, s.cd_k)
         err_sum += _batch_error(buf)
-        step = dt(lr / len(idx))
+        step = lr / len(idx)
         # W_next = -m W_prev + lr G + (1 + m - lr wc) W, written over W_prev
-        _blas.gemm(buf.vv, buf.hh, prev, trans_a=True, alpha=step, beta=-m)
-        _blas.axpy(keep, cur, prev)
-        cur, prev = prev, cur
-        db_vis *= dt(m)
-        np.matmul(buf.ones[:len(idx)], buf.diff, out=g_vis)
-        g_vis *= step
-        db_vis += g_vis
-        b_vis += db_vis
-        db_hid *= dt(m)
-        np.matmul(buf.ones, buf.hh, out=g_hid)
-        g_hid *= step
-        db_hid += g_hid
-        b_hid += db_hid
+        stats(step, -m)
+        add_keep(keep)
+        vis_sums(step, m)  # db_vis = m db_vis + lr (<v>_data - <v>_recon)
+        step_vis(1.0)
+        hid_sums(step, m)
+        step_hid(1.0)
         seen += len(idx)
-    if cur is W:
-        np.subtract(W, prev, out=params["dW"])
+    if n_batches % 2 == 0:  # the current weights are in W, the previous ones in W_prev
+        np.subtract(W, W_prev, out=params["dW"])
     else:
-        np.subtract(cur, W, out=params["dW"])
-        W[...] = cur
+        np.subtract(W_prev, W, out=params["dW"])
+        W[...] = W_prev
     return err_sum / seen
 
 

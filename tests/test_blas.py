@@ -1,4 +1,5 @@
-"""dbn._blas: the direct BLAS calls agree with numpy, and the numpy fallback trains the same RBM."""
+"""dbn._blas: the direct BLAS calls agree with numpy, and the numpy fallback trains the same RBM;
+dbn._random draws numpy's own numbers."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dbn import _blas
+from dbn import _blas, _random
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +62,29 @@ def test_gemm_and_axpy_refuse_shapes_that_do_not_fit():
         _blas.axpy(1.0, np.zeros(3, np.float32), np.zeros(4, np.float32))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])  # float64 takes the numpy path
+def test_prepared_calls_repeat_their_product_on_the_arrays_current_contents(dtype):
+    rng = np.random.default_rng(4)
+    A = rng.standard_normal((11, 6)).astype(dtype)
+    B = rng.standard_normal((6, 9)).astype(dtype)
+    C = np.zeros((11, 9), dtype)
+    x, y = rng.standard_normal(11).astype(dtype), rng.standard_normal(6).astype(dtype)
+    gemm = _blas.prepare_gemm(A, B, C)
+    gemv = _blas.prepare_gemv(A, x, y)
+    axpy = _blas.prepare_axpy(C, C.copy())
+    for step in range(3):
+        A *= dtype(1.5)  # new contents, same arrays
+        x -= dtype(0.25)
+        C_ref, y_ref = 0.5 * (A @ B) - 0.9 * C, 2.0 * (A.T @ x) + 0.75 * y
+        gemm(0.5, -0.9)
+        gemv(2.0, 0.75)
+        np.testing.assert_allclose(C, C_ref, rtol=1e-4, atol=1e-4, err_msg=f"gemm, call {step}")
+        np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4, err_msg=f"gemv, call {step}")
+    with pytest.raises(ValueError, match=r"gemv: A \(11, 6\), x \(6,\)"):
+        _blas.prepare_gemv(A, y, y)
+    del axpy
+
+
 def test_axpy_matches_numpy():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((30, 7)).astype(np.float32)
@@ -97,3 +121,29 @@ def test_numpy_fallback_trains_the_same_rbm(tmp_path):
     assert a["errs"][-1] < a["errs"][0]
     for k in ("W", "b_vis", "b_hid", "dW", "db_vis", "db_hid"):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("bit_generator", [np.random.PCG64, np.random.PCG64DXSM, np.random.MT19937])
+@pytest.mark.parametrize("shape", [(0,), (1,), (2,), (7,), (3, 5), (100, 500)])
+@pytest.mark.parametrize("half_kept", [False, True])
+def test_uniform_draws_the_numbers_and_leaves_the_state_rng_random_does(bit_generator, shape, half_kept):
+    ours, ref = (np.random.Generator(bit_generator(42)) for _ in range(2))
+    if half_kept:  # an odd float32 draw leaves PCG64 holding the high half of its last output
+        ours.random(3, dtype=np.float32), ref.random(3, dtype=np.float32)
+    out = np.full(shape, np.nan, np.float32)
+    assert _random.uniform(ours, out) is out
+    np.testing.assert_array_equal(out, ref.random(shape, dtype=np.float32))
+    _assert_same_future(ours, ref)
+
+
+def _assert_same_future(ours, ref):
+    """The two generators go on with the same draws (a kept half included)."""
+    np.testing.assert_array_equal(ours.random(5, dtype=np.float32), ref.random(5, dtype=np.float32))
+    np.testing.assert_array_equal(ours.bit_generator.random_raw(3), ref.bit_generator.random_raw(3))
+
+
+def test_uniform_takes_numpys_path_for_float64():
+    ours, ref = np.random.default_rng(1), np.random.default_rng(1)
+    out64 = np.empty(9)
+    np.testing.assert_array_equal(_random.uniform(ours, out64), ref.random(9))
+    _assert_same_future(ours, ref)

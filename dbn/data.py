@@ -29,7 +29,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from iterreduce.fs import InputError, RecordError
 
 __all__ = [
     "IDXError",
@@ -43,6 +46,7 @@ __all__ = [
     "load_mnist",
     "download_mnist",
     "write_parquet_shards",
+    "check_examples",
     "table_to_arrays",
     "read_parquet_dir",
     "prepare_mnist",
@@ -271,11 +275,21 @@ def write_parquet_shards(
     Rows are split into contiguous, nearly equal shards
     ``out_dir/<prefix>-00000.parquet`` ... with columns ``x``
     (``fixed_size_list<uint8>[d]``) and ``y`` (``int64``; omitted if ``y`` is
-    None). Returns the list of paths written.
+    None). Returns the list of paths written. ``x`` of another dtype must hold
+    integers 0..255 (an IDX file of floats, say, would be scaled by the user first);
+    ``ValueError`` names the first row that does not, before anything is written.
     """
     x = np.asarray(x)
     if x.ndim != 2:
         x = x.reshape(x.shape[0], -1)
+    if x.dtype != np.uint8 and x.size:
+        bad = ~np.isfinite(x) if x.dtype.kind == "f" else np.zeros(x.shape, bool)
+        with np.errstate(invalid="ignore"):
+            bad |= (x < 0) | (x > 255) | (x != np.round(x) if x.dtype.kind == "f" else False)
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            raise ValueError(f"x row {row}, value {col} is {x[row, col].item()!r}: pixels must be integers 0..255 "
+                             f"(x is {x.dtype}); scale the data to 0..255 first")
     if y is not None and len(y) != len(x):
         raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
     if num_shards < 1:
@@ -293,24 +307,106 @@ def write_parquet_shards(
     return paths
 
 
-def table_to_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray | None]:
-    """Convert a table with ``x`` (fixed_size_list<uint8>[d]) and optional ``y``.
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
 
-    Returns ``(x uint8 [n, d], y int64 [n] or None)`` without a per-row loop.
+
+def check_examples(table: pa.Table, n_features: int | None = None, classes: int | None = None) -> None:
+    """Refuse a table of examples that :func:`table_to_arrays` cannot turn into pixels
+    and labels without losing something.
+
+    Raises :class:`iterreduce.fs.RecordError` (``row`` counted in ``table``) for the
+    first bad example: a null example, a null pixel, a pixel outside 0..255, an example
+    with another number of values than the others (or than ``n_features``), a null
+    label, a label outside ``0..classes-1`` (with ``classes``). Raises
+    :class:`iterreduce.fs.InputError` when the columns themselves are wrong: no ``x``,
+    an ``x`` that is not a list of integers, a ``y`` that is not an integer, every
+    example of a fixed width other than ``n_features``. Given as the ``check`` of
+    :func:`iterreduce.fs.read_split`, the errors name the file and the row in it.
     """
+    if "x" not in table.column_names:
+        raise InputError(f"no column 'x' (the examples); the columns are {table.column_names}")
+    col = table.column("x")
+    t = col.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
+            or not pa.types.is_integer(t.value_type):
+        raise InputError(f"column 'x': expected a list of integer pixels 0..255 per example "
+                         f"(fixed_size_list<uint8>[d]), got {t}")
+    if col.null_count:
+        raise RecordError(_first(col.is_null().to_numpy(zero_copy_only=False)), "the example x is null")
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False) if len(col) else np.zeros(0, np.int64)
+    width = t.list_size if pa.types.is_fixed_size_list(t) else (int(lengths[0]) if len(lengths) else n_features)
+    if n_features is not None and width is not None and width != n_features:
+        if pa.types.is_fixed_size_list(t):
+            raise InputError(f"column 'x' has {width} values per example, {n_features} are expected")
+        raise RecordError(0, f"x has {width} values, {n_features} are expected")
+    if len(lengths) and (lengths != width).any():
+        row = _first(lengths != width)
+        raise RecordError(row, f"x has {lengths[row]} values, the examples before it {width}")
+    values = pc.list_flatten(col)
+    if values.null_count:
+        raise RecordError(_first(values.is_null().to_numpy(zero_copy_only=False)) // max(width, 1),
+                          "x has a null pixel")
+    if t.value_type != pa.uint8() and len(values):
+        v = values.to_numpy(zero_copy_only=False)
+        bad = (v < 0) | (v > 255)
+        if bad.any():
+            i = _first(bad)
+            raise RecordError(i // width, f"pixel {i % width} of x is {v[i]}, outside 0..255")
+    if "y" not in table.column_names:
+        return
+    y = table.column("y")
+    if not pa.types.is_integer(y.type):
+        raise InputError(f"column 'y': expected integer labels, got {y.type}")
+    if y.null_count:
+        raise RecordError(_first(y.is_null().to_numpy(zero_copy_only=False)), "the label y is null")
+    if classes is not None and len(y):
+        yv = y.to_numpy()
+        bad = (yv < 0) | (yv >= classes)
+        if bad.any():
+            row = _first(bad)
+            raise RecordError(row, f"label {yv[row]} is not a class of 0..{classes - 1}")
+
+
+def table_to_arrays(table: pa.Table, n_features: int | None = None,
+                    classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Convert a table with ``x`` (a list of integer pixels 0..255 per example,
+    ``fixed_size_list<uint8>[d]`` as written here) and optional ``y``.
+
+    Returns ``(x uint8 [n, d], y int64 [n] or None)`` without a per-row loop. The
+    table is checked first with :func:`check_examples` (``n_features``, ``classes``).
+    """
+    check_examples(table, n_features, classes)
     col = table.column("x").combine_chunks()
     if isinstance(col, pa.ChunkedArray):  # empty table
         col = pa.concat_arrays(col.chunks) if col.num_chunks else pa.array([], type=col.type)
-    d = col.type.list_size
-    if col.offset:  # flatten() honours the offset; values does not
-        flat = col.flatten()
+    if pa.types.is_fixed_size_list(col.type):
+        d = col.type.list_size
+        if col.offset:  # flatten() honours the offset; values does not
+            flat = col.flatten()
+        else:
+            flat = col.values.slice(0, len(col) * d)
     else:
-        flat = col.values.slice(0, len(col) * d)
+        flat = col.flatten()
+        d = len(flat) // len(col) if len(col) else (n_features or 0)
     x = flat.to_numpy(zero_copy_only=False).astype(np.uint8, copy=False).reshape(len(col), d)
     y = None
     if "y" in table.column_names:
         y = table.column("y").to_numpy().astype(np.int64, copy=False)
     return x, y
+
+
+def _in_file(path, first_row: int, fn):
+    """``fn()``, with a :class:`RecordError` or :class:`InputError` made to name ``path``
+    and the row in it (``first_row`` is the row of the table ``fn`` checks)."""
+    try:
+        return fn()
+    except RecordError as exc:
+        err = RecordError(first_row + exc.row, exc.reason)
+        err.args = (f"{path}, row {err.row}: {exc.reason}",)
+        raise err from None
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
 
 
 def _parquet_files(path: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -327,10 +423,18 @@ def _parquet_files(path: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
 
 def read_parquet_dir(
     path: str | os.PathLike | Iterable[str | os.PathLike],
+    n_features: int | None = None,
+    classes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read all ``*.parquet`` shards of a directory (sorted by name), a file, or
-    a list of files. Returns ``(x uint8 [n, d], y int64 [n] or None)``."""
-    tables = [pq.read_table(f) for f in _parquet_files(path)]
+    a list of files. Returns ``(x uint8 [n, d], y int64 [n] or None)``; a bad example
+    (:func:`check_examples`, with ``n_features`` and ``classes``) is refused naming
+    its file and row."""
+    tables = []
+    for f in _parquet_files(path):
+        t = pq.read_table(f)
+        _in_file(f, 0, lambda: check_examples(t, n_features, classes))
+        tables.append(t)
     return table_to_arrays(pa.concat_tables(tables))
 
 

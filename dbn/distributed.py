@@ -98,13 +98,13 @@ from typing import Any
 import numpy as np
 
 from iterreduce import Final, Master, Update, Worker, average_metrics, weighted_average
-from iterreduce.fs import FilePiece, list_input_files, plan_splits, read_split
+from iterreduce.fs import FilePiece, InputError, list_input_files, plan_splits, read_split
 
 from . import model as _model
 from . import network as _net
 from . import plots as _plots
 from . import rbm as _rbm
-from .data import table_to_arrays
+from .data import check_examples, table_to_arrays
 
 __all__ = ["DBNConfig", "DBNMaster", "DBNWorker"]
 
@@ -261,15 +261,18 @@ class DBNConfig:
         return out
 
 
-def _read_xy(pieces: list[FilePiece]) -> tuple[np.ndarray, np.ndarray]:
-    x, y = table_to_arrays(read_split(pieces, ["x", "y"]))
-    if y is None:
-        raise ValueError(f"{pieces[0].path if pieces else 'input'}: needs a label column 'y'")
-    return x, y
+def _read_xy(pieces: list[FilePiece], cfg: DBNConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels and labels of ``pieces``; a bad example is refused naming its file and row."""
+    def check(table):
+        if "y" not in table.column_names:
+            raise InputError("needs a label column 'y'")
+        check_examples(table, cfg.n_visible, cfg.classes)
+
+    return table_to_arrays(read_split(pieces, ["x", "y"], check=check))
 
 
-def _read_path(path: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
-    return _read_xy([FilePiece(f) for f in list_input_files([path] if isinstance(path, str) else path)])
+def _read_path(path: str | list[str], cfg: DBNConfig) -> tuple[np.ndarray, np.ndarray]:
+    return _read_xy([FilePiece(f) for f in list_input_files([path] if isinstance(path, str) else path)], cfg)
 
 
 # --------------------------------------------------------------------------- worker
@@ -280,7 +283,7 @@ class DBNWorker(Worker):
 
     def setup(self, ctx):
         self.cfg = DBNConfig.from_params(ctx.params)
-        self.x, self.y = _read_xy(ctx.split)
+        self.x, self.y = _read_xy(ctx.split, self.cfg)
         if self.cfg.max_examples_per_worker:
             n = self.cfg.max_examples_per_worker
             self.x, self.y = self.x[:n].copy(), self.y[:n].copy()
@@ -374,9 +377,9 @@ class DBNMaster(Master):
                                  "for finetune.where: master")
             self.train = self._read_train([ctx.resolve(t) for t in cfg.train])
         if cfg.validation:
-            self.validation = _read_path(ctx.resolve(cfg.validation))
+            self.validation = _read_path(ctx.resolve(cfg.validation), cfg)
         if cfg.test:
-            self.test = _read_path(ctx.resolve(cfg.test))
+            self.test = _read_path(ctx.resolve(cfg.test), cfg)
         ctx.log.info("DBN master: %s, %d pre-training + %d fine-tuning supersteps (fine-tuning on the %s); "
                      "data loaded in %.1f s", "-".join(map(str, [cfg.n_visible, *cfg.layers, cfg.classes])),
                      self.P, self.F, cfg.where, time.monotonic() - t0)
@@ -384,11 +387,11 @@ class DBNMaster(Master):
     def _read_train(self, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
         n = self.cfg.max_examples_per_worker
         if not n:
-            return _read_path(paths)
+            return _read_path(paths, self.cfg)
         # the same examples the workers use: the first n rows of each split
         xs, ys = [], []
         for pieces in plan_splits(paths, self.ctx.num_workers):
-            x, y = _read_xy(pieces)
+            x, y = _read_xy(pieces, self.cfg)
             xs.append(x[:n])
             ys.append(y[:n])
         return np.concatenate(xs), np.concatenate(ys)

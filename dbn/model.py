@@ -236,7 +236,7 @@ def export_features(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .data import _parquet_files, table_to_arrays
+    from .data import _in_file, _parquet_files, table_to_arrays
 
     if not isinstance(model, Model):
         model = load(model)
@@ -248,9 +248,12 @@ def export_features(
         has_y = "y" in pf.schema_arrow.names
         dst = out / Path(src).name
         writer = None
+        row = 0
         try:
             for batch in pf.iter_batches(batch_size=batch_size, columns=["x", "y"] if has_y else ["x"]):
-                x, y = table_to_arrays(pa.Table.from_batches([batch]))
+                x, y = _in_file(src, row, lambda: table_to_arrays(pa.Table.from_batches([batch]),
+                                                                  n_features=model.sizes[0]))
+                row += len(x)
                 f = np.ascontiguousarray(model.features(x, layer), dtype=np.float32)
                 cols = {"features": pa.FixedSizeListArray.from_arrays(pa.array(f.reshape(-1)), f.shape[1])}
                 if y is not None:

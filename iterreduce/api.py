@@ -32,7 +32,7 @@ import json
 import logging
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -161,11 +161,17 @@ class WorkerContext:
     log: logging.Logger
     _progress: Any = None
 
-    def read_table(self, columns: Sequence[str] | None = None) -> "pa.Table":
-        """Read this worker's split (Parquet files or row groups) as one Arrow table."""
+    def read_table(self, columns: Sequence[str] | None = None,
+                   check: Callable[["pa.Table"], None] | None = None) -> "pa.Table":
+        """Read this worker's split (Parquet files or row groups) as one Arrow table.
+
+        ``check`` sees each row group and raises :class:`iterreduce.fs.RecordError` for a
+        bad record; the error then names the file and the record's row in it, and the
+        job fails at once with it (a replacement worker would read the same record).
+        """
         from .fs import read_split
 
-        return read_split(self.split, columns)
+        return read_split(self.split, columns, check)
 
     def rng(self, superstep: int) -> np.random.Generator:
         """A generator that depends only on (seed, split_index, superstep), so a replacement

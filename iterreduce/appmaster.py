@@ -136,7 +136,8 @@ class AppMaster:
         self._history: list[dict[str, Any]] = []
         self._last_metrics: dict[str, float] = {}
         self._phase = "starting"
-        self._events: list[tuple[str, str]] = []  # (container, reason) lost containers, from IPC threads
+        # (container, reason, fatal) lost containers, from IPC threads; fatal: fail the job, do not replace
+        self._events: list[tuple[str, str, bool]] = []
         self._metrics_lines: list[str] = []  # metrics.jsonl lines not written yet
         self._metrics_flushed = 0.0
         self.server: ipc.IPCServer | None = None
@@ -222,7 +223,9 @@ class AppMaster:
                 self._cond.wait_for(lambda: len(self._pushes) == len(self._splits) or self._events, timeout=0.2)
                 complete = len(self._pushes) == len(self._splits)
                 events, self._events = self._events, []
-            for cid, reason in events:
+            for cid, reason, fatal in events:
+                if fatal:
+                    self._input_failed(cid, reason)
                 self._container_lost(cid, reason)
             self._check_liveness()
             if not complete:
@@ -368,6 +371,14 @@ class AppMaster:
             self.launcher.kill(cid)
             self._container_lost(cid, f"did not register within {age:.0f} s (heartbeat.register_timeout)")
 
+    def _input_failed(self, cid: str, reason: str) -> None:
+        """A worker read a bad input record: every replacement would read it too."""
+        with self._cond:
+            split = self._containers.get(cid)
+        raise JobFailed(f"worker container {self.launcher.describe(cid)} for split {split} {reason}; "
+                        "a bad input record fails the job at once (a replacement worker would read it too): "
+                        "fix or remove the record and run the job again")
+
     def _container_lost(self, cid: str, reason: str) -> None:
         with self._cond:
             split = self._containers.pop(cid, None)
@@ -480,14 +491,14 @@ class AppMaster:
             stop = self._state not in ("RUNNING", "STARTING")
         return {"accepted": True, "message": self._message if stop else "", "stop": stop}
 
-    def fail(self, worker_id: str, superstep: int, error: str, traceback: str) -> dict[str, Any]:
+    def fail(self, worker_id: str, superstep: int, error: str, traceback: str, fatal: bool = False) -> dict[str, Any]:
         with self._cond:
             info = self._workers.get(worker_id)
             if info is None:
                 return {"accepted": False, "message": "not registered", "stop": True}
             log.error("worker %s (container %s, split %d) failed at superstep %d: %s\n%s", worker_id,
                       info.container_id, info.split, superstep, error, traceback)
-            self._events.append((info.container_id, f"failed at superstep {superstep}: {error}"))
+            self._events.append((info.container_id, f"failed at superstep {superstep}: {error}", bool(fatal)))
             self._cond.notify_all()
         return {"accepted": True, "message": "", "stop": True}
 

@@ -65,7 +65,7 @@ __all__ = [
 
 log = logging.getLogger("iterreduce.ipc")
 
-PROTOCOL_VERSION: int = 1
+PROTOCOL_VERSION: int = 2
 TOKEN_KEY = "iterreduce-token"
 VERSION_PROPERTY = "iterreduce.version"
 ERROR_META_KEY = "iterreduce.error"  # in HandshakeResponse.meta when a peer is refused

@@ -24,7 +24,7 @@ from typing import Any
 from . import ipc
 from .api import Update, Worker, WorkerContext, update_from_avro, update_to_avro
 from .containers import ENV_CONTAINER, ENV_MASTER, ENV_SPLIT, ENV_TOKEN_FILE, KV_MASTER_URL, die_with_parent
-from .fs import FilePiece
+from .fs import FilePiece, RecordError
 from .job import JobSpec
 
 log = logging.getLogger("iterreduce.worker")
@@ -117,9 +117,10 @@ class WorkerRunner:
         except Exception as exc:  # report, then exit non-zero: the master replaces this worker
             tb = traceback.format_exc()
             log.error("worker failed at superstep %d: %s\n%s", step, exc, tb)
-            try:
+            try:  # a bad record fails the job: the replacement would read the same record
                 self.client.call("fail", worker_id=self.worker_id, superstep=step,
-                                 error=f"{type(exc).__name__}: {exc}", traceback=tb)
+                                 error=f"{type(exc).__name__}: {exc}", traceback=tb,
+                                 fatal=isinstance(exc, RecordError))
             except Exception:  # noqa: BLE001 - the master may be gone too
                 pass
             return EXIT_FAILED

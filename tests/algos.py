@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from iterreduce import Final, Master, Update, Worker, weighted_average
+from iterreduce.fs import RecordError
 
 from .helpers import misbehave
 
@@ -30,9 +31,18 @@ def write_dataset(directory: Path, rows: int = 4000, files: int = 4, seed: int =
     return directory
 
 
+def finite_rows(table: pa.Table) -> None:
+    """A ``read_table`` check: every x and y finite."""
+    y = table.column("y").to_numpy()
+    x = table.column("x").combine_chunks().flatten().to_numpy().reshape(-1, DIM)
+    bad = ~(np.isfinite(y) & np.isfinite(x).all(axis=1))
+    if bad.any():
+        raise RecordError(int(np.flatnonzero(bad)[0]), "x or y is not finite")
+
+
 class LinRegWorker(Worker):
     def setup(self, ctx):
-        t = ctx.read_table(["x", "y"])
+        t = ctx.read_table(["x", "y"], check=finite_rows)
         self.x = t.column("x").combine_chunks().flatten().to_numpy().reshape(-1, DIM)
         self.y = t.column("y").to_numpy()
         self.params = ctx.params

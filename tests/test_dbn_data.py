@@ -165,6 +165,84 @@ def test_parquet_shards_round_trip(tmp_path):
     assert y4 is None and x4.shape == (1234, 17)
 
 
+def _examples(x_col, y=None):
+    cols = {"x": x_col}
+    if y is not None:
+        cols["y"] = pa.array(y, pa.int64()) if not isinstance(y, pa.Array) else y
+    return pa.table(cols)
+
+
+def _pixels(n=6, d=4, values=None, type=pa.uint8()):
+    vals = np.arange(n * d) % 200 if values is None else values
+    return pa.FixedSizeListArray.from_arrays(pa.array(vals, type), d)
+
+
+_BAD_EXAMPLES = {
+    # name: (table, expected message after "row N: " or the whole-file message)
+    "label out of range": (_examples(_pixels(), [0, 1, 2, 3, 10, 5]), 4, "label 10 is not a class of 0..9"),
+    "negative label": (_examples(_pixels(), [0, 1, -1, 3, 4, 5]), 2, "label -1 is not a class of 0..9"),
+    "null label": (_examples(_pixels(), pa.array([0, 1, 2, None, 4, 5], pa.int64())), 3, "the label y is null"),
+    "null example": (_examples(pa.array([[1] * 4, [2] * 4, None, [1] * 4, [1] * 4, [1] * 4],
+                                        pa.list_(pa.uint8(), 4)), [0] * 6), 2, "the example x is null"),
+    "null pixel": (_examples(pa.array([[1] * 4, [2] * 4, [3] * 4, [1] * 4, [1, None, 1, 1], [1] * 4],
+                                      pa.list_(pa.uint8(), 4)), [0] * 6), 4, "x has a null pixel"),
+    "pixel above 255": (_examples(_pixels(values=np.r_[np.zeros(21), 300, 0, 0], type=pa.int32()), [0] * 6),
+                        5, "pixel 1 of x is 300, outside 0..255"),
+    "ragged examples": (_examples(pa.array([[1] * 4, [2] * 4, [3] * 4, [4] * 3, [1] * 4, [1] * 4],
+                                           pa.list_(pa.uint8())), [0] * 6), 3,
+                        "x has 3 values, the examples before it 4"),
+    "float pixels": (_examples(_pixels(values=np.linspace(0, 1, 24), type=pa.float32()), [0] * 6), None,
+                     "column 'x': expected a list of integer pixels 0..255 per example"),
+    "wrong width": (_examples(_pixels(d=3, n=8), [0] * 8), None, "column 'x' has 3 values per example, 4 are expected"),
+    "float labels": (_examples(_pixels(), pa.array([0.0] * 6)), None, "column 'y': expected integer labels, got double"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_EXAMPLES))
+def test_bad_example_is_refused_naming_the_file_and_its_row(tmp_path, case):
+    from functools import partial
+
+    from iterreduce.fs import FilePiece, InputError, RecordError, read_split
+
+    table, row, words = _BAD_EXAMPLES[case]
+    path = tmp_path / "part-00000.parquet"
+    good = _examples(_pixels(n=5), [0] * 5).cast(table.schema) if row is not None else None
+    # a good row group first, so that the row in the file differs from the row in its group
+    with pq.ParquetWriter(path, table.schema) as w:
+        if good is not None:
+            w.write_table(good)
+        w.write_table(table)
+    check = partial(D.check_examples, n_features=4, classes=10)
+    with pytest.raises(InputError) as err:
+        read_split([FilePiece(str(path))], check=check)
+    with pytest.raises(InputError) as err2:  # dbn.data's own reader names them too
+        D.read_parquet_dir(path, n_features=4, classes=10)
+    if row is None:  # the columns are wrong as a whole
+        assert str(err.value).startswith(f"input file {path}: {words}")
+        assert str(err2.value).startswith(f"{path}: {words}")
+    else:
+        assert isinstance(err.value, RecordError) and err.value.row == 5 + row
+        assert str(err.value) == f"input file {path}, row {5 + row} (row group 1): {words}"
+        assert str(err2.value) == f"{path}, row {5 + row}: {words}"
+
+
+def test_good_examples_of_other_integer_and_list_types_convert():
+    t = _examples(pa.array([[0, 255, 7], [1, 2, 3]], pa.list_(pa.int64())), [9, 0])
+    x, y = D.table_to_arrays(t, n_features=3, classes=10)
+    assert x.dtype == np.uint8 and x.tolist() == [[0, 255, 7], [1, 2, 3]] and y.tolist() == [9, 0]
+
+
+@pytest.mark.parametrize("x,words", [(np.array([[0, 1.5]]), "x row 0, value 1 is 1.5"),
+                                     (np.array([[7, 8], [0, 300]]), "x row 1, value 1 is 300"),
+                                     (np.array([[np.nan, 0]]), "x row 0, value 0 is nan")])
+def test_shards_refuse_pixels_that_are_not_integers_0_to_255(tmp_path, x, words):
+    with pytest.raises(ValueError, match=f"^{words}: pixels must be integers 0..255"):
+        D.write_parquet_shards(x, None, tmp_path / "s", 1)
+    assert not list((tmp_path / "s").glob("*.parquet"))
+    D.write_parquet_shards(np.array([[3.0, 255.0]]), None, tmp_path / "ok", 1)  # whole numbers are fine
+    assert D.read_parquet_dir(tmp_path / "ok")[0].tolist() == [[3, 255]]
+
+
 @needs_mnist
 def test_prepare_mnist(tmp_path, mnist):
     meta = D.prepare_mnist(MNIST_DIR, tmp_path, num_shards=3)

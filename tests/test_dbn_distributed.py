@@ -122,6 +122,26 @@ def tiny_baseline(tmp_path_factory, mnist_parquet):
     return out
 
 
+def test_a_label_outside_the_classes_fails_the_job_naming_its_file_and_row(tmp_path, mnist_parquet):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    shutil.copytree(mnist_parquet, data)
+    shard = sorted((data / "train").glob("*.parquet"))[-1]
+    t = pq.read_table(shard)
+    y = t.column("y").to_numpy().copy()
+    y[123] = 10
+    pq.write_table(t.set_column(t.schema.get_field_index("y"), "y", pa.array(y)), shard)
+    out = tmp_path / "out"
+    res = cli("run", str(write_job(tmp_path / "job.yaml", tiny_spec(data, out, where="workers"))))
+    assert res.returncode != 0
+    assert f"input file {shard}, row 123 (row group 0): label 10 is not a class of 0..9" in res.stderr
+    assert metrics(out)["replacements"] == 0
+
+
 def test_tiny_run_learns(tiny_baseline):
     m = metrics(tiny_baseline)
     assert m["state"] == "SUCCEEDED" and m["replacements"] == 0

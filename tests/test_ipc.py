@@ -115,7 +115,7 @@ def client(server):
 
 
 def test_protocol_constants():
-    assert ipc.PROTOCOL_VERSION == 1
+    assert ipc.PROTOCOL_VERSION == 2
     assert json.loads(ipc.PROTOCOL_TEXT)["iterreduce.version"] == ipc.PROTOCOL_VERSION
     assert isinstance(ipc.PROTOCOL, avro.protocol.Protocol)
     assert set(ipc.PROTOCOL.messages) == {"register", "fetch", "push", "heartbeat", "fail", "complete", "status"}
@@ -287,12 +287,12 @@ def _modified_protocol(version=None, extra_field=False):
 
 
 def test_version_mismatch(server):
-    c = IPCClient(server.url, TOKEN, timeout=5, protocol_text=_modified_protocol(version=2))
-    with pytest.raises(HandshakeError, match=r"client speaks IterReduce v2, master speaks v1"):
+    c = IPCClient(server.url, TOKEN, timeout=5, protocol_text=_modified_protocol(version=3))
+    with pytest.raises(HandshakeError, match=r"client speaks IterReduce v3, master speaks v2"):
         c.call("status")
     # the server refuses such a client too (when the client insists on sending its protocol)
     c._send_protocol = True
-    with pytest.raises(HandshakeError, match="v2.*v1"):
+    with pytest.raises(HandshakeError, match="v3.*v2"):
         c.call("status")
     c.close()
     # same version, other schemas

@@ -103,6 +103,26 @@ def test_replacement_limit_fails_the_job_with_the_reason(tmp_path, dataset):
     assert metrics(job)["state"] == "FAILED"
 
 
+def test_bad_record_fails_the_job_at_once_naming_its_file_and_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = write_dataset(tmp_path / "data")  # 4 files of 1000 rows, row groups of 500
+    bad = data / "part-00003.parquet"
+    t = pq.read_table(bad)
+    y = t.column("y").to_numpy().copy()
+    y[742] = np.inf
+    pq.write_table(t.set_column(t.schema.get_field_index("y"), "y", pa.array(y)), bad, row_group_size=500)
+    job = make_job(tmp_path, data, "badrecord", max_restarts=3)
+    res = cli("run", str(job))
+    assert res.returncode != 0
+    assert f"input file {bad}, row 742 (row group 1): x or y is not finite" in res.stderr
+    assert "a bad input record fails the job at once" in res.stderr
+    m = metrics(job)
+    assert m["state"] == "FAILED" and m["replacements"] == 0  # not retried max_restarts times
+    assert "row 742" in m["message"]
+
+
 def test_nan_update_is_rejected_and_fails_the_job_clearly(tmp_path, dataset):
     job = make_job(tmp_path, dataset, "nan", nan_at=1, max_restarts=1)
     res = cli("run", str(job))

@@ -402,9 +402,7 @@ def _in_file(path, first_row: int, fn):
     try:
         return fn()
     except RecordError as exc:
-        err = RecordError(first_row + exc.row, exc.reason)
-        err.args = (f"{path}, row {err.row}: {exc.reason}",)
-        raise err from None
+        raise RecordError(first_row + exc.row, exc.reason, str(path)) from None
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
 

@@ -31,12 +31,12 @@ class InputError(ValueError):
 class RecordError(InputError):
     """A bad record, raised by a ``check`` given to :func:`read_split`: ``row`` is the
     record's index in the table the check was given (one row group), ``reason`` what
-    is wrong with it. :func:`read_split` raises it again with the file and the
-    record's position in that file in the message."""
+    is wrong with it. :func:`read_split` raises it again with ``where`` (the file) and
+    the record's row in that file."""
 
-    def __init__(self, row: int, reason: str):
-        super().__init__(f"row {row}: {reason}")
-        self.row, self.reason = int(row), reason
+    def __init__(self, row: int, reason: str, where: str = ""):
+        self.row, self.reason, self.where = int(row), reason, where
+        super().__init__(f"{where}, row {row}: {reason}" if where else f"row {row}: {reason}")
 
 
 _FS_CACHE: dict[str, pafs.FileSystem] = {}
@@ -187,9 +187,9 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
     ``check(table)``, when given, sees each row group as it is read and raises
     :class:`RecordError` for a bad record; that is raised again as a
     :class:`RecordError` whose message names the file and the record's row in the
-    file, counted from 0 (``input file data/part-3.parquet, row 10017 (row group 1):
-    label 12 is not a class of 0..9``). An :class:`InputError` it raises (columns
-    that are wrong as a whole) is raised again naming the file.
+    file, counted from 0 (``input file data/part-3.parquet, row 10017: label 12 is not a
+    class of 0..9``). An :class:`InputError` it raises (columns that are wrong as a
+    whole) is raised again naming the file.
     """
     tables = []
     for piece in pieces:
@@ -207,10 +207,8 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
                         try:
                             check(table)
                         except RecordError as exc:
-                            row = sum(pf.metadata.row_group(i).num_rows for i in range(rg)) + exc.row
-                            err = RecordError(row, exc.reason)
-                            err.args = (f"input file {piece.path}, row {row} (row group {rg}): {exc.reason}",)
-                            raise err from None
+                            first = sum(pf.metadata.row_group(i).num_rows for i in range(rg))
+                            raise RecordError(first + exc.row, exc.reason, f"input file {piece.path}") from None
                         except InputError as exc:
                             raise InputError(f"input file {piece.path}: {exc}") from None
                     tables.append(table)

@@ -222,7 +222,7 @@ def test_bad_example_is_refused_naming_the_file_and_its_row(tmp_path, case):
         assert str(err2.value).startswith(f"{path}: {words}")
     else:
         assert isinstance(err.value, RecordError) and err.value.row == 5 + row
-        assert str(err.value) == f"input file {path}, row {5 + row} (row group 1): {words}"
+        assert str(err.value) == f"input file {path}, row {5 + row}: {words}"
         assert str(err2.value) == f"{path}, row {5 + row}: {words}"
 
 

@@ -138,7 +138,7 @@ def test_a_label_outside_the_classes_fails_the_job_naming_its_file_and_row(tmp_p
     out = tmp_path / "out"
     res = cli("run", str(write_job(tmp_path / "job.yaml", tiny_spec(data, out, where="workers"))))
     assert res.returncode != 0
-    assert f"input file {shard}, row 123 (row group 0): label 10 is not a class of 0..9" in res.stderr
+    assert f"input file {shard}, row 123: label 10 is not a class of 0..9" in res.stderr
     assert metrics(out)["replacements"] == 0
 
 

@@ -116,7 +116,7 @@ def test_bad_record_fails_the_job_at_once_naming_its_file_and_row(tmp_path):
     job = make_job(tmp_path, data, "badrecord", max_restarts=3)
     res = cli("run", str(job))
     assert res.returncode != 0
-    assert f"input file {bad}, row 742 (row group 1): x or y is not finite" in res.stderr
+    assert f"input file {bad}, row 742: x or y is not finite" in res.stderr
     assert "a bad input record fails the job at once" in res.stderr
     m = metrics(job)
     assert m["state"] == "FAILED" and m["replacements"] == 0  # not retried max_restarts times

@@ -342,7 +342,7 @@ def check_examples(table: pa.Table, n_features: int | None = None, classes: int 
         raise RecordError(0, f"x has {width} values, {n_features} are expected")
     if len(lengths) and (lengths != width).any():
         row = _first(lengths != width)
-        raise RecordError(row, f"x has {lengths[row]} values, the examples before it {width}")
+        raise RecordError(row, f"x has {lengths[row]} values, the examples before it have {width}")
     values = pc.list_flatten(col)
     if values.null_count:
         raise RecordError(_first(values.is_null().to_numpy(zero_copy_only=False)) // max(width, 1),

@@ -69,20 +69,23 @@ def test_prepared_calls_repeat_their_product_on_the_arrays_current_contents(dtyp
     B = rng.standard_normal((6, 9)).astype(dtype)
     C = np.zeros((11, 9), dtype)
     x, y = rng.standard_normal(11).astype(dtype), rng.standard_normal(6).astype(dtype)
+    acc = np.zeros_like(C)
     gemm = _blas.prepare_gemm(A, B, C)
     gemv = _blas.prepare_gemv(A, x, y)
-    axpy = _blas.prepare_axpy(C, C.copy())
+    axpy = _blas.prepare_axpy(C, acc)
     for step in range(3):
         A *= dtype(1.5)  # new contents, same arrays
         x -= dtype(0.25)
         C_ref, y_ref = 0.5 * (A @ B) - 0.9 * C, 2.0 * (A.T @ x) + 0.75 * y
         gemm(0.5, -0.9)
         gemv(2.0, 0.75)
+        acc_ref = acc - 1.25 * C
+        axpy(-1.25)
         np.testing.assert_allclose(C, C_ref, rtol=1e-4, atol=1e-4, err_msg=f"gemm, call {step}")
         np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4, err_msg=f"gemv, call {step}")
+        np.testing.assert_allclose(acc, acc_ref, rtol=1e-5, atol=1e-5, err_msg=f"axpy, call {step}")
     with pytest.raises(ValueError, match=r"gemv: A \(11, 6\), x \(6,\)"):
         _blas.prepare_gemv(A, y, y)
-    del axpy
 
 
 def test_axpy_matches_numpy():

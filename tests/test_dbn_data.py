@@ -190,7 +190,7 @@ _BAD_EXAMPLES = {
                         5, "pixel 1 of x is 300, outside 0..255"),
     "ragged examples": (_examples(pa.array([[1] * 4, [2] * 4, [3] * 4, [4] * 3, [1] * 4, [1] * 4],
                                            pa.list_(pa.uint8())), [0] * 6), 3,
-                        "x has 3 values, the examples before it 4"),
+                        "x has 3 values, the examples before it have 4"),
     "float pixels": (_examples(_pixels(values=np.linspace(0, 1, 24), type=pa.float32()), [0] * 6), None,
                      "column 'x': expected a list of integer pixels 0..255 per example"),
     "wrong width": (_examples(_pixels(d=3, n=8), [0] * 8), None, "column 'x' has 3 values per example, 4 are expected"),

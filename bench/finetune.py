@@ -10,7 +10,8 @@ cross-entropy), mini-batches of 100, SGD with momentum 0.9, float32, one epoch o
   solver and momentum (``max_iter=1``, no early stopping, float32 input);
 * the forward and backward matrix products alone (what an epoch cannot beat).
 
-Prints examples per second for each. Each figure is the best of ``--repeat`` runs.
+Prints examples per second for each. Each figure is the best of ``--repeat`` rounds,
+each round timing every row once, in turn.
 
     python bench/finetune.py --data ../shared/data/mnist
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -31,14 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dbn import network as N  # noqa: E402
 from dbn.data import load_mnist  # noqa: E402
 
-
-def best_of(repeat: int, fn) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from _timing import best_of_rounds  # noqa: E402  (bench/ is on sys.path when a script here runs)
 
 
 def main(argv=None) -> int:
@@ -60,7 +53,7 @@ def main(argv=None) -> int:
     n_batches = -(-n // bs)
     threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
     print(f"fine-tuning epoch: {n} images, {'-'.join(map(str, sizes))}, batch {bs}, float32; "
-          f"{os.cpu_count()} CPUs, BLAS threads: {threads}; best of {a.repeat}")
+          f"{os.cpu_count()} CPUs, BLAS threads: {threads}; best of {a.repeat} rounds")
 
     # forward (every layer) + backward (weight gradient every layer, input gradient all but the first)
     rng = np.random.default_rng(a.seed)
@@ -80,7 +73,6 @@ def main(argv=None) -> int:
                     np.matmul(acts[i + 1], Ws[i].T, out=deltas[i])
 
     gemms()
-    rows = [("matrix products alone", best_of(a.repeat, gemms))]
 
     def ours(settings):
         net = N.init_net(sizes, np.random.default_rng(a.seed))
@@ -89,10 +81,9 @@ def main(argv=None) -> int:
     plain = N.FinetuneSettings(learning_rate=0.1, momentum=0.9, batch_size=bs)
     drop = N.FinetuneSettings(learning_rate=0.1, momentum=0.9, batch_size=bs, dropout_input=0.2,
                               dropout_hidden=0.5)
-    rows.append(("dbn.network.finetune_epoch", best_of(a.repeat, lambda: ours(plain))))
-    rows.append(("dbn.network.finetune_epoch, dropout", best_of(a.repeat, lambda: ours(drop))))
-    t_ours = rows[1][1]
-    t_sk = None
+    contenders = {"matrix products alone": gemms,
+                  "dbn.network.finetune_epoch": lambda: ours(plain),
+                  "dbn.network.finetune_epoch, dropout": lambda: ours(drop)}
     try:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.neural_network import MLPClassifier
@@ -107,13 +98,16 @@ def main(argv=None) -> int:
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 clf.fit(x, y)
 
-        t_sk = best_of(a.repeat, sk)
-        rows.append(("scikit-learn MLPClassifier (max_iter=1)", t_sk))
+        contenders["scikit-learn MLPClassifier (max_iter=1)"] = sk
+    best = best_of_rounds(a.repeat, contenders)
+    rows = list(best.items())
+    t_products, t_ours = best["matrix products alone"], best["dbn.network.finetune_epoch"]
+    t_sk = best.get("scikit-learn MLPClassifier (max_iter=1)")
 
     print(f"\n{'':42s} {'s/epoch':>8s} {'examples/s':>11s} {'GFLOP/s':>8s}")
     for name, t in rows:
         print(f"{name:42s} {t:8.3f} {n / t:11.0f} {flops / t / 1e9:8.1f}")
-    print(f"\nours / matrix products: {rows[0][1] / t_ours:.0%}")
+    print(f"\nours / matrix products: {t_products / t_ours:.0%}")
     if t_sk is not None:
         print(f"ours vs scikit-learn: {t_sk / t_ours:.2f}x the examples/s")
     return 0

@@ -32,7 +32,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,16 +42,7 @@ from dbn import _blas  # noqa: E402
 from dbn import rbm as R  # noqa: E402
 from dbn.data import load_mnist  # noqa: E402
 
-
-def best_of_rounds(repeat: int, contenders: dict) -> dict:
-    """``{name: best time}`` over ``repeat`` rounds, each timing every contender once, in turn."""
-    best = {name: float("inf") for name in contenders}
-    for _ in range(repeat):
-        for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+from _timing import best_of_rounds  # noqa: E402  (bench/ is on sys.path when a script here runs)
 
 
 def main(argv=None) -> int:

@@ -178,7 +178,7 @@ def _pixels(n=6, d=4, values=None, type=pa.uint8()):
 
 
 _BAD_EXAMPLES = {
-    # name: (table, expected message after "row N: " or the whole-file message)
+    # name: (table, row of the bad example in it or None when the columns are wrong as a whole, message)
     "label out of range": (_examples(_pixels(), [0, 1, 2, 3, 10, 5]), 4, "label 10 is not a class of 0..9"),
     "negative label": (_examples(_pixels(), [0, 1, -1, 3, 4, 5]), 2, "label -1 is not a class of 0..9"),
     "null label": (_examples(_pixels(), pa.array([0, 1, 2, None, 4, 5], pa.int64())), 3, "the label y is null"),

@@ -13,6 +13,7 @@ __all__ = [
     "JobSpec",
     "Master",
     "MasterContext",
+    "RecordError",
     "Update",
     "Worker",
     "WorkerContext",
@@ -21,3 +22,13 @@ __all__ = [
     "weighted_average",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # RecordError lives with the readers in iterreduce.fs; imported on first use, so that
+    # ``import iterreduce`` does not import pyarrow
+    if name == "RecordError":
+        from .fs import RecordError
+
+        return RecordError
+    raise AttributeError(f"module 'iterreduce' has no attribute {name!r}")

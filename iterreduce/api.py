@@ -165,7 +165,7 @@ class WorkerContext:
                    check: Callable[["pa.Table"], None] | None = None) -> "pa.Table":
         """Read this worker's split (Parquet files or row groups) as one Arrow table.
 
-        ``check`` sees each row group and raises :class:`iterreduce.fs.RecordError` for a
+        ``check`` sees each row group and raises :class:`iterreduce.RecordError` for a
         bad record; the error then names the file and the record's row in it, and the
         job fails at once with it (a replacement worker would read the same record).
         """

@@ -10,8 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from iterreduce import Final, Master, Update, Worker, weighted_average
-from iterreduce.fs import RecordError
+from iterreduce import Final, Master, RecordError, Update, Worker, weighted_average
 
 from .helpers import misbehave
 

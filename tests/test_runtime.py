@@ -253,3 +253,15 @@ def test_missing_input_path_is_named(tmp_path):
     res = cli("run", str(job))
     assert res.returncode != 0
     assert f"input path {tmp_path / 'nowhere'}: does not exist" in res.stderr
+
+
+def test_record_error_is_part_of_the_top_level_api_without_importing_pyarrow_up_front():
+    import subprocess
+    import sys
+
+    code = ("import sys, iterreduce; assert 'pyarrow' not in sys.modules, 'import iterreduce pulled in pyarrow'; "
+            "from iterreduce import RecordError; from iterreduce.fs import InputError, RecordError as R; "
+            "assert RecordError is R and issubclass(R, InputError); print(R(3, 'bad', 'f.parquet'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "f.parquet, row 3: bad"

@@ -283,9 +283,10 @@ def write_parquet_shards(
     if x.ndim != 2:
         x = x.reshape(x.shape[0], -1)
     if x.dtype != np.uint8 and x.size:
-        bad = ~np.isfinite(x) if x.dtype.kind == "f" else np.zeros(x.shape, bool)
-        with np.errstate(invalid="ignore"):
-            bad |= (x < 0) | (x > 255) | (x != np.round(x) if x.dtype.kind == "f" else False)
+        with np.errstate(invalid="ignore"):  # NaN compares unequal to itself: caught below
+            bad = (x < 0) | (x > 255)
+            if x.dtype.kind == "f":
+                bad |= x != np.round(x)
         if bad.any():
             row, col = np.argwhere(bad)[0]
             raise ValueError(f"x row {row}, value {col} is {x[row, col].item()!r}: pixels must be integers 0..255 "
@@ -377,6 +378,11 @@ def table_to_arrays(table: pa.Table, n_features: int | None = None,
     table is checked first with :func:`check_examples` (``n_features``, ``classes``).
     """
     check_examples(table, n_features, classes)
+    return _to_arrays(table, n_features)
+
+
+def _to_arrays(table: pa.Table, n_features: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`table_to_arrays` of a table :func:`check_examples` has already passed."""
     col = table.column("x").combine_chunks()
     if isinstance(col, pa.ChunkedArray):  # empty table
         col = pa.concat_arrays(col.chunks) if col.num_chunks else pa.array([], type=col.type)
@@ -433,7 +439,7 @@ def read_parquet_dir(
         t = pq.read_table(f)
         _in_file(f, 0, lambda: check_examples(t, n_features, classes))
         tables.append(t)
-    return table_to_arrays(pa.concat_tables(tables))
+    return _to_arrays(pa.concat_tables(tables), n_features)
 
 
 def prepare_mnist(

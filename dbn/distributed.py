@@ -104,7 +104,7 @@ from . import model as _model
 from . import network as _net
 from . import plots as _plots
 from . import rbm as _rbm
-from .data import check_examples, table_to_arrays
+from .data import _to_arrays, check_examples
 
 __all__ = ["DBNConfig", "DBNMaster", "DBNWorker"]
 
@@ -268,7 +268,7 @@ def _read_xy(pieces: list[FilePiece], cfg: DBNConfig) -> tuple[np.ndarray, np.nd
             raise InputError("needs a label column 'y'")
         check_examples(table, cfg.n_visible, cfg.classes)
 
-    return table_to_arrays(read_split(pieces, ["x", "y"], check=check))
+    return _to_arrays(read_split(pieces, ["x", "y"], check=check), cfg.n_visible)
 
 
 def _read_path(path: str | list[str], cfg: DBNConfig) -> tuple[np.ndarray, np.ndarray]:

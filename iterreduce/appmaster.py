@@ -39,7 +39,20 @@ __all__ = ["AppMaster", "JobFailed", "load_class"]
 
 
 class JobFailed(RuntimeError):
-    """The job cannot finish; the message says why and where to look."""
+    """The job cannot finish; the message says why and where to look.
+
+    ``retry`` says whether a new ApplicationMaster attempt, resuming from the last
+    checkpoint, could end otherwise: True for lost containers and for errors of the
+    ApplicationMaster itself or of the filesystem (the cluster may do better next time);
+    False for what a new attempt would only repeat: a bad input record, the algorithm's
+    own error in ``combine``, ``max_supersteps``. On YARN a failure with ``retry`` False
+    ends the application: the next attempt fails at once with the same reason
+    (:data:`FAILURE_MARKER`) instead of running the job again up to the same point.
+    """
+
+    def __init__(self, message: str, retry: bool = False):
+        super().__init__(message)
+        self.retry = retry
 
 
 class AlgorithmImportError(JobFailed):
@@ -157,7 +170,7 @@ class AppMaster:
             self._fail(f"ApplicationMaster error: {type(exc).__name__}: {exc}")
             if isinstance(exc, Exception):
                 raise JobFailed(f"ApplicationMaster error: {type(exc).__name__}: {exc}\n"
-                                f"{traceback.format_exc()}") from exc
+                                f"{traceback.format_exc()}", retry=True) from exc
             raise
         finally:
             self._shutdown()
@@ -238,7 +251,7 @@ class AppMaster:
                 nxt = self.master.combine(updates, step)
             except Exception as exc:
                 raise JobFailed(f"Master.combine failed at superstep {step}: {type(exc).__name__}: {exc}\n"
-                                f"{traceback.format_exc()}") from exc
+                                f"{traceback.format_exc()}", retry=isinstance(exc, OSError)) from exc
             if not isinstance(nxt, Update):
                 raise JobFailed(f"Master.combine must return an Update or Final, got {type(nxt).__name__}")
             combine_s = time.monotonic() - t0
@@ -395,7 +408,8 @@ class AppMaster:
         where = self.launcher.describe(cid)
         if n > self.job.workers.max_restarts:
             raise JobFailed(f"worker container {where} for split {split} {reason}; the job already replaced "
-                            f"{n - 1} worker(s), the limit of workers.max_restarts ({self.job.workers.max_restarts})")
+                            f"{n - 1} worker(s), the limit of workers.max_restarts ({self.job.workers.max_restarts})",
+                            retry=True)
         log.warning("worker container %s for split %d %s: starting a replacement (%d of at most %d)",
                     where, split, reason, n, self.job.workers.max_restarts)
         self._launch(split)
@@ -564,6 +578,28 @@ def _log_superstep(rec: dict[str, Any], total: int | None) -> None:
              rec["seconds"], mb, shown)
 
 
+FAILURE_MARKER = "final-failure.json"
+"""In the output directory: the failure of an attempt that a new attempt would only repeat."""
+
+
+def record_final_failure(output: Output, app_id: str, attempt: int, reason: str) -> None:
+    """Leave ``reason`` for the next attempts of ``app_id`` (see :class:`JobFailed`)."""
+    output.write_json(FAILURE_MARKER, {"application": app_id, "attempt": attempt, "reason": reason})
+
+
+def final_failure_of(output: Output, app_id: str) -> dict[str, Any] | None:
+    """What an earlier attempt of ``app_id`` left with :func:`record_final_failure`, or None
+    (nothing there, or a marker of another application: an earlier submission of the job)."""
+    try:
+        if not output.exists(FAILURE_MARKER):
+            return None
+        rec = json.loads(output.read_bytes(FAILURE_MARKER))
+    except (OSError, ValueError) as exc:
+        log.warning("could not read %s: %s", output.uri_of(FAILURE_MARKER), exc)
+        return None
+    return rec if isinstance(rec, dict) and rec.get("application") == app_id else None
+
+
 def attempt_number() -> int:
     """The YARN application attempt of this container (1 outside YARN)."""
     cid = os.environ.get("CONTAINER_ID", "")
@@ -608,10 +644,23 @@ def main(argv: list[str] | None = None) -> None:
     host = os.environ.get("NM_HOST") or socket.getfqdn()
     am = AppMaster(job, YarnLauncher(app), token=token, resume=attempt > 1, host=host, status_hook=publish)
     log.info("ApplicationMaster attempt %d for job %s", attempt, job.name)
+    prior = final_failure_of(am.output, app.id) if attempt > 1 else None
+    if prior is not None:  # attempt `prior["attempt"]` failed for good: say so, do not run the job again
+        reason = (f"attempt {prior['attempt']} failed for a reason a new attempt would only repeat, "
+                  f"so attempt {attempt} did not run the job again: {prior['reason']}")
+        log.error("job %s: %s", job.name, reason)
+        publish({**am.status(), "state": "FAILED", "message": reason.splitlines()[0]})
+        app.shutdown("FAILED", diagnostics=f"iterreduce job {job.name} failed: {reason}"[:8000])
+        sys.exit(1)
     try:
         am.run()
     except JobFailed as exc:
         publish(am.status())
+        if not exc.retry:
+            try:
+                record_final_failure(am.output, app.id, attempt, str(exc))
+            except Exception:  # noqa: BLE001 - then the next attempt runs the job again
+                log.exception("could not write %s", am.output.uri_of(FAILURE_MARKER))
         app.shutdown("FAILED", diagnostics=f"iterreduce job {job.name} failed: {exc}"[:8000])
         sys.exit(1)
     status = am.status()

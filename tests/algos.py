@@ -30,6 +30,16 @@ def write_dataset(directory: Path, rows: int = 4000, files: int = 4, seed: int =
     return directory
 
 
+def spoil_record(data: Path) -> Path:
+    """Make row 742 of ``data``'s part-00003.parquet (its second row group) non-finite."""
+    bad = data / "part-00003.parquet"
+    t = pq.read_table(bad)
+    y = t.column("y").to_numpy().copy()
+    y[742] = np.inf
+    pq.write_table(t.set_column(t.schema.get_field_index("y"), "y", pa.array(y)), bad, row_group_size=500)
+    return bad
+
+
 def finite_rows(table: pa.Table) -> None:
     """A ``read_table`` check: every x and y finite."""
     y = table.column("y").to_numpy()

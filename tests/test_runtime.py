@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from iterreduce import ipc
-from iterreduce.appmaster import AppMaster
+from iterreduce.appmaster import FAILURE_MARKER, AppMaster, JobFailed, final_failure_of, record_final_failure
 from iterreduce.containers import LocalLauncher
 from iterreduce.fs import Output
 from iterreduce.job import load_job
 
-from .algos import write_dataset
+from .algos import spoil_record, write_dataset
 from .helpers import cli, run_and_kill_after_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,15 +104,8 @@ def test_replacement_limit_fails_the_job_with_the_reason(tmp_path, dataset):
 
 
 def test_bad_record_fails_the_job_at_once_naming_its_file_and_row(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     data = write_dataset(tmp_path / "data")  # 4 files of 1000 rows, row groups of 500
-    bad = data / "part-00003.parquet"
-    t = pq.read_table(bad)
-    y = t.column("y").to_numpy().copy()
-    y[742] = np.inf
-    pq.write_table(t.set_column(t.schema.get_field_index("y"), "y", pa.array(y)), bad, row_group_size=500)
+    bad = spoil_record(data)
     job = make_job(tmp_path, data, "badrecord", max_restarts=3)
     res = cli("run", str(job))
     assert res.returncode != 0
@@ -121,6 +114,34 @@ def test_bad_record_fails_the_job_at_once_naming_its_file_and_row(tmp_path):
     m = metrics(job)
     assert m["state"] == "FAILED" and m["replacements"] == 0  # not retried max_restarts times
     assert "row 742" in m["message"]
+
+
+def test_failures_a_new_attempt_would_only_repeat_are_final(tmp_path, dataset, monkeypatch):
+    """On YARN such a failure ends the application at the next attempt (JobFailed.retry)."""
+    monkeypatch.chdir(ROOT)  # the workers import tests.algos
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+
+    def failure(job_path: Path) -> JobFailed:
+        job = load_job(job_path)
+        with pytest.raises(JobFailed) as info:
+            AppMaster(job, LocalLauncher(Path(job.output) / "logs")).run()
+        return info.value
+
+    data = write_dataset(tmp_path / "data")
+    spoil_record(data)
+    bad_input = failure(make_job(tmp_path, data, "badrecord"))
+    assert "row 742" in str(bad_input) and bad_input.retry is False
+    lost = failure(make_job(tmp_path, dataset, "limit", die_at=1, max_restarts=1))
+    assert "workers.max_restarts (1)" in str(lost) and lost.retry is True  # the cluster may do better
+
+    out = Output(str(tmp_path / "out")).create()
+    assert final_failure_of(out, "application_1_0001") is None
+    record_final_failure(out, "application_1_0001", 1, str(bad_input))
+    seen = final_failure_of(out, "application_1_0001")
+    assert seen == {"application": "application_1_0001", "attempt": 1, "reason": str(bad_input)}
+    assert final_failure_of(out, "application_1_0002") is None  # a later submission runs
+    out.write_bytes(FAILURE_MARKER, b"{not json")
+    assert final_failure_of(out, "application_1_0001") is None  # unreadable: the attempt runs
 
 
 def test_nan_update_is_rejected_and_fails_the_job_clearly(tmp_path, dataset):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.algos import write_dataset
+from tests.algos import spoil_record, write_dataset
 from tests.helpers import cli
 
 pytestmark = pytest.mark.hadoop
@@ -311,6 +311,27 @@ def test_failing_application_is_reported_at_once_with_the_logs_command(hadoop_cl
     assert time.monotonic() - t0 < 300
     logs = cli("logs", app_id)
     assert logs.returncode == 0 and "worker" in logs.stdout
+
+
+def test_bad_input_record_ends_the_application_without_running_the_job_again(hadoop_cluster, hdfs_base,
+                                                                            tmp_path):
+    data = write_dataset(tmp_path / "badrecord")
+    spoil_record(data)
+    uri = upload(hadoop_cluster, data, f"{hdfs_base}/badrecord")
+    out = f"{hdfs_base}/badrecord-out"
+    job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{out}")  # max_attempts: 2
+    res = cli("submit", str(job), "--wait", timeout=600)
+    assert res.returncode != 0
+    app_id = res.stdout.strip().splitlines()[0]
+    assert "ended FAILED" in res.stderr
+    assert "part-00003.parquet, row 742: x or y is not finite" in res.stderr
+    assert ("attempt 1 failed for a reason a new attempt would only repeat, so attempt 2 did not run the job "
+            "again") in res.stderr
+    attempts = hadoop_cluster.rm_get(f"/ws/v1/cluster/apps/{app_id}/appattempts")["appAttempts"]["appAttempt"]
+    assert len(attempts) == 2
+    marker = json.loads(read_hdfs(hadoop_cluster, f"{out}/final-failure.json"))
+    assert marker["application"] == app_id and marker["attempt"] == 1 and "row 742" in marker["reason"]
+    assert json.loads(read_hdfs(hadoop_cluster, f"{out}/metrics.json"))["state"] == "FAILED"
 
 
 def test_kill_ends_the_application_and_its_containers(hadoop_cluster, hdfs_base, linreg_on_hdfs, skein_client,

@@ -10,7 +10,8 @@ product before using it. Where there is no such library (another BLAS, another
 build), where the check fails, or with ``DBN_BLAS=numpy`` in the environment,
 the same functions run in numpy: same results up to rounding, only slower.
 
-Only C-contiguous float32 arrays go to BLAS; anything else takes the numpy path.
+Only C-contiguous float32 arrays go to BLAS, and only when the output shares no memory
+with an input; anything else takes the numpy path. A read-only output is refused.
 
 A training loop that makes the same products on the same buffers every mini-batch
 *prepares* them (:func:`prepare_gemm`, :func:`prepare_gemv`, :func:`prepare_axpy`):
@@ -150,8 +151,13 @@ def backend() -> str:
     return f"blas:{os.path.basename(_BLAS.path)}" if _BLAS is not None else "numpy"
 
 
-def _direct(*arrays) -> bool:
-    return _BLAS is not None and all(a.dtype == _F32 and a.flags.c_contiguous for a in arrays)
+def _direct(op: str, out: np.ndarray, *inputs: np.ndarray) -> bool:
+    """Whether BLAS itself can write ``out`` from ``inputs``; refuses a read-only ``out``
+    (BLAS would write into it all the same: into bytes, a read-only memory map...)."""
+    if not out.flags.writeable:
+        raise ValueError(f"{op}: the output array is read-only")
+    return (_BLAS is not None and all(a.dtype == _F32 and a.flags.c_contiguous for a in (out, *inputs))
+            and not any(np.may_share_memory(out, a) for a in inputs))
 
 
 def prepare_gemm(A: np.ndarray, B: np.ndarray, C: np.ndarray, *, trans_a: bool = False,
@@ -167,10 +173,10 @@ def prepare_gemm(A: np.ndarray, B: np.ndarray, C: np.ndarray, *, trans_a: bool =
     rb, cb = B.shape[::-1] if trans_b else B.shape
     if ca != rb or C.shape != (ra, cb):
         raise ValueError(f"gemm: op(A) {ra}x{ca}, op(B) {rb}x{cb}, C {C.shape[0]}x{C.shape[1]} do not fit")
+    if _direct("gemm", C, A, B) and ca and C.size:
+        return _BLAS.gemm(A, B, C, trans_a, trans_b)
     if C.size == 0:
         return lambda alpha, beta: None
-    if ca and _direct(A, B, C):
-        return _BLAS.gemm(A, B, C, trans_a, trans_b)
     return lambda alpha, beta: _gemm_numpy(A, B, C, trans_a, trans_b, alpha, beta)
 
 
@@ -179,16 +185,19 @@ def prepare_gemv(A: np.ndarray, x: np.ndarray, y: np.ndarray) -> Callable[[float
     ``y`` [n]): column sums of ``A`` when ``x`` is ones. As :func:`prepare_gemm`."""
     if A.ndim != 2 or x.shape != A.shape[:1] or y.shape != A.shape[1:]:
         raise ValueError(f"gemv: A {A.shape}, x {x.shape}, y {y.shape} do not fit A^T x")
+    if _direct("gemv", y, A, x) and x.size and y.size:
+        return _BLAS.gemv(A, x, y)
     if y.size == 0:
         return lambda alpha, beta: None
-    if x.size and _direct(A, x, y):
-        return _BLAS.gemv(A, x, y)
 
     def run(alpha, beta):
         prod = np.matmul(x, A)
         prod *= y.dtype.type(alpha)
-        np.multiply(y, y.dtype.type(beta), out=y)
-        np.add(y, prod, out=y)
+        if beta == 0.0:  # as BLAS: what y held does not matter (NaN included)
+            y[...] = prod
+        else:
+            np.multiply(y, y.dtype.type(beta), out=y)
+            np.add(y, prod, out=y)
     return run
 
 
@@ -196,7 +205,7 @@ def prepare_axpy(x: np.ndarray, y: np.ndarray) -> Callable[[float], None]:
     """``run(a)`` making ``y += a x`` in place (same shapes). As :func:`prepare_gemm`."""
     if x.shape != y.shape:
         raise ValueError(f"axpy: x {x.shape} and y {y.shape} differ")
-    if y.size and _direct(x, y):
+    if _direct("axpy", y, x) and y.size:
         return _BLAS.axpy(x, y)
 
     def run(a):

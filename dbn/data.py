@@ -21,9 +21,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -103,7 +105,7 @@ def _read_raw(path: str | os.PathLike) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
             raise IDXError(f"{path}: corrupt gzip stream: {e}") from e
     return raw
 
@@ -130,7 +132,7 @@ def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
             f"{ndim} dimensions need {header_end} header bytes"
         )
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    count = int(np.prod(shape, dtype=np.int64)) if ndim else 1
+    count = math.prod(shape)  # exact: an int64 product could wrap and pass the size checks
     end = header_end + count * dtype.itemsize
     if len(raw) < end:
         raise IDXError(
@@ -231,7 +233,7 @@ def download_mnist(
                     blob = r.read()
                 raw = gzip.decompress(blob) if blob[:2] == b"\x1f\x8b" else blob
                 verify_sha256(raw, sha, url)
-            except (urllib.error.URLError, OSError, ValueError, EOFError) as e:
+            except (urllib.error.URLError, OSError, ValueError, EOFError, zlib.error) as e:
                 errors.append(f"{url}: {e}")
                 continue
             tmp = target.with_suffix(".part")
@@ -291,10 +293,25 @@ def write_parquet_shards(
             row, col = np.argwhere(bad)[0]
             raise ValueError(f"x row {row}, value {col} is {x[row, col].item()!r}: pixels must be integers 0..255 "
                              f"(x is {x.dtype}); scale the data to 0..255 first")
-    if y is not None and len(y) != len(x):
-        raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(f"x has {len(x)} rows but y has shape {y.shape}: one label per row")
+        if y.dtype.kind in "iu":
+            bad = y < 0
+        elif y.dtype.kind == "f":
+            with np.errstate(invalid="ignore"):
+                bad = ~np.isfinite(y) | (y != np.round(y)) | (y < 0)
+        else:
+            bad = np.ones(len(y), bool)
+        if bad.any():
+            row = _first(bad)
+            raise ValueError(f"y row {row} is {y[row].item()!r}: labels must be class numbers 0, 1, 2, ... "
+                             f"(y is {y.dtype})")
     if num_shards < 1:
         raise ValueError("num_shards must be >= 1")
+    if num_shards > max(len(x), 1):
+        raise ValueError(f"{num_shards} shards of {len(x)} rows would leave some shards empty")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, len(x), num_shards + 1).round().astype(np.int64)

@@ -57,7 +57,8 @@ Parameters (``algorithm.params`` of the job file; defaults in brackets)::
       batch_size: 100
       cd_k: 1
       batches_per_superstep: null  # null: a whole epoch per superstep
-      supersteps_per_epoch: 1      # supersteps that make one "epoch" (momentum schedule)
+      supersteps_per_epoch: 1      # supersteps that make one "epoch" (momentum schedule); with
+                                   # batches_per_superstep, consecutive slices of one shuffle
     finetune:
       where: master                # or workers
       epochs: 50
@@ -321,8 +322,16 @@ class DBNWorker(Worker):
             data = self._advance(layer, ctx)
             params = {k: np.array(update.arrays[k], copy=True) for k in RBM_KEYS}
             s = self.cfg.rbm
+            k, order, first = self.cfg.pretrain_batches, None, 0
+            part = int(update.meta.get("part", 0))
+            if k is not None and self.cfg.supersteps_per_epoch > 1:
+                # the parts of one epoch share its order (drawn from the seed, split, layer and epoch)
+                # and take consecutive batches of it, so together they visit every row once
+                order = np.random.default_rng([ctx.seed, ctx.split_index, 0x0E90C4, layer,
+                                               int(update.meta["epoch"])]).permutation(len(data))
+                first = part * k
             err = _rbm.train_epoch(params, data, int(update.meta["epoch"]), ctx.rng(superstep), s,
-                                   batches=self.cfg.pretrain_batches)
+                                   batches=k, order=order, first_batch=first)
             n = len(data)
             if self.cfg.pretrain_batches is not None:
                 n = min(n, self.cfg.pretrain_batches * min(s.batch_size, n))
@@ -410,7 +419,7 @@ class DBNMaster(Master):
             if layer > 0 and epoch == 0 and part == 0:
                 arrays["prev/W"] = self.finished[layer - 1]["W"]
                 arrays["prev/b"] = self.finished[layer - 1]["b_hid"]
-            return Update(arrays, meta={"kind": "pretrain", "layer": layer, "epoch": epoch})
+            return Update(arrays, meta={"kind": "pretrain", "layer": layer, "epoch": epoch, "part": part})
         epoch = s - self.P
         if self.cfg.where == "workers":
             return Update(dict(self.net), meta={"kind": "finetune", "epoch": epoch})

@@ -32,7 +32,8 @@ The container's header metadata key ``dbn.meta`` holds a JSON object:
 ``format`` ("dbn-model"), ``version`` (1), ``kind`` ("classifier" or
 "stack"), ``sizes`` (layer widths ``[n_0, ..., n_L]``), ``input``
 ("pixels in [0,1]; uint8 inputs are divided by 255"), plus whatever the
-caller passed as ``meta`` (settings, errors, timings ...).
+caller passed as ``meta`` (settings, errors, timings ...); numbers that are not
+finite (the validation error of a run without a validation set) are ``null``.
 
 Inputs to :meth:`Model.predict` / :meth:`Model.features` are uint8 pixels
 (0..255, scaled by 1/255) or floats already in [0, 1].
@@ -48,6 +49,8 @@ from typing import Any, BinaryIO, Iterable
 
 import fastavro
 import numpy as np
+
+from iterreduce.api import json_text
 
 from . import network as _net
 
@@ -175,7 +178,7 @@ def save(
             a = a.astype(a.dtype.newbyteorder("<"), copy=False)
             yield {"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
 
-    header = {META_KEY: json.dumps(m, sort_keys=True)}
+    header = {META_KEY: json_text(m, sort_keys=True)}  # NaN (no validation set) as null
     if isinstance(path_or_file, (str, os.PathLike)):
         s = os.fspath(path_or_file)
         if "://" in s:
@@ -191,30 +194,38 @@ def save(
         fastavro.writer(path_or_file, _PARSED, records(), codec="deflate", metadata=header)
 
 
-def _read(f: BinaryIO) -> Model:
-    r = fastavro.reader(f)
-    meta = json.loads(r.metadata.get(META_KEY, "{}"))
-    if meta.get("format") != "dbn-model":
-        raise ValueError(f"not a DBN model file (missing '{META_KEY}' header metadata)")
+def _read(f: BinaryIO, where: str) -> Model:
+    try:
+        r = fastavro.reader(f)
+        meta = json.loads(r.metadata.get(META_KEY, "{}"))
+    except Exception as exc:  # noqa: BLE001 - fastavro's errors for non-Avro bytes are of many kinds
+        raise ValueError(f"{where}: not a DBN model file (not an Avro container file: {exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "dbn-model":
+        raise ValueError(f"{where}: not a DBN model file (missing '{META_KEY}' header metadata)")
     params = {}
-    for rec in r:
-        dt = np.dtype(rec["dtype"])
-        a = np.frombuffer(rec["data"], dtype=dt).reshape(rec["shape"])
-        params[rec["name"]] = a.astype(dt.newbyteorder("="), copy=True)
+    for i, rec in enumerate(r):
+        name = rec.get("name", f"record {i}")
+        try:
+            dt = np.dtype(rec["dtype"])
+            a = np.frombuffer(rec["data"], dtype=dt).reshape(rec["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: array {name!r} (record {i}) is damaged: {exc}") from None
+        params[name] = a.astype(dt.newbyteorder("="), copy=True)
     return Model(params, meta)
 
 
 def load(path_or_file: str | os.PathLike | BinaryIO) -> Model:
-    """Read a model file written by :func:`save`; returns a :class:`Model`."""
+    """Read a model file written by :func:`save`; returns a :class:`Model`. A file that is
+    not one gives a ``ValueError`` naming it."""
     if isinstance(path_or_file, (str, os.PathLike)):
         s = os.fspath(path_or_file)
         if "://" in s:
             import fsspec
             with fsspec.open(s, "rb") as f:
-                return _read(io.BytesIO(f.read()))
+                return _read(io.BytesIO(f.read()), s)
         with open(s, "rb") as f:
-            return _read(f)
-    return _read(path_or_file)
+            return _read(f, s)
+    return _read(path_or_file, getattr(path_or_file, "name", "<file object>"))
 
 
 def export_features(
@@ -231,7 +242,9 @@ def export_features(
     each input file an output file of the same name is written to ``out_dir``
     with columns ``features`` (fixed_size_list<float32>[n_layer]) and ``y``
     (int64, when present in the input), processed ``batch_size`` rows at a
-    time. Returns the output paths.
+    time. Returns the output paths. Inputs whose names coincide (the
+    ``part-00000.parquet`` of two directories) or an ``out_dir`` that holds an input
+    are refused with a ``ValueError`` before anything is written.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -241,9 +254,19 @@ def export_features(
     if not isinstance(model, Model):
         model = load(model)
     out = Path(out_dir)
+    sources = _parquet_files(inputs)
+    by_name: dict[str, Path] = {}
+    for src in sources:
+        if Path(src).resolve().parent == out.resolve():
+            raise ValueError(f"export_features: out_dir {out} holds the input {src}: its features would "
+                             "overwrite it; write them to another directory")
+        if Path(src).name in by_name:
+            raise ValueError(f"export_features: inputs {by_name[Path(src).name]} and {src} would both be "
+                             f"written to {out / Path(src).name}; export them to separate directories")
+        by_name[Path(src).name] = Path(src)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for src in _parquet_files(inputs):
+    for src in sources:
         pf = pq.ParquetFile(src)
         has_y = "y" in pf.schema_arrow.names
         dst = out / Path(src).name

@@ -186,6 +186,8 @@ def pretrain(
     s = settings or _rbm.RBMSettings()
     if isinstance(epochs, int):
         epochs = [epochs] * len(hidden_sizes)
+    if len(epochs) != len(hidden_sizes):
+        raise ValueError(f"pretrain: {len(hidden_sizes)} hidden layers but {len(epochs)} epoch counts")
     data = x
     params_list, errors = [], []
     for li, (nh, ne) in enumerate(zip(hidden_sizes, epochs)):
@@ -525,6 +527,8 @@ def finetune_epoch(
     """
     s = settings or FinetuneSettings()
     n = len(x)
+    if n == 0:  # an empty split: nothing to learn from (as rbm.train_epoch)
+        return 0.0, 0.0
     bs = min(s.batch_size, n)
     order = rng.permutation(n)
     n_batches = -(-n // bs)

@@ -335,7 +335,7 @@ def cd_statistics(
 ) -> tuple[dict[str, np.ndarray], float]:
     """CD-k gradient estimate on one mini-batch (no parameter change).
 
-    ``v`` float32 [b, n_visible] in [0, 1]. Returns ``(grads, err)`` where
+    ``v`` float32 [b, n_visible] in [0, 1], or uint8 pixels (scaled by 1/255). Returns ``(grads, err)`` where
     ``grads`` has ``W`` [nv, nh], ``b_vis`` [nv], ``b_hid`` [nh] holding
     ``scale`` times the *batch-mean* ``<.>_data - <.>_recon`` (without weight
     cost) and ``err`` is the summed squared reconstruction error of the batch
@@ -345,7 +345,9 @@ def cd_statistics(
     n = v.shape[0]
     W = params["W"]
     buf = buffers.view(n) if buffers is not None else CDBuffers(n, *W.shape, W.dtype)
-    if v is not buf.v:
+    if v.dtype == np.uint8:
+        np.multiply(v, buf.v.dtype.type(1.0 / 255.0), out=buf.v)
+    elif v is not buf.v:
         buf.v[...] = v
     _cd_phases(buf, _Products(buf, W), params["b_vis"], params["b_hid"], rng, k)
     err = _batch_error(buf)
@@ -397,6 +399,8 @@ def train_epoch(
     rng: np.random.Generator,
     settings: RBMSettings | None = None,
     batches: int | None = None,
+    order: np.ndarray | None = None,
+    first_batch: int = 0,
 ) -> float:
     """One epoch of CD-k over ``data``; updates ``params`` in place.
 
@@ -405,6 +409,10 @@ def train_epoch(
     mini-batches of ``settings.batch_size`` (the last one may be smaller).
     ``epoch`` (0-based) selects the momentum. ``batches`` limits how many
     mini-batches are processed (e.g. a worker's share of a super-step).
+    An epoch made of parts passes the same ``order`` (a permutation of the rows,
+    then not drawn from ``rng``) to each part and its own ``first_batch``: part
+    ``i`` of ``k`` batches each takes batches ``i k .. i k + k - 1`` of that order
+    (counted round), so the parts visit every row once.
 
     Returns the mean reconstruction error per example: squared error summed
     over visible units, averaged over the examples seen (``rbm.m``'s
@@ -426,10 +434,12 @@ def train_epoch(
     if data.shape[1] != nv:
         raise ValueError(f"data has {data.shape[1]} columns, the RBM {nv} visible units")
     bs = min(s.batch_size, n)
-    order = rng.permutation(n)
-    n_batches = -(-n // bs)
-    if batches is not None:
-        n_batches = min(n_batches, batches)
+    if order is None:
+        order = rng.permutation(n)
+    elif len(order) != n:
+        raise ValueError(f"order has {len(order)} rows, data {n}")
+    total = -(-n // bs)
+    n_batches = total if batches is None else min(total, batches)
     full = CDBuffers(bs, nv, nh, W.dtype)
     m = momentum_for(epoch, s)
     lr = s.learning_rate
@@ -455,7 +465,8 @@ def train_epoch(
 
     err_sum, seen = 0.0, 0
     for b in range(n_batches):
-        idx = order[b * bs:(b + 1) * bs]
+        at = (first_batch + b) % total
+        idx = order[at * bs:(at + 1) * bs]
         buf, products, stats, add_keep, vis_sums, hid_sums, step_vis, step_hid = plan(len(idx), b % 2)
         _gather(data, idx, buf)
         _cd_phases(buf, products, b_vis, b_hid, rng, s.cd_k)

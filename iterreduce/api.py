@@ -53,6 +53,25 @@ __all__ = [
 ]
 
 
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):  # numpy's float64 too
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, np.floating):
+        return _finite(float(obj))
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` for files others read: NaN and infinities (a validation error where
+    there is no validation set, say) become ``null``, since JSON has no such numbers and
+    strict parsers (Java's, JavaScript's) refuse Python's ``NaN``."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
 @dataclass
 class Update:
     """What travels each superstep: named arrays plus small metadata.

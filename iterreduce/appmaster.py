@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from . import ipc
-from .api import Final, Master, MasterContext, Update, Worker, average_metrics, update_from_avro, update_to_avro
+from .api import (Final, Master, MasterContext, Update, Worker, average_metrics, json_text, update_from_avro,
+                  update_to_avro)
 from .containers import Launcher
 from .fs import Checkpoints, FilePiece, Output, plan_splits
 from .job import JobSpec
@@ -196,7 +197,7 @@ class AppMaster:
             self._replacements = meta.get("replacements", 0)
             self._history = meta.get("history", [])
             # metrics.jsonl may hold supersteps after the checkpoint: keep what the checkpoint knows
-            self.output.write_bytes("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self._history).encode())
+            self.output.write_bytes("metrics.jsonl", "".join(json_text(h) + "\n" for h in self._history).encode())
             log.info("resumed from checkpoint %s at superstep %d", self.checkpoints.dir.uri_of(
                 f"ckpt-{step:08d}.npz"), step)
         else:
@@ -265,7 +266,7 @@ class AppMaster:
             }
             self._history.append(record)
             self._last_metrics = {**record["workers"], **record["master"]}
-            self._metrics_lines.append(json.dumps(record) + "\n")
+            self._metrics_lines.append(json_text(record) + "\n")
             self._flush_metrics(force=isinstance(nxt, Final))
             _log_superstep(record, total)
             if isinstance(nxt, Final):
@@ -637,7 +638,7 @@ def main(argv: list[str] | None = None) -> None:
     def publish(status: dict[str, Any]) -> None:
         total[0] = status.get("total") or total[0]
         status = {**status, "total": total[0], "attempt": attempt}
-        app.kv[KV_STATUS] = json.dumps(status).encode()
+        app.kv[KV_STATUS] = json_text(status).encode()
         if total[0]:
             app.set_progress(min(status["superstep"] / total[0], 1.0))
 

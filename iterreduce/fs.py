@@ -20,8 +20,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .api import json_text
+
 __all__ = ["FilePiece", "Output", "Checkpoints", "InputError", "RecordError", "filesystem", "plan_splits",
            "read_split"]
+
 
 
 class InputError(ValueError):
@@ -262,7 +265,7 @@ class Output:
         return self.fs.get_file_info(self._p(name)).type != pafs.FileType.NotFound
 
     def write_json(self, name: str, obj: Any) -> None:
-        self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+        self.write_bytes(name, (json_text(obj, indent=2, sort_keys=True) + "\n").encode())
 
     def write_npz(self, name: str, arrays: dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()

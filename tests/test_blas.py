@@ -88,6 +88,30 @@ def test_prepared_calls_repeat_their_product_on_the_arrays_current_contents(dtyp
         _blas.prepare_gemv(A, y, y)
 
 
+def test_read_only_outputs_are_refused_and_overlapping_ones_take_numpy():
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((6, 6)).astype(np.float32)
+    frozen = np.frombuffer(bytes(24), dtype=np.float32)  # read-only: BLAS would write into the bytes
+    for call, args in [(_blas.prepare_axpy, (np.ones(6, np.float32), frozen)),
+                       (_blas.prepare_gemv, (A, np.ones(6, np.float32), frozen)),
+                       (_blas.prepare_gemm, (A, A[:, :1].copy(), frozen.reshape(6, 1)))]:
+        with pytest.raises(ValueError, match="the output array is read-only"):
+            call(*args)
+    assert frozen.tobytes() == bytes(24)
+    # C is A itself: BLAS's answer would be undefined; the numpy path reads A before writing
+    ref = A @ A
+    _blas.gemm(A, A, A)
+    np.testing.assert_allclose(A, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_beta_zero_ignores_what_y_held_on_either_path():
+    A = np.ones((3, 4), np.float32)
+    for x in (np.ones(3, np.float32), np.ones(3)):  # float64 x takes the numpy path
+        y = np.full(4, np.nan, np.float32)
+        _blas.prepare_gemv(A, x, y)(2.0, 0.0)
+        np.testing.assert_array_equal(y, [6.0, 6.0, 6.0, 6.0])
+
+
 def test_axpy_matches_numpy():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((30, 7)).astype(np.float32)

@@ -84,6 +84,20 @@ def test_read_idx_truncated_names_file_and_position(tmp_path):
         D.read_idx(p)
 
 
+def test_read_idx_corrupt_gzip_and_huge_shapes_name_the_file(tmp_path):
+    raw = gzip.compress(_idx_bytes(np.arange(600, dtype=np.uint8).reshape(2, 300), 0x08))
+    p = tmp_path / "flipped.gz"
+    corrupt = bytearray(raw)
+    corrupt[10] ^= 0xFF  # the first deflate block's header: zlib.error, not an OSError
+    p.write_bytes(bytes(corrupt))
+    with pytest.raises(D.IDXError, match=r"flipped\.gz: corrupt gzip stream"):
+        D.read_idx(p)
+    # dimensions whose product wraps an int64 (2^31 * 2^31 * 4 = 2^64): no data, not an odd reshape error
+    p.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">III", 2**31, 2**31, 4))
+    with pytest.raises(D.IDXError, match=r"flipped\.gz: truncated data at byte 16: shape \(2147483648, 2147483648, 4\)"):
+        D.read_idx(p)
+
+
 @needs_mnist
 def test_mnist_files_checksums_and_label_counts(mnist):
     x_tr, y_tr, x_te, y_te = mnist
@@ -133,6 +147,14 @@ def test_download_from_file_mirror_verifies_checksums(tmp_path):
         (bad / name).write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x00"))
     with pytest.raises(RuntimeError, match="sha256"):
         D.download_mnist(tmp_path / "dl2", mirrors=(bad.as_uri() + "/",))
+    # a corrupt gzip already there, and one on the first mirror: replaced from the next mirror
+    name = "t10k-labels-idx1-ubyte.gz"
+    broken = bytearray((MNIST_DIR / name).read_bytes())
+    broken[10] ^= 0xFF  # zlib.error
+    (bad / name).write_bytes(bytes(broken))
+    (tmp_path / "dl" / name).write_bytes(bytes(broken))
+    D.download_mnist(tmp_path / "dl", mirrors=(bad.as_uri() + "/", MNIST_DIR.as_uri() + "/"))
+    assert (tmp_path / "dl" / name).read_bytes() == (MNIST_DIR / name).read_bytes()
 
 
 # ------------------------------------------------------------------- Parquet
@@ -232,6 +254,18 @@ def test_good_examples_of_other_integer_and_list_types_convert():
     assert x.dtype == np.uint8 and x.tolist() == [[0, 255, 7], [1, 2, 3]] and y.tolist() == [9, 0]
 
 
+@pytest.mark.parametrize("y,words", [([0, 1.5], "y row 1 is 1.5"), ([np.nan, 1.0], "y row 0 is nan"),
+                                     ([3, -1], "y row 1 is -1"), (["a", "b"], "y row 0 is 'a'")])
+def test_shards_refuse_labels_that_are_not_class_numbers(tmp_path, y, words):
+    with pytest.raises(ValueError, match=f"^{words}: labels must be class numbers"):
+        D.write_parquet_shards(np.zeros((2, 3), np.uint8), np.array(y), tmp_path / "s", 1)
+    assert not list((tmp_path / "s").glob("*.parquet"))
+    with pytest.raises(ValueError, match="3 shards of 2 rows would leave some shards empty"):
+        D.write_parquet_shards(np.zeros((2, 3), np.uint8), np.array([0, 1]), tmp_path / "s", 3)
+    D.write_parquet_shards(np.zeros((2, 3), np.uint8), np.array([2.0, 7.0]), tmp_path / "ok", 2)
+    assert D.read_parquet_dir(tmp_path / "ok")[1].tolist() == [2, 7]
+
+
 @pytest.mark.parametrize("x,words", [(np.array([[0, 1.5]]), "x row 0, value 1 is 1.5"),
                                      (np.array([[7, 8], [0, 300]]), "x row 1, value 1 is 300"),
                                      (np.array([[np.nan, 0]]), "x row 0, value 0 is nan")])
@@ -324,6 +358,30 @@ def test_model_stack_and_export_features(tmp_path):
     np.testing.assert_array_equal(t.column("y").to_numpy(), y)
 
 
+def test_model_header_is_strict_json_and_export_refuses_to_overwrite(tmp_path):
+    import fastavro
+
+    save(tmp_path / "m.avro", _tiny_net(), {"validation_error": float("nan"), "curve": [0.5, float("inf")]})
+    with open(tmp_path / "m.avro", "rb") as f:
+        raw = fastavro.reader(f).metadata[META_KEY]
+
+    def refuse(name):
+        raise AssertionError(f"{name} in the header")
+    meta = json.loads(raw, parse_constant=refuse)  # as Java's or JavaScript's parsers read it
+    assert meta["validation_error"] is None and meta["curve"] == [0.5, None]
+    # two directories' part-00000.parquet would land on one output file; out_dir = an input's directory
+    x, y = np.zeros((4, 784), np.uint8), np.arange(4)
+    for name in ("validation", "test"):
+        D.write_parquet_shards(x, y, tmp_path / name, 1)
+    both = [tmp_path / "validation" / "part-00000.parquet", tmp_path / "test" / "part-00000.parquet"]
+    with pytest.raises(ValueError, match=r"would both be written to .*out/part-00000\.parquet"):
+        export_features(tmp_path / "m.avro", both, 1, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="holds the input"):
+        export_features(tmp_path / "m.avro", tmp_path / "test", 1, tmp_path / "test")
+    assert pq.read_table(tmp_path / "test").column_names == ["x", "y"]
+
+
 def test_model_rejects_foreign_avro(tmp_path):
     import fastavro
 
@@ -331,8 +389,19 @@ def test_model_rejects_foreign_avro(tmp_path):
     with open(p, "wb") as f:
         fastavro.writer(f, fastavro.parse_schema({"type": "record", "name": "R", "fields": [
             {"name": "a", "type": "int"}]}), [{"a": 1}])
-    with pytest.raises(ValueError, match="not a DBN model"):
+    with pytest.raises(ValueError, match="other.avro: not a DBN model"):
         load(p)
+    D.write_parquet_shards(np.zeros((2, 3), np.uint8), None, tmp_path / "pq", 1)
+    with pytest.raises(ValueError, match=r"part-00000\.parquet: not a DBN model file \(not an Avro"):
+        load(tmp_path / "pq" / "part-00000.parquet")
+    # a record whose bytes do not fill its shape names the array
+    buf = io.BytesIO()
+    fastavro.writer(buf, fastavro.parse_schema(dbn.model.SCHEMA),
+                    [{"name": "W0", "dtype": "<f4", "shape": [3, 4], "data": bytes(8)}],
+                    metadata={META_KEY: json.dumps({"format": "dbn-model"})})
+    buf.seek(0)
+    with pytest.raises(ValueError, match=r"array 'W0' \(record 0\) is damaged"):
+        load(buf)
 
 
 # --------------------------------------------------------------------- plots

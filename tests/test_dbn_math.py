@@ -256,6 +256,49 @@ def test_cd_k_and_uint8_input():
     assert ea == pytest.approx(eb, rel=1e-5)
     for k in pa_:
         np.testing.assert_allclose(pa_[k], pb[k], rtol=1e-5, atol=1e-7)
+    # cd_statistics scales uint8 pixels as train_epoch does
+    g8, e8 = R.cd_statistics(x8[:8], pa_, np.random.default_rng(3), k=2)
+    gf, ef = R.cd_statistics(xf[:8], pa_, np.random.default_rng(3), k=2)
+    assert e8 == pytest.approx(ef, rel=1e-5)
+    for k in gf:
+        np.testing.assert_allclose(g8[k], gf[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_an_epoch_in_parts_visits_every_row_once_as_the_whole_epoch():
+    rng = np.random.default_rng(0)
+    x = (rng.random((95, 12)) < 0.4).astype(np.float32)  # 10 batches of 10, the last of 5
+    s = R.RBMSettings(batch_size=10)
+    whole = R.init_rbm(12, 5, np.random.default_rng(1))
+    parts = {k: v.copy() for k, v in whole.items()}
+    wrapped = {k: v.copy() for k, v in whole.items()}
+    start = {k: v.copy() for k, v in whole.items()}
+    order = np.random.default_rng(2).permutation(95)
+    e_whole = R.train_epoch(whole, x, 0, np.random.default_rng(3), s, order=order)
+    r, errs = np.random.default_rng(3), []
+    for first, k in ((0, 3), (3, 3), (6, 3), (9, 1)):  # batches 0-2, 3-5, 6-8, 9
+        errs.append(R.train_epoch(parts, x, 0, r, s, batches=k, order=order, first_batch=first))
+    for key in whole:
+        np.testing.assert_allclose(parts[key], whole[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert np.dot(errs, [30, 30, 30, 5]) / 95 == pytest.approx(e_whole, rel=1e-5)
+    # batch numbers count round: batch 10 is batch 0
+    R.train_epoch(wrapped, x, 0, np.random.default_rng(4), s, batches=2, order=order, first_batch=10)
+    R.train_epoch(start, x, 0, np.random.default_rng(4), s, batches=2, order=order, first_batch=0)
+    for key in start:
+        np.testing.assert_array_equal(wrapped[key], start[key], err_msg=key)
+    with pytest.raises(ValueError, match="order has 3 rows, data 95"):
+        R.train_epoch(parts, x, 0, r, s, order=np.arange(3))
+
+
+def test_empty_splits_and_mismatched_epoch_counts():
+    net = N.init_net([10, 4, 3], np.random.default_rng(0), init_std=0.1)
+    before = {k: v.copy() for k, v in net.items()}
+    assert N.finetune_epoch(net, np.zeros((0, 10), np.uint8), np.zeros(0, np.int64), 0,
+                            np.random.default_rng(1)) == (0.0, 0.0)
+    for k in before:
+        np.testing.assert_array_equal(net[k], before[k])
+    x = (np.random.default_rng(2).random((20, 10)) < 0.5).astype(np.float32)
+    with pytest.raises(ValueError, match="3 hidden layers but 2 epoch counts"):
+        N.pretrain(x, [6, 5, 4], [1, 1], np.random.default_rng(3))
 
 
 def test_rbm_on_mnist_subset_learns_and_is_deterministic(mnist):

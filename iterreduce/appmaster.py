@@ -191,6 +191,7 @@ class AppMaster:
         restored = self.checkpoints.latest() if self.resume else None
         if restored is not None:
             step, arrays, meta = restored
+            _check_same_job(meta, job, self.checkpoints.dir.uri_of(f"ckpt-{step:08d}.npz"))
             self.master.restore(_unpack(arrays, meta, "state"))
             broadcast = _unpack(arrays, meta, "broadcast")
             self._superstep = step
@@ -202,10 +203,11 @@ class AppMaster:
                 f"ckpt-{step:08d}.npz"), step)
         else:
             if self.resume:
-                log.info("no checkpoint under %s: starting from the beginning", job.checkpoint_path)
+                log.warning("no checkpoint under %s: starting from the beginning", job.checkpoint_path)
             else:
                 for old in self.checkpoints.supersteps():
                     self.checkpoints.dir.delete(f"ckpt-{old:08d}.npz")
+            self.output.write_bytes("metrics.jsonl", b"")  # an earlier run's supersteps are not this run's
             broadcast = self.master.initial_update()
         self._set_broadcast(broadcast)
         self._phase = self.master.phase()
@@ -310,6 +312,7 @@ class AppMaster:
         arrays.update({f"broadcast/{k}": v for k, v in broadcast.arrays.items()})
         meta = {
             "superstep": step, "job": self.job.name, "replacements": self._replacements,
+            "fingerprint": job_fingerprint(self.job),
             "history": self._history,
             "state": {"meta": state.meta, "metrics": state.metrics, "num_samples": state.num_samples},
             "broadcast": {"meta": broadcast.meta, "metrics": broadcast.metrics,
@@ -535,6 +538,44 @@ class AppMaster:
     @property
     def failure(self) -> str | None:
         return self._failure
+
+
+def job_fingerprint(job: JobSpec) -> dict[str, Any]:
+    """What a checkpoint's state depends on besides the superstep: a checkpoint is resumed
+    only by a job that agrees on all of it (resources, paths of output, heartbeats may differ)."""
+    return {"seed": job.seed, "workers.count": job.workers.count, "input.paths": list(job.input.paths),
+            "algorithm.master": job.algorithm.master, "algorithm.worker": job.algorithm.worker,
+            "algorithm.params": json.loads(json.dumps(job.algorithm.params))}
+
+
+def _flat(prefix: str, v: Any) -> dict[str, Any]:
+    if isinstance(v, dict) and v:
+        return {k2: v2 for k, x in v.items() for k2, v2 in _flat(f"{prefix}.{k}", x).items()}
+    return {prefix: v}
+
+
+def _check_same_job(meta: dict[str, Any], job: JobSpec, where: str) -> None:
+    """Refuse to resume ``job`` from a checkpoint another job wrote, naming what differs."""
+    old = meta.get("fingerprint")
+    if old is None:  # written before checkpoints carried one
+        log.warning("checkpoint %s does not say which job wrote it: resuming it as this job's", where)
+        return
+    mine, theirs = {}, {}
+    for key, value in job_fingerprint(job).items():
+        mine.update(_flat(key, value))
+    for key, value in old.items():
+        theirs.update(_flat(key, value))
+    unset = object()
+
+    def show(d: dict[str, Any], k: str) -> str:
+        return "(not set)" if d.get(k, unset) is unset else json.dumps(d[k])
+    diff = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k, unset) != theirs.get(k, unset)]
+    if diff:
+        shown = "; ".join(f"{k}: {show(theirs, k)} there, {show(mine, k)} here" for k in diff[:5])
+        more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
+        raise JobFailed(f"{job.source}: cannot resume from {where}: a job with other settings wrote it "
+                        f"({shown}{more}); resuming would not give this job's model. Run without --resume "
+                        "to start again, or resume with the job file that wrote it")
 
 
 def _copy(u: Update) -> Update:

@@ -186,6 +186,29 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, dataset, base
     assert [json.loads(line)["superstep"] for line in lines] == list(range(6))
 
 
+def test_resume_refuses_a_checkpoint_of_other_settings_and_a_new_run_starts_clean(tmp_path, dataset, baseline):
+    job = make_job(tmp_path, dataset, "fp")
+    assert cli("run", str(job)).returncode == 0
+    out = Path(load_job(job).output)
+    spec = yaml.safe_load(job.read_text())
+    spec["seed"] = 12
+    spec["algorithm"]["params"]["lr"] = 0.25
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(spec))
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    res = cli("run", "--resume", str(other))
+    assert res.returncode != 0
+    assert "cannot resume from" in res.stderr and "a job with other settings wrote it" in res.stderr
+    assert "algorithm.params.lr: (not set) there, 0.25 here" in res.stderr and "seed: 11 there, 12 here" in res.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing lost
+    # the same job resumes; a fresh run into the same output does not keep the old supersteps
+    assert cli("run", "--resume", str(job)).returncode == 0
+    assert cli("run", str(job)).returncode == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["superstep"] for line in lines] == list(range(6))
+    np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
+
+
 class InProcessJob:
     """The AppMaster in a thread of the test, so the test can talk to it and its workers."""
 

@@ -240,11 +240,20 @@ class Output:
         return f"{self.path.rstrip('/')}/{name}"
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        """Write a file atomically where the filesystem allows (temp file, then rename)."""
-        tmp = self._p(f".{name}.tmp")
+        """Write a file atomically where the filesystem allows (temp file, then rename).
+
+        HDFS's rename does not replace an existing file, and through WebHDFS it says so
+        only with a ``false`` that fsspec ignores: there the old file is deleted first
+        (so a reader may find no file for a moment, never a partial one), and the rename
+        is checked."""
+        tmp, dest = self._p(f".{name}.tmp"), self._p(name)
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
-        self.fs.move(tmp, self._p(name))
+        if not self.is_local and self.fs.get_file_info(dest).type != pafs.FileType.NotFound:
+            self.fs.delete_file(dest)
+        self.fs.move(tmp, dest)
+        if not self.is_local and self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            raise OSError(f"could not rename {self.uri_of('.' + name + '.tmp')} to {self.uri_of(name)}")
 
     @property
     def is_local(self) -> bool:

@@ -67,6 +67,19 @@ def read_hdfs(cluster, path: str) -> bytes:
         return f.read()
 
 
+def test_output_files_are_replaced_and_appended_on_webhdfs(hadoop_cluster, hdfs_base):
+    from iterreduce.fs import Output
+
+    out = Output(f"{hadoop_cluster.webhdfs_url}{hdfs_base}/overwrite").create()
+    out.write_json("metrics.json", {"run": 1})
+    out.write_json("metrics.json", {"run": 2})  # HDFS's rename would keep run 1
+    assert json.loads(out.read_bytes("metrics.json")) == {"run": 2}
+    out.append_text("metrics.jsonl", "line1\n")
+    out.append_text("metrics.jsonl", "line2\n")
+    assert out.read_bytes("metrics.jsonl") == b"line1\nline2\n"
+    assert sorted(out.list()) == ["metrics.json", "metrics.jsonl"]  # no temp files left
+
+
 @pytest.fixture(scope="session")
 def linreg_on_hdfs(hadoop_cluster, hdfs_base, tmp_path_factory):
     local = write_dataset(tmp_path_factory.mktemp("linreg") / "train")

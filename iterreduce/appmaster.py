@@ -150,8 +150,9 @@ class AppMaster:
         self._history: list[dict[str, Any]] = []
         self._last_metrics: dict[str, float] = {}
         self._phase = "starting"
-        # (container, reason, fatal) lost containers, from IPC threads; fatal: fail the job, do not replace
-        self._events: list[tuple[str, str, bool]] = []
+        # (container, reason, fatal) lost containers, from IPC threads; fatal (why no replacement would
+        # do better): fail the job at once
+        self._events: list[tuple[str, str, str]] = []
         self._metrics_lines: list[str] = []  # metrics.jsonl lines not written yet
         self._metrics_flushed = 0.0
         self.server: ipc.IPCServer | None = None
@@ -237,18 +238,18 @@ class AppMaster:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: len(self._pushes) == len(self._splits) or self._events, timeout=0.2)
-                complete = len(self._pushes) == len(self._splits)
                 events, self._events = self._events, []
             for cid, reason, fatal in events:
                 if fatal:
-                    self._input_failed(cid, reason)
+                    self._fatal(cid, reason, fatal)
                 self._container_lost(cid, reason)
             self._check_liveness()
-            if not complete:
-                continue
-            with self._cond:
+            with self._cond:  # after the losses: a lost worker's push is done again by its replacement
+                if len(self._pushes) != len(self._splits):
+                    continue
                 step = self._superstep
                 updates = [self._pushes[i] for i in range(len(self._splits))]
+            self._check_layouts(updates, step)
             t0 = time.monotonic()
             try:
                 nxt = self.master.combine(updates, step)
@@ -388,13 +389,26 @@ class AppMaster:
             self.launcher.kill(cid)
             self._container_lost(cid, f"did not register within {age:.0f} s (heartbeat.register_timeout)")
 
-    def _input_failed(self, cid: str, reason: str) -> None:
-        """A worker read a bad input record: every replacement would read it too."""
+    def _fatal(self, cid: str, reason: str, why: str) -> None:
+        """A failure that every replacement would repeat (``why`` says so): the job ends."""
         with self._cond:
             split = self._containers.get(cid)
-        raise JobFailed(f"worker container {self.launcher.describe(cid)} for split {split} {reason}; "
-                        "a bad input record fails the job at once (a replacement worker would read it too): "
-                        "fix or remove the record and run the job again")
+        raise JobFailed(f"worker container {self.launcher.describe(cid)} for split {split} {reason}; {why}")
+
+    def _check_layouts(self, updates: list[Update], step: int) -> None:
+        """All splits' updates must have the same arrays; the odd ones out are named (not the
+        split that happened to push first)."""
+        layouts = [tuple(sorted((k, a.dtype.str, a.shape) for k, a in u.arrays.items())) for u in updates]
+        if len(set(layouts)) == 1:
+            return
+        common = max(layouts, key=lambda lay: (layouts.count(lay), -layouts.index(lay)))
+        ref = updates[layouts.index(common)]
+        same = [i for i, lay in enumerate(layouts) if lay == common]
+        odd = [i for i, lay in enumerate(layouts) if lay != common]
+        also = f" (so do split(s) {', '.join(map(str, odd[1:]))})" if len(odd) > 1 else ""
+        raise JobFailed(f"superstep {step}: the update of split {odd[0]} does not match those of split(s) "
+                        f"{', '.join(map(str, same))}: {_layout_mismatch(ref, updates[odd[0]])}{also}; every "
+                        "split's update must hold the same arrays (names, dtypes, shapes)")
 
     def _container_lost(self, cid: str, reason: str) -> None:
         with self._cond:
@@ -406,6 +420,7 @@ class AppMaster:
                 del self._workers[wid]
             if s.container != cid:
                 return
+            self._pushes.pop(split, None)  # its replacement computes this superstep again
             s.container, s.owner = None, None
             self._replacements += 1
             n = self._replacements
@@ -486,14 +501,9 @@ class AppMaster:
                 raise ipc.RemoteError("REJECTED", f"the job is {self._state}")
             if step != self._superstep:
                 raise ipc.RemoteError("BAD_REQUEST", f"update from {where}: the job is at superstep {self._superstep}")
-            if bad:
+            if bad:  # the message only: the worker itself, told so, fails the job (fail, fatal)
                 log.error("rejected the update from %s: %s", where, bad)
-                raise ipc.RemoteError("REJECTED", f"update from {where} rejected: {bad}")
-            ref = next(iter(self._pushes.values()), None)
-            if ref is not None:
-                mismatch = _layout_mismatch(ref, u)
-                if mismatch:
-                    raise ipc.RemoteError("REJECTED", f"update from {where} rejected: {mismatch}")
+                raise ipc.RemoteError("BAD_UPDATE", f"update from {where} rejected: {bad}")
             self._pushes[info.split] = u
             info.superstep = step + 1
             self._cond.notify_all()
@@ -516,7 +526,9 @@ class AppMaster:
                 return {"accepted": False, "message": "not registered", "stop": True}
             log.error("worker %s (container %s, split %d) failed at superstep %d: %s\n%s", worker_id,
                       info.container_id, info.split, superstep, error, traceback)
-            self._events.append((info.container_id, f"failed at superstep {superstep}: {error}", bool(fatal)))
+            why = ("this fails the job at once: a replacement worker would fail the same way (it reads the same "
+                   "input with the same seed); fix the input or the algorithm and run the job again") if fatal else ""
+            self._events.append((info.container_id, f"failed at superstep {superstep}: {error}", why))
             self._cond.notify_all()
         return {"accepted": True, "message": "", "stop": True}
 
@@ -603,11 +615,11 @@ def _non_finite(u: Update) -> str:
 
 def _layout_mismatch(ref: Update, u: Update) -> str:
     if set(ref.arrays) != set(u.arrays):
-        return f"arrays {sorted(u.arrays)} differ from the other workers' {sorted(ref.arrays)}"
+        return f"it has arrays {sorted(u.arrays)} where the others have {sorted(ref.arrays)}"
     for name, a in u.arrays.items():
         r = ref.arrays[name]
         if a.shape != r.shape or a.dtype != r.dtype:
-            return f"array {name!r} is {a.dtype}{list(a.shape)}, the other workers sent {r.dtype}{list(r.shape)}"
+            return f"array {name!r} is {a.dtype}{list(a.shape)} where the others have {r.dtype}{list(r.shape)}"
     return ""
 
 

@@ -28,7 +28,13 @@ __all__ = ["FilePiece", "Output", "Checkpoints", "InputError", "RecordError", "f
 
 
 class InputError(ValueError):
-    """Input that cannot be read: names the path (and row group or record where known)."""
+    """Input that cannot be read: names the path (and row group or record where known).
+
+    ``transient``: the filesystem failed (an I/O error), so reading again may work; else
+    the input itself is wrong (a missing column, a corrupt file, a bad record) and every
+    reader would fail the same way: a worker that meets it fails the job at once."""
+
+    transient = False
 
 
 class RecordError(InputError):
@@ -183,6 +189,13 @@ def plan_splits(paths: Sequence[str], num_splits: int) -> list[list[FilePiece]]:
     return out
 
 
+def _input_error(message: str, cause: BaseException) -> InputError:
+    err = InputError(message)
+    # ArrowInvalid (a corrupt file) is an OSError too in some pyarrow versions: not transient
+    err.transient = isinstance(cause, OSError) and not isinstance(cause, (pa.ArrowInvalid, FileNotFoundError))
+    return err
+
+
 def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None,
                check: Callable[[pa.Table], None] | None = None) -> pa.Table:
     """Read the pieces of a split into one table; errors name the file and row group.
@@ -200,12 +213,17 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
         try:
             with fs.open_input_file(path) as f:
                 pf = pq.ParquetFile(f)
+                names = pf.schema_arrow.names
+                missing = [c for c in columns or () if c not in names]
+                if missing:  # pyarrow would leave them out without a word
+                    raise InputError(f"input file {piece.path}: no column {', '.join(map(repr, missing))} "
+                                     f"(its columns: {', '.join(names)})")
                 groups = list(piece.row_groups) or list(range(pf.metadata.num_row_groups))
                 for rg in groups:
                     try:
                         table = pf.read_row_group(rg, columns=list(columns) if columns else None)
                     except (pa.ArrowInvalid, OSError, KeyError) as exc:
-                        raise InputError(f"input file {piece.path}, row group {rg}: {exc}") from None
+                        raise _input_error(f"input file {piece.path}, row group {rg}: {exc}", exc) from None
                     if check is not None:
                         try:
                             check(table)
@@ -216,7 +234,7 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
                             raise InputError(f"input file {piece.path}: {exc}") from None
                     tables.append(table)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"input file {piece.path}: {exc}") from None
+            raise _input_error(f"input file {piece.path}: {exc}", exc) from None
     if not tables:
         raise InputError("empty split: no pieces to read")
     return pa.concat_tables(tables)

@@ -24,7 +24,7 @@ from typing import Any
 from . import ipc
 from .api import Update, Worker, WorkerContext, update_from_avro, update_to_avro
 from .containers import ENV_CONTAINER, ENV_MASTER, ENV_SPLIT, ENV_TOKEN_FILE, KV_MASTER_URL, die_with_parent
-from .fs import FilePiece, RecordError
+from .fs import FilePiece, InputError
 from .job import JobSpec
 
 log = logging.getLogger("iterreduce.worker")
@@ -70,23 +70,23 @@ class WorkerRunner:
     def run(self) -> int:
         a = self._call("register", worker_id=self.worker_id, container_id=self.container_id,
                        host=socket.gethostname(), split_hint=self.split_hint)
-        job = JobSpec.from_json(a["job"], source="job from the master")
-        self.master_timeout = job.heartbeat.master_timeout
-        from .appmaster import load_class
-
-        worker: Worker = load_class(job.algorithm.worker, Worker)()
-        catch_up = update_from_avro(a["catch_up"]) if a["catch_up"] else None
-        ctx = WorkerContext(params=job.algorithm.params, seed=job.seed, split_index=a["split_index"],
-                            num_splits=a["num_splits"], split=[FilePiece.from_avro(p) for p in a["split"]],
-                            catch_up=catch_up, start_superstep=a["start_superstep"],
-                            log=logging.getLogger("iterreduce.algorithm"), _progress=self._set_progress)
         step = a["start_superstep"]
         self._superstep = step
-        log.info("registered as %s for split %d of %d, starting at superstep %d", self.worker_id,
-                 ctx.split_index, ctx.num_splits, step)
         hb = threading.Thread(target=self._heartbeats, args=(a["heartbeat_interval_ms"] / 1000,), daemon=True)
         hb.start()
-        try:
+        try:  # from here on a failure is reported to the master (fail) before this process exits
+            job = JobSpec.from_json(a["job"], source="job from the master")
+            self.master_timeout = job.heartbeat.master_timeout
+            from .appmaster import load_class
+
+            worker: Worker = load_class(job.algorithm.worker, Worker)()
+            catch_up = update_from_avro(a["catch_up"]) if a["catch_up"] else None
+            ctx = WorkerContext(params=job.algorithm.params, seed=job.seed, split_index=a["split_index"],
+                                num_splits=a["num_splits"], split=[FilePiece.from_avro(p) for p in a["split"]],
+                                catch_up=catch_up, start_superstep=a["start_superstep"],
+                                log=logging.getLogger("iterreduce.algorithm"), _progress=self._set_progress)
+            log.info("registered as %s for split %d of %d, starting at superstep %d", self.worker_id,
+                     ctx.split_index, ctx.num_splits, step)
             worker.setup(ctx)
             while not self._stop_requested:
                 r = self._call("fetch", worker_id=self.worker_id, superstep=step, wait_ms=2000)
@@ -106,7 +106,12 @@ class WorkerRunner:
                 out = worker.compute(update_from_avro(r["update"]), step, ctx)
                 if not isinstance(out, Update):
                     raise TypeError(f"{type(worker).__name__}.compute must return an Update, got {type(out).__name__}")
-                self._call("push", worker_id=self.worker_id, update=update_to_avro(out, step))
+                try:
+                    self._call("push", worker_id=self.worker_id, update=update_to_avro(out, step))
+                except ipc.RemoteError as exc:
+                    if exc.code == "BAD_UPDATE":  # NaN, say: recomputing gives it again
+                        raise RejectedUpdate(str(exc)) from None
+                    raise
                 log.info("superstep %d: computed in %.2f s on %d samples", step, time.monotonic() - t0,
                          out.num_samples)
                 step += 1
@@ -117,10 +122,12 @@ class WorkerRunner:
         except Exception as exc:  # report, then exit non-zero: the master replaces this worker
             tb = traceback.format_exc()
             log.error("worker failed at superstep %d: %s\n%s", step, exc, tb)
-            try:  # a bad record fails the job: the replacement would read the same record
+            # bad input (a record, a missing column, a corrupt file) fails the job: the
+            # replacement would read the same input
+            fatal = isinstance(exc, RejectedUpdate) or (isinstance(exc, InputError) and not exc.transient)
+            try:
                 self.client.call("fail", worker_id=self.worker_id, superstep=step,
-                                 error=f"{type(exc).__name__}: {exc}", traceback=tb,
-                                 fatal=isinstance(exc, RecordError))
+                                 error=f"{type(exc).__name__}: {exc}", traceback=tb, fatal=fatal)
             except Exception:  # noqa: BLE001 - the master may be gone too
                 pass
             return EXIT_FAILED
@@ -128,7 +135,7 @@ class WorkerRunner:
             self._stop.set()
 
     def _set_progress(self, fraction: float, message: str) -> None:
-        self._progress = (float(fraction), message)
+        self._progress = (float(fraction), str(message))
 
     def _heartbeats(self, interval: float) -> None:
         last_ok = time.monotonic()
@@ -148,6 +155,12 @@ class WorkerRunner:
                 if time.monotonic() - last_ok > self.master_timeout:
                     log.error("no answer from the master at %s for %.0f s: exiting", self.url, self.master_timeout)
                     os._exit(EXIT_MASTER_LOST)
+            except Exception:  # noqa: BLE001 - this thread must outlive any one bad heartbeat
+                log.exception("heartbeat failed")
+
+
+class RejectedUpdate(RuntimeError):
+    """The master refused this worker's update (NaN, say): a replacement would compute it again."""
 
 
 def read_token(source: str | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import subprocess
 import sys
 import time
@@ -43,7 +44,9 @@ def run_and_kill_after_checkpoint(job: Path, checkpoint_dir: Path, superstep: in
 def misbehave(params: dict[str, Any], superstep: int, split_index: int) -> None:
     """Test switches for workers: ``die_at`` (superstep) with ``die_split`` (default 0)
     SIGKILLs the worker at the start of that superstep, once if ``die_marker`` names a file
-    (the replacement then lives), every time otherwise; ``sleep`` waits that many seconds."""
+    (the replacement then lives), every time otherwise; ``kill_soon_at`` SIGKILLs it (the same
+    way) 0.3 s after that superstep's compute starts, so after it pushed; ``sleep`` waits that
+    many seconds every superstep, ``slow_at`` ``slow_for`` seconds (2) in split ``slow_split``."""
     marker = params.get("die_marker")
     if superstep == params.get("die_at") and split_index == params.get("die_split", 0):
         if not marker or not os.path.exists(marker):
@@ -52,3 +55,11 @@ def misbehave(params: dict[str, Any], superstep: int, split_index: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
     if params.get("sleep"):
         time.sleep(float(params["sleep"]))
+    if superstep == params.get("kill_soon_at") and split_index == params.get("die_split", 0):
+        # SIGKILL 0.3 s after this compute starts: after its push, while the others still compute
+        if not marker or not os.path.exists(marker):
+            if marker:
+                Path(marker).write_text(str(os.getpid()))
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    if superstep == params.get("slow_at") and split_index == params.get("slow_split", 0):
+        time.sleep(float(params.get("slow_for", 2.0)))

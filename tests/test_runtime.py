@@ -110,10 +110,23 @@ def test_bad_record_fails_the_job_at_once_naming_its_file_and_row(tmp_path):
     res = cli("run", str(job))
     assert res.returncode != 0
     assert f"input file {bad}, row 742: x or y is not finite" in res.stderr
-    assert "a bad input record fails the job at once" in res.stderr
+    assert "this fails the job at once: a replacement worker would fail the same way" in res.stderr
     m = metrics(job)
     assert m["state"] == "FAILED" and m["replacements"] == 0  # not retried max_restarts times
     assert "row 742" in m["message"]
+
+
+def test_a_file_without_a_column_fails_the_job_at_once_naming_it(tmp_path):
+    import pyarrow.parquet as pq
+
+    data = write_dataset(tmp_path / "data")
+    odd = data / "part-00002.parquet"
+    pq.write_table(pq.read_table(odd).rename_columns(["x", "label"]), odd)
+    job = make_job(tmp_path, data, "nocolumn", max_restarts=3)
+    res = cli("run", str(job))
+    assert res.returncode != 0
+    assert f"input file {odd}: no column 'y' (its columns: x, label)" in res.stderr
+    assert metrics(job)["replacements"] == 0
 
 
 def test_failures_a_new_attempt_would_only_repeat_are_final(tmp_path, dataset, monkeypatch):
@@ -145,12 +158,36 @@ def test_failures_a_new_attempt_would_only_repeat_are_final(tmp_path, dataset, m
 
 
 def test_nan_update_is_rejected_and_fails_the_job_clearly(tmp_path, dataset):
-    job = make_job(tmp_path, dataset, "nan", nan_at=1, max_restarts=1)
+    job = make_job(tmp_path, dataset, "nan", nan_at=1, max_restarts=3)
     res = cli("run", str(job))
     assert res.returncode != 0
     assert "holds 1 NaN and 0 Inf value(s)" in res.stderr
-    assert "array 'w'" in res.stderr
-    assert metrics(job)["history"][-1]["superstep"] == 0  # superstep 1 never combined a NaN
+    assert "array 'w'" in res.stderr and "this fails the job at once" in res.stderr
+    m = metrics(job)
+    assert m["history"][-1]["superstep"] == 0  # superstep 1 never combined a NaN
+    assert m["replacements"] == 0  # a replacement would compute the same NaN
+
+
+def test_an_update_of_another_layout_names_its_split_whichever_pushes_first(tmp_path, dataset):
+    for odd in (0, 2):
+        job = make_job(tmp_path, dataset, f"wide{odd}", workers=3, wide_at=1, wide_split=odd, max_restarts=3)
+        res = cli("run", str(job))
+        assert res.returncode != 0
+        others = ", ".join(str(i) for i in range(3) if i != odd)
+        assert (f"superstep 1: the update of split {odd} does not match those of split(s) {others}: array 'w' "
+                "is float32[9] where the others have float32[8]") in res.stderr
+        assert metrics(job)["replacements"] == 0
+
+
+def test_a_worker_lost_after_its_push_costs_one_replacement(tmp_path, dataset, baseline):
+    marker = tmp_path / "died"
+    job = make_job(tmp_path, dataset, "pushed", kill_soon_at=2, die_split=1, die_marker=str(marker),
+                   slow_at=2, slow_split=0, max_restarts=1)
+    res = cli("run", str(job))
+    assert res.returncode == 0, res.stderr
+    assert marker.exists()
+    assert metrics(job)["replacements"] == 1
+    np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
 
 
 def workers_of(master_pid: int) -> list[int]:
@@ -261,7 +298,7 @@ def test_bad_messages_are_rejected_without_harming_the_job(tmp_path, dataset, ba
         wid = next(iter(j.am._workers))
         with pytest.raises(ipc.RemoteError) as err:
             right.call("push", worker_id=wid, update=nan)
-        assert err.value.code in ("REJECTED", "BAD_REQUEST")
+        assert err.value.code in ("BAD_UPDATE", "BAD_REQUEST")
         with pytest.raises(ipc.RemoteError) as err:
             right.call("fetch", worker_id=wid, superstep=-5, wait_ms=0)
         assert err.value.code == "BAD_REQUEST"

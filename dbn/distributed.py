@@ -154,7 +154,7 @@ def _check_number(where: str, value: Any, kind: type, low: float | None = None, 
         lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
         hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
         rng = " " + " and ".join(x for x in (lo, hi) if x)
-    if not ok_type:
+    if not ok_type or (isinstance(value, float) and not math.isfinite(value)):
         raise ValueError(f"{where}: expected {what}{rng}, got {value!r}")
     if (low is not None and (value <= low if low_open else value < low)) or \
             (high is not None and (value >= high if high_open else value > high)):
@@ -359,7 +359,10 @@ class DBNMaster(Master):
 
     @classmethod
     def check_params(cls, params):
-        DBNConfig.from_params(params)
+        cfg = DBNConfig.from_params(params)
+        if cfg.where == "master" and cfg.finetune.epochs > 0 and not cfg.train:
+            raise ValueError("algorithm.params.train: the path of the labelled training data is needed for "
+                             "finetune.where: master (or fine-tune on the workers: finetune.where: workers)")
 
     def setup(self, ctx):
         super().setup(ctx)

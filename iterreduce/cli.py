@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
 
-from .job import JobError, load_job
+from .job import JobError, is_uri, load_job
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -28,6 +29,30 @@ def _load(path: str, algorithm: bool = True):
     return job
 
 
+def _check_input(job) -> None:
+    """The input exists and makes ``workers.count`` splits (as ``submit`` checks)."""
+    from .fs import InputError, plan_splits
+
+    try:
+        plan_splits(job.input.paths, job.workers.count)
+    except InputError as exc:
+        raise click.ClickException(f"{job.source}: input: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a filesystem that does not answer
+        raise click.ClickException(f"{job.source}: input: cannot read {', '.join(job.input.paths)}: "
+                                   f"{type(exc).__name__}: {exc}") from None
+
+
+def _check_output(job) -> None:
+    """The output directory can be made (before any worker starts)."""
+    from .fs import Output
+
+    try:
+        Output(job.output).create()
+    except Exception as exc:  # noqa: BLE001 - OSError locally, requests' errors through WebHDFS
+        raise click.ClickException(f"{job.source}: output: cannot create {job.output}: "
+                                   f"{type(exc).__name__}: {exc}") from None
+
+
 @click.group()
 @click.version_option(package_name="iterreduce")
 def main() -> None:
@@ -37,8 +62,9 @@ def main() -> None:
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 def validate(job_file: str) -> None:
-    """Check JOB_FILE without running it."""
+    """Check JOB_FILE without running it: fields, algorithm and its params, input splits."""
     job = _load(job_file)
+    _check_input(job)
     click.echo(f"{job_file}: OK ({job.name}: {job.workers.count} workers, algorithm {job.algorithm.master})")
 
 
@@ -58,33 +84,50 @@ def run(job_file: str, resume: bool, workers: int | None, output: str | None, ve
         d = job.to_dict()
         if workers is not None:
             d["workers"]["count"] = workers
-        if output is not None:
-            d["output"] = output
+        if output is not None:  # relative to where the command runs, as any path on a command line
+            d["output"] = output if is_uri(output) else os.path.abspath(output)
             d["checkpoint"]["path"] = job.checkpoint.path  # keep an explicit one, else follow the output
         try:
             job = JobSpec.from_dict(d, source=f"{job_file} (with command-line overrides)")
         except JobError as exc:
             raise click.ClickException(str(exc)) from None
+    _check_input(job)
+    _check_output(job)
     _setup_logging(verbose)
     try:
         am = run_local(job, resume=resume, progress=Progress())
     except JobFailed as exc:
-        raise click.ClickException(f"job {job.name} failed: {exc}") from None
+        first, _, rest = str(exc).partition("\n")
+        raise click.ClickException(f"job {job.name} failed: {first}" +
+                                   ("\n(the traceback is in the log above)" if rest.strip() else "")) from None
+    except KeyboardInterrupt:
+        click.echo(f"\nError: job {job.name} interrupted. `iterreduce run --resume {job_file}` continues it "
+                   f"from its last checkpoint.", err=True)
+        sys.exit(130)
     status = am.status()
     click.echo(f"job {job.name}: {status['message']} after {status['superstep'] + 1} supersteps; "
                f"results in {job.output}")
 
 
 def _skein_client():
+    import gc
+
     import skein
 
+    hook, message = sys.unraisablehook, ""
+    sys.unraisablehook = lambda _: None  # a half-made skein.Client complains in __del__
     try:
-        return skein.Client()
-    except Exception as exc:  # noqa: BLE001 - skein raises several kinds when no cluster answers
-        raise click.ClickException(
-            f"cannot start the skein client for YARN: {exc}\nIt needs JAVA_HOME, HADOOP_CONF_DIR and a `yarn` "
-            "command on PATH answering `yarn classpath --glob` (tests/hadoop/pseudo-hadoop env prints them "
-            "for the test cluster).") from None
+        try:
+            return skein.Client()
+        except Exception as exc:  # noqa: BLE001 - skein raises several kinds when no cluster answers
+            message = str(exc)
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    raise click.ClickException(
+        f"cannot start the skein client for YARN: {message}\nIt needs JAVA_HOME, HADOOP_CONF_DIR and a `yarn` "
+        "command on PATH answering `yarn classpath --glob` (tests/hadoop/pseudo-hadoop env prints them "
+        "for the test cluster).")
 
 
 @main.command()
@@ -160,7 +203,11 @@ def logs(app_id: str) -> None:
     """Print the logs of every container of APP_ID that the NodeManagers still hold."""
     from .client import container_logs
 
-    found = container_logs(app_id)
+    try:
+        found = container_logs(app_id)
+    except OSError as exc:  # urllib's URLError: no ResourceManager there
+        raise click.ClickException(f"cannot read the logs of {app_id} from the ResourceManager: {exc}\n"
+                                   "Is HADOOP_CONF_DIR set to the cluster's configuration?") from None
     if not found:
         raise click.ClickException(f"no container logs found for {app_id} (with log aggregation on, try "
                                    f"`yarn logs -applicationId {app_id}`)")

@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -64,14 +65,20 @@ class _Reader:
     """Reads one mapping of the job file strictly: unknown keys, wrong types and
     missing fields raise :class:`JobError` naming ``where.field``."""
 
-    def __init__(self, data: Any, where: str):
+    def __init__(self, data: Any, where: str, parent: "_Reader | None" = None):
         if data is None:
             data = {}
         if not isinstance(data, dict):
             raise JobError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
         self.data = dict(data)
         self.where = where
+        self.parent = parent
         self.used: set[str] = set()
+
+    def _misspelt(self, key: str) -> str:
+        """`` (is 'cont' a misspelling of it?)`` when a key here that is not a field looks like ``key``."""
+        close = difflib.get_close_matches(key, [str(k) for k in self.data if k not in self.used], n=1, cutoff=0.6)
+        return f" (is {close[0]!r} a misspelling of it?)" if close else ""
 
     def path(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
@@ -80,7 +87,10 @@ class _Reader:
         self.used.add(key)
         if key not in self.data or self.data[key] is None:
             if default is dataclasses.MISSING:
-                raise JobError(f"{self.path(key)}: required field is missing")
+                section = self.where.rpartition(".")[2]
+                if not self.data and self.parent is not None and section not in self.parent.data:
+                    raise JobError(f"{self.where}: required section is missing{self.parent._misspelt(section)}")
+                raise JobError(f"{self.path(key)}: required field is missing{self._misspelt(key)}")
             return default
         value = self.data[key]
         types_t = types if isinstance(types, tuple) else (types,)
@@ -109,13 +119,15 @@ class _Reader:
 
     def sub(self, key: str) -> "_Reader":
         self.used.add(key)
-        return _Reader(self.data.get(key), self.path(key))
+        return _Reader(self.data.get(key), self.path(key), self)
 
     def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
+        unknown = sorted(set(self.data) - self.used, key=str)
         if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), sorted(self.used), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             known = ", ".join(sorted(self.used))
-            raise JobError(f"{self.path(unknown[0])}: unknown field (known fields here: {known})")
+            raise JobError(f"{self.path(str(unknown[0]))}: unknown field ({hint}known fields here: {known})")
 
 
 @dataclass(frozen=True)
@@ -380,7 +392,7 @@ def load_job(path: str | os.PathLike[str]) -> JobSpec:
     except OSError as exc:
         raise JobError(f"{p}: cannot read the job file: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader that refuses repeated keys
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -388,6 +400,22 @@ def load_job(path: str | os.PathLike[str]) -> JobSpec:
     if not isinstance(data, dict):
         raise JobError(f"{p}: expected a mapping of fields at the top level, got {type(data).__name__}")
     return JobSpec.from_dict(data, source=str(p), base=p.resolve().parent)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML keeps the last
+    silently: ``{count: 2, count: 3}`` would be 3)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (first at line {seen[key].line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 def is_uri(path: str) -> bool:

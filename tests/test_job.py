@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from iterreduce.job import JobError, JobSpec, load_job, parse_memory
+
+from .algos import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GOOD = """
 name: test-job
@@ -83,8 +90,22 @@ def test_missing_required_field_is_named(tmp_path, missing):
             continue
         skipping = False
         kept.append(line)
-    with pytest.raises(JobError, match=rf"{missing}(\.\w+)?: required field is missing"):
+    with pytest.raises(JobError, match=rf"{missing}(\.\w+)?: required (field|section) is missing"):
         load_job(write(tmp_path, "\n".join(kept)))
+
+
+@pytest.mark.parametrize("change, words", [
+    (("workers:", "worker:"), "workers: required section is missing (is 'worker' a misspelling of it?)"),
+    (("count: 2", "cont: 2"), "workers.count: required field is missing (is 'cont' a misspelling of it?)"),
+    (("output:", "outptu:"), "output: required field is missing (is 'outptu' a misspelling of it?)"),
+    (("checkpoint: {every: 2}", "chekpoint: {every: 2}"), "chekpoint: unknown field (did you mean 'checkpoint'?"),
+    (("count: 2,", "count: 2, count: 3,"), "not valid YAML at line 4, column 21: the key 'count' is given twice "
+                                           "(first at line 4)"),
+])
+def test_misspelt_and_repeated_keys_are_named(tmp_path, change, words):
+    with pytest.raises(JobError) as err:
+        load_job(write(tmp_path, GOOD.replace(*change)))
+    assert words in str(err.value)
 
 
 def test_invalid_yaml_names_line(tmp_path):
@@ -100,17 +121,54 @@ def test_memory_units():
         parse_memory("lots", "m")
 
 
+def iterreduce(*args: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "iterreduce.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 def test_cli_validate_accepts_good_and_refuses_bad(tmp_path):
     good = write(tmp_path, GOOD)
-    ok = subprocess.run([sys.executable, "-m", "iterreduce.cli", "validate", str(good)],
-                        capture_output=True, text=True)
-    assert ok.returncode == 0 and "OK" in ok.stdout
+    missing = iterreduce("validate", str(good))  # as submit does: the input must exist
+    assert missing.returncode != 0
+    assert f"{good}: input: input path {tmp_path / 'data' / 'train'}: does not exist" in missing.stderr
+    write_dataset(tmp_path / "data" / "train")  # 4 files, 8 row groups
+    ok = iterreduce("validate", str(good))
+    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("count: 2", "count: 0"))
-    res = subprocess.run([sys.executable, "-m", "iterreduce.cli", "validate", str(bad)],
-                         capture_output=True, text=True)
+    res = iterreduce("validate", str(bad))
     assert res.returncode != 0
     assert "workers.count: must be at least 1, got 0" in res.stderr
+    many = tmp_path / "many.yaml"
+    many.write_text(GOOD.replace("count: 2", "count: 9"))
+    res = iterreduce("validate", str(many))
+    assert res.returncode != 0 and "9 splits" in res.stderr, res.stderr
+
+
+def test_cli_run_names_a_bad_output_takes_output_from_the_working_directory_and_explains_ctrl_c(tmp_path):
+    write_dataset(tmp_path / "data" / "train")
+    job = write(tmp_path, GOOD)
+    (tmp_path / "afile").write_text("")
+    res = iterreduce("run", str(job), "--output", str(tmp_path / "afile"))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert f"{job} (with command-line overrides): output: cannot create {tmp_path / 'afile'}" in res.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = iterreduce("run", str(job), "--output", "mine", cwd=elsewhere)
+    assert res.returncode == 0, res.stderr
+    assert (elsewhere / "mine" / "result.npz").exists()  # not next to the job file
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(GOOD.replace("{supersteps: 4}", "{supersteps: 40, sleep: 0.5}"))
+    proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", str(slow)], cwd=ROOT, text=True,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "out" / "run" / "checkpoints").glob("ckpt-*.npz")):
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"interrupted. `iterreduce run --resume {slow}` continues it" in err and "Traceback" not in err
 
 
 DBN_BAD = GOOD.replace("tests.algos:LinRegMaster", "dbn.distributed:DBNMaster").replace(
@@ -138,6 +196,19 @@ def test_cli_validate_refuses_a_bad_algorithm_class(tmp_path, path, words):
     res = subprocess.run([sys.executable, "-m", "iterreduce.cli", "validate", str(job)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and words in res.stderr and str(job) in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("params, words", [
+    ("{layers: [20], finetune: {learning_rate: .nan}}", "finetune.learning_rate: expected a number > 0, got nan"),
+    ("{layers: [20], pretrain: {weight_cost: .inf}}", "pretrain.weight_cost: expected a number >= 0, got inf"),
+    ("{layers: [20]}", "algorithm.params.train: the path of the labelled training data is needed for "
+                       "finetune.where: master"),
+])
+def test_dbn_params_that_cannot_train_are_refused(tmp_path, params, words):
+    job = write(tmp_path, DBN_BAD.replace("params: {layers: [20], finetune: {dropout_hidden: 1.5}}",
+                                          f"params: {params}"))
+    res = iterreduce("validate", str(job))
+    assert res.returncode != 0 and words in res.stderr, res.stderr
 
 
 def test_submit_checks_algorithm_params_before_anything_else(tmp_path):

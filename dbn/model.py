@@ -94,13 +94,30 @@ class Model:
             raise ValueError("this model is a pre-trained stack without an output layer")
         return self.params
 
+    def _input(self, x: Any) -> np.ndarray:
+        """``x`` as the model takes it, or a ``ValueError`` saying what is wrong with it."""
+        x = np.asarray(x)
+        n0 = self.sizes[0]
+        if x.ndim != 2 or x.shape[1] != n0:
+            one = " (one example: x[None, :])" if x.shape == (n0,) else ""
+            raise ValueError(f"the model takes examples as rows of {n0} values, an array [m, {n0}]; "
+                             f"got shape {x.shape}{one}")
+        if x.dtype == np.uint8:
+            return x
+        if x.dtype.kind not in "fiu":
+            raise ValueError(f"the model takes uint8 pixels or floats in [0, 1], got {x.dtype}")
+        if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+            raise ValueError(f"float inputs must be in [0, 1] (pixels / 255); these are {x.min()!r} .. "
+                             f"{x.max()!r}: pass uint8 pixels, or divide by 255")
+        return x
+
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities float32 [m, n_classes]; ``x`` uint8 or float [m, n_0]."""
-        return _net.predict_proba(self._net(), x)
+        return _net.predict_proba(self._net(), self._input(x))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted labels int64 [m]."""
-        return _net.predict(self._net(), x)
+        return _net.predict(self._net(), self._input(x))
 
     @property
     def n_hidden_layers(self) -> int:
@@ -122,6 +139,7 @@ class Model:
         the softmax for a classifier, the top of a stack).
         """
         k = self.layer_index(layer)
+        x = self._input(x)
         if self.kind == "classifier":
             return _net.hidden_activations(self.params, x, k)
         out = np.empty((len(x), self.sizes[k]), np.float32)
@@ -242,7 +260,8 @@ def export_features(
     each input file an output file of the same name is written to ``out_dir``
     with columns ``features`` (fixed_size_list<float32>[n_layer]) and ``y``
     (int64, when present in the input), processed ``batch_size`` rows at a
-    time. Returns the output paths. Inputs whose names coincide (the
+    time; each file appears when it is complete (a bad record leaves none). Returns the
+    output paths. Inputs whose names coincide (the
     ``part-00000.parquet`` of two directories) or an ``out_dir`` that holds an input
     are refused with a ``ValueError`` before anything is written.
     """
@@ -270,6 +289,7 @@ def export_features(
         pf = pq.ParquetFile(src)
         has_y = "y" in pf.schema_arrow.names
         dst = out / Path(src).name
+        tmp = out / f".{dst.name}.tmp"  # renamed when complete: a failure leaves no partial file
         writer = None
         row = 0
         try:
@@ -283,16 +303,23 @@ def export_features(
                     cols["y"] = pa.array(y)
                 t = pa.table(cols)
                 if writer is None:
-                    writer = pq.ParquetWriter(dst, t.schema)
+                    writer = pq.ParquetWriter(tmp, t.schema)
                 writer.write_table(t)
             if writer is None:  # empty input file
                 n_out = model.sizes[model.layer_index(layer)]
                 fields = [pa.field("features", pa.list_(pa.float32(), n_out))]
                 if has_y:
                     fields.append(pa.field("y", pa.int64()))
-                pq.write_table(pa.schema(fields).empty_table(), dst)
+                pq.write_table(pa.schema(fields).empty_table(), tmp)
+        except BaseException:
+            if writer is not None:
+                writer.close()
+                writer = None
+            tmp.unlink(missing_ok=True)
+            raise
         finally:
             if writer is not None:
                 writer.close()
+        os.replace(tmp, dst)
         written.append(dst)
     return written

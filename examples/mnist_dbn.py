@@ -26,10 +26,13 @@ DEFAULT_CACHE = Path.home() / ".cache" / "iterreduce" / "mnist"
 
 
 def prepare_data(data: str | None, out: str, shards: int) -> dict:
-    from dbn.data import download_mnist, prepare_mnist
+    from dbn.data import ChecksumError, IDXError, download_mnist, prepare_mnist
 
-    src = Path(data) if data else download_mnist(DEFAULT_CACHE)
-    meta = prepare_mnist(src, out, num_shards=shards)
+    try:
+        src = Path(data) if data else download_mnist(DEFAULT_CACHE)
+        meta = prepare_mnist(src, out, num_shards=shards)
+    except (OSError, ChecksumError, IDXError, RuntimeError, ValueError) as exc:  # each names the file
+        raise click.ClickException(str(exc)) from None
     for name, s in meta["splits"].items():
         click.echo(f"{out}/{name}: {s['rows']} rows in {len(s['files'])} file(s)")
     return meta
@@ -43,10 +46,19 @@ def prepare_data(data: str | None, out: str, shards: int) -> dict:
 @click.pass_context
 def main(ctx: click.Context, data: str | None, out: str, job_file: str, shards: int) -> None:
     """Prepare MNIST and train the DBN (without a sub-command: both)."""
-    if ctx.invoked_subcommand is None:
-        if not (Path(out) / "meta.json").exists() or data:
-            prepare_data(data, out, shards)
-        ctx.invoke(run, job_file=job_file)
+    given = [f"--{name.replace('_file', '')}" for name in ("data", "out", "job_file", "shards")
+             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    if ctx.invoked_subcommand is not None:
+        if given:
+            raise click.UsageError(f"{', '.join(given)} before the sub-command: put options after it "
+                                   f"(mnist_dbn.py {ctx.invoked_subcommand} {given[0]} ...)")
+        return
+    if "--out" in given:
+        raise click.UsageError("--out with training: the job files read data/mnist next to examples/; run "
+                               "`mnist_dbn.py prepare --out DIR`, then point the job file's paths at DIR")
+    if not (Path(out) / "meta.json").exists() or data:
+        prepare_data(data, out, shards)
+    ctx.invoke(run, job_file=job_file)
 
 
 @main.command()
@@ -72,8 +84,8 @@ def run(job_file: str, resume: bool = False) -> None:
     try:
         job = load_job(job_file)
         run_local(job, resume=resume, progress=Progress())
-    except (JobError, JobFailed) as exc:
-        raise click.ClickException(str(exc)) from None
+    except (JobError, JobFailed) as exc:  # the first line; a traceback stays in the log above
+        raise click.ClickException(str(exc).partition("\n")[0]) from None
     summary = json.loads(Output(job.output).read_bytes("metrics.json"))
     final = summary.get("final") or {}
     click.echo(json.dumps({"job": job.name, "message": summary["message"], **final.get("metrics", {})}, indent=2))

@@ -6,6 +6,8 @@ import gzip
 import io
 import json
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -122,6 +124,19 @@ def test_mnist_checksum_mismatch_names_file(tmp_path):
 def test_load_mnist_missing_dir_mentions_data_option(tmp_path):
     with pytest.raises(FileNotFoundError, match="--data DIR"):
         D.load_mnist(tmp_path)
+
+
+def test_mnist_dbn_command_refuses_misplaced_options_and_names_missing_files(tmp_path):
+    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "mnist_dbn.py")]
+    res = subprocess.run([*script, "--data", str(tmp_path), "prepare"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--data before the sub-command: put options after it" in res.stderr
+    res = subprocess.run([*script, "prepare", "--data", str(tmp_path), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"MNIST file {tmp_path / 'train-images-idx3-ubyte.gz'} not found" in res.stderr
+    res = subprocess.run([*script, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--out with training" in res.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_download_fails_fast_and_clearly(tmp_path):
@@ -380,6 +395,26 @@ def test_model_header_is_strict_json_and_export_refuses_to_overwrite(tmp_path):
     with pytest.raises(ValueError, match="holds the input"):
         export_features(tmp_path / "m.avro", tmp_path / "test", 1, tmp_path / "test")
     assert pq.read_table(tmp_path / "test").column_names == ["x", "y"]
+    # a bad record in the second batch: no file at all, not a readable half
+    rows = [[0] * 784 for _ in range(6)]
+    rows[4] = None
+    t = pa.table({"x": pa.array(rows, pa.list_(pa.uint8(), 784)), "y": pa.array([0, 1, 2, 3, 4, 5])})
+    (tmp_path / "bad").mkdir()
+    pq.write_table(t, tmp_path / "bad" / "part-00000.parquet")
+    with pytest.raises(ValueError, match="part-00000.parquet, row 4: the example x is null"):
+        export_features(tmp_path / "m.avro", tmp_path / "bad", 1, tmp_path / "badout", batch_size=3)
+    assert list((tmp_path / "badout").iterdir()) == []
+
+
+def test_model_inputs_are_checked():
+    m = Model(_tiny_net())
+    with pytest.raises(ValueError, match=r"rows of 784 values, an array \[m, 784\]; got shape \(784,\) \(one"):
+        m.predict(np.zeros(784, np.uint8))
+    with pytest.raises(ValueError, match=r"got shape \(2, 10\)"):
+        m.features(np.zeros((2, 10), np.uint8), 1)
+    with pytest.raises(ValueError, match=r"float inputs must be in \[0, 1\].*pass uint8 pixels, or divide by 255"):
+        m.predict(np.full((2, 784), 255.0))
+    assert m.predict(np.full((2, 784), 1.0)).shape == (2,)
 
 
 def test_model_rejects_foreign_avro(tmp_path):

@@ -108,6 +108,7 @@ class _WorkerInfo:
     superstep: int = 0
     progress: float = 0.0
     message: str = ""
+    working_since: float = 0.0  # registration, then each time it is given a superstep's broadcast
 
 
 @dataclass
@@ -155,6 +156,7 @@ class AppMaster:
         self._events: list[tuple[str, str, str]] = []
         self._metrics_lines: list[str] = []  # metrics.jsonl lines not written yet
         self._metrics_flushed = 0.0
+        self._step_started = self._waiting_logged = time.monotonic()
         self.server: ipc.IPCServer | None = None
         self.master: Master | None = None
 
@@ -236,7 +238,7 @@ class AppMaster:
 
     def _loop(self) -> None:
         started = time.monotonic()
-        step_started = time.monotonic()
+        step_started = self._step_started = self._waiting_logged = time.monotonic()
         total = self.master.total_supersteps()
         while True:
             with self._cond:
@@ -291,7 +293,7 @@ class AppMaster:
                 self._checkpoint(step + 1, nxt)
             if self.status_hook:
                 self.status_hook({**self.status(), "total": total})
-            step_started = time.monotonic()
+            step_started = self._step_started = time.monotonic()
 
     def _flush_metrics(self, force: bool = False) -> None:
         """Append to metrics.jsonl: at once on a local disk; on a remote filesystem (where an
@@ -385,6 +387,18 @@ class AppMaster:
                       if now - w.last_seen > hb.timeout]
             unregistered = [(s.container, now - s.launched_at) for s in self._splits
                             if s.owner is None and s.container and now - s.launched_at > hb.register_timeout]
+            busy = [(w, now - w.working_since) for w in self._workers.values() if w.split not in self._pushes]
+            step = self._superstep
+        hung = [(w.container_id, age) for w, age in busy if hb.superstep_timeout and age > hb.superstep_timeout]
+        if busy and now - self._step_started > 60 and now - self._waiting_logged > 60:
+            self._waiting_logged = now
+            log.info("superstep %d: after %.0f s still waiting for %s", step, now - self._step_started, "; ".join(
+                f"split {w.split} (worker {w.worker_id}, {age:.0f} s in this superstep, progress {w.progress:.0%}"
+                + (f" {w.message!r}" if w.message else "") + ")" for w, age in busy))
+        for cid, age in hung:
+            self.launcher.kill(cid)
+            self._container_lost(cid, f"spent {age:.0f} s in superstep {step} without finishing it "
+                                      f"(heartbeat.superstep_timeout is {hb.superstep_timeout:g} s)")
         for cid, age in silent:
             self.launcher.kill(cid)
             self._container_lost(cid, f"sent no heartbeat for {age:.0f} s (heartbeat.timeout is {hb.timeout:g} s)")
@@ -457,8 +471,9 @@ class AppMaster:
                     raise ipc.RemoteError("REJECTED", f"container {container_id!r} was not started for a free split")
                 split = free[0]
             self._splits[split].owner = worker_id
-            self._workers[worker_id] = _WorkerInfo(worker_id, container_id, split, host, time.monotonic(),
-                                                   superstep=self._superstep)
+            now = time.monotonic()
+            self._workers[worker_id] = _WorkerInfo(worker_id, container_id, split, host, now,
+                                                   superstep=self._superstep, working_since=now)
             log.info("worker %s (container %s on %s) registered for split %d at superstep %d",
                      worker_id, container_id, host, split, self._superstep)
             return {
@@ -472,13 +487,14 @@ class AppMaster:
     def fetch(self, worker_id: str, superstep: int, wait_ms: int) -> dict[str, Any]:
         deadline = time.monotonic() + min(max(wait_ms, 0), 30_000) / 1000
         with self._cond:
-            self._worker(worker_id)
+            info = self._worker(worker_id)
             while True:
                 if self._state == "SUCCEEDED":
                     return {"status": "DONE", "update": None, "message": self._message}
                 if self._state != "RUNNING":
                     return {"status": "ABORT", "update": None, "message": self._message}
                 if superstep == self._superstep:
+                    info.working_since = time.monotonic()
                     return {"status": "READY", "update": self._broadcast, "message": ""}
                 if superstep < self._superstep:
                     raise ipc.RemoteError("BAD_REQUEST", f"superstep {superstep} is over: the job is at superstep "

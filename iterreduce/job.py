@@ -113,8 +113,10 @@ class _Reader:
 
     def positive(self, key: str, default: Any = dataclasses.MISSING) -> float:
         value = self.get(key, float, default)
-        if not value > 0:
-            raise JobError(f"{self.path(key)}: must be positive, got {value}")
+        if value is None and default is None:
+            return None
+        if not 0 < value < float("inf"):
+            raise JobError(f"{self.path(key)}: must be a positive number, got {value}")
         return value
 
     def sub(self, key: str) -> "_Reader":
@@ -203,12 +205,15 @@ class CheckpointSpec:
 @dataclass(frozen=True)
 class HeartbeatSpec:
     """Seconds. A worker silent for ``timeout`` is declared lost and replaced; a worker
-    that cannot reach the master for ``master_timeout`` exits."""
+    that cannot reach the master for ``master_timeout`` exits; a worker that spends more
+    than ``superstep_timeout`` (off when null) in one superstep, or in its setup, is taken
+    for hung (a read blocked on a dead DataNode, say) and replaced."""
 
     interval: float = 1.0
     timeout: float = 30.0
     register_timeout: float = 120.0
     master_timeout: float = 30.0
+    superstep_timeout: float | None = None
 
     @classmethod
     def read(cls, r: _Reader) -> "HeartbeatSpec":
@@ -217,6 +222,7 @@ class HeartbeatSpec:
             timeout=r.positive("timeout", 30.0),
             register_timeout=r.positive("register_timeout", 120.0),
             master_timeout=r.positive("master_timeout", 30.0),
+            superstep_timeout=r.positive("superstep_timeout", None),
         )
         if out.timeout <= out.interval:
             raise JobError(f"{r.path('timeout')}: must exceed heartbeat.interval ({out.interval}), got {out.timeout}")

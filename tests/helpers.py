@@ -46,7 +46,8 @@ def misbehave(params: dict[str, Any], superstep: int, split_index: int) -> None:
     SIGKILLs the worker at the start of that superstep, once if ``die_marker`` names a file
     (the replacement then lives), every time otherwise; ``kill_soon_at`` SIGKILLs it (the same
     way) 0.3 s after that superstep's compute starts, so after it pushed; ``sleep`` waits that
-    many seconds every superstep, ``slow_at`` ``slow_for`` seconds (2) in split ``slow_split``."""
+    many seconds every superstep, ``slow_at`` ``slow_for`` seconds (2) in split ``slow_split`` (once
+    if ``slow_marker`` names a file)."""
     marker = params.get("die_marker")
     if superstep == params.get("die_at") and split_index == params.get("die_split", 0):
         if not marker or not os.path.exists(marker):
@@ -62,4 +63,8 @@ def misbehave(params: dict[str, Any], superstep: int, split_index: int) -> None:
                 Path(marker).write_text(str(os.getpid()))
             threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGKILL)).start()
     if superstep == params.get("slow_at") and split_index == params.get("slow_split", 0):
-        time.sleep(float(params.get("slow_for", 2.0)))
+        slow_marker = params.get("slow_marker")  # once, if given: the replacement is quick
+        if not slow_marker or not os.path.exists(slow_marker):
+            if slow_marker:
+                Path(slow_marker).write_text(str(os.getpid()))
+            time.sleep(float(params.get("slow_for", 2.0)))

@@ -316,6 +316,20 @@ def test_silent_worker_is_replaced_after_heartbeat_timeout(tmp_path, dataset, ba
     np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
 
 
+def test_a_worker_hung_in_a_superstep_is_replaced_after_superstep_timeout(tmp_path, dataset, baseline):
+    marker = tmp_path / "slept"
+    job = make_job(tmp_path, dataset, "hung", slow_at=2, slow_split=1, slow_for=600, slow_marker=str(marker))
+    spec = yaml.safe_load(job.read_text())
+    spec["heartbeat"]["superstep_timeout"] = 4  # its heartbeats go on: only this notices
+    job.write_text(yaml.safe_dump(spec))
+    res = cli("run", str(job), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert marker.exists()
+    assert "in superstep 2 without finishing it (heartbeat.superstep_timeout is 4 s)" in res.stderr
+    assert metrics(job)["replacements"] == 1
+    np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
+
+
 def test_unreadable_input_file_is_named_before_any_worker_starts(tmp_path, dataset):
     import shutil
 

@@ -146,7 +146,8 @@ class AppMaster:
         self._splits: list[_Split] = []
         self._workers: dict[str, _WorkerInfo] = {}
         self._containers: dict[str, int] = {}  # container -> split
-        self._replacements = 0
+        self._replacements = 0  # in the whole job (resumed from the checkpoint): reported
+        self._replaced_here = 0  # by this run of the master: held to workers.max_restarts
         self._failure: str | None = None
         self._history: list[dict[str, Any]] = []
         self._last_metrics: dict[str, float] = {}
@@ -440,7 +441,8 @@ class AppMaster:
             self._pushes.pop(split, None)  # its replacement computes this superstep again
             s.container, s.owner = None, None
             self._replacements += 1
-            n = self._replacements
+            self._replaced_here += 1
+            n = self._replaced_here
         where = self.launcher.describe(cid)
         if n > self.job.workers.max_restarts:
             raise JobFailed(f"worker container {where} for split {split} {reason}; the job already replaced "

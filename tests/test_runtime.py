@@ -246,6 +246,28 @@ def test_resume_refuses_a_checkpoint_of_other_settings_and_a_new_run_starts_clea
     np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
 
 
+def test_a_resumed_master_has_its_own_replacement_budget(tmp_path, dataset, baseline):
+    marker = tmp_path / "died"
+    job = make_job(tmp_path, dataset, "budget", sleep=0.4, die_at=4, die_split=1, die_marker=str(marker),
+                   max_restarts=1)
+    out = Path(load_job(job).output)
+    run_and_kill_after_checkpoint(job, out / "checkpoints", 3)
+    assert not marker.exists()
+    # as if the earlier master had used up workers.max_restarts and more
+    ckpt = max((out / "checkpoints").glob("ckpt-*.npz"))
+    with np.load(ckpt) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["__meta__"].tobytes())
+    meta["replacements"] = 5
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(ckpt, **arrays)
+    res = cli("run", "--resume", str(job))
+    assert res.returncode == 0, res.stderr  # one more loss after the resume: within this master's budget
+    assert marker.exists() and "starting a replacement (1 of at most 1)" in res.stderr
+    assert metrics(job)["replacements"] == 6  # the job's total is still reported
+    np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
+
+
 class InProcessJob:
     """The AppMaster in a thread of the test, so the test can talk to it and its workers."""
 

@@ -130,6 +130,25 @@ def _quote(s: str) -> str:
     return shlex.quote(s)
 
 
+_OWN_FILES = {"environment", "iterreduce.token", "job.json"}
+
+
+def _check_file_names(job: JobSpec, reserved: set[str] = _OWN_FILES) -> None:
+    """``yarn.files`` land in each container's directory under their base names: refuse
+    one that would replace iterreduce's own (the job, the token, the environment) or an
+    earlier entry."""
+    seen: dict[str, str] = {}
+    for i, path in enumerate(job.yarn.files):
+        name = os.path.basename(path.rstrip("/"))
+        if name in reserved:
+            raise SubmitError(f"{job.source}: yarn.files[{i}]: {path} would be shipped as {name!r}, a name "
+                              f"iterreduce uses itself ({', '.join(sorted(reserved))}); rename it")
+        if name in seen:
+            raise SubmitError(f"{job.source}: yarn.files[{i}]: {path} and {seen[name]} would both be shipped as "
+                              f"{name!r} (each lands in the container's directory under its base name)")
+        seen[name] = path
+
+
 def build_spec(job: JobSpec, token_file: str, job_file: str) -> Any:
     """The skein ApplicationSpec for ``job``. The token travels as a private file, never
     on a command line or in the environment."""
@@ -138,6 +157,7 @@ def build_spec(job: JobSpec, token_file: str, job_file: str) -> Any:
     python, files = python_command(job.yarn.environment)
     files = {**files, "iterreduce.token": skein.File(source=token_file, type="file"),
              "job.json": skein.File(source=job_file, type="file")}
+    _check_file_names(job, set(files))
     for path in job.yarn.files:  # the algorithm's own code, shipped into each container's directory
         name = os.path.basename(path.rstrip("/"))
         if os.path.isdir(path):  # YARN unpacks an archive into a directory of the same name
@@ -178,6 +198,7 @@ def check_submission(job: JobSpec) -> None:
     except JobFailed as exc:
         raise SubmitError(str(exc)) from None
     python_command(job.yarn.environment)
+    _check_file_names(job)
     try:
         plan_splits(job.input.paths, job.workers.count)
     except InputError as exc:

@@ -218,6 +218,22 @@ def test_submit_checks_algorithm_params_before_anything_else(tmp_path):
         check_submission(load_job(write(tmp_path, DBN_BAD)))
 
 
+def test_submit_refuses_shipped_files_that_would_replace_others(tmp_path):
+    from iterreduce.client import SubmitError, check_submission
+
+    write_dataset(tmp_path / "data" / "train")
+    for d in ("a/utils", "b/utils", "cfg"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "cfg" / "job.json").write_text("{}")
+    base = GOOD + "yarn: {environment: 'python:///usr/bin/python3', files: %s}\n"
+    for files, words in (("[a/utils, b/utils]", r"yarn.files\[1\]: .*b/utils and .*a/utils would both be shipped"),
+                         ("[cfg/job.json]", r"yarn.files\[0\]: .*job.json would be shipped as 'job.json', a name "
+                                            "iterreduce uses itself")):
+        with pytest.raises(SubmitError, match=words):
+            check_submission(load_job(write(tmp_path, base % files)))
+    check_submission(load_job(write(tmp_path, base % "[a/utils, cfg]")))  # distinct names: fine
+
+
 def test_submit_leaves_an_algorithm_it_cannot_import_to_the_cluster(tmp_path, caplog):
     # on YARN the algorithm may exist only in the cluster's environment
     from iterreduce.client import SubmitError, check_submission

@@ -60,15 +60,25 @@ class AlgorithmImportError(JobFailed):
     """The algorithm's module cannot be imported here."""
 
 
-def load_class(path: str, kind: type) -> type:
-    """Import ``package.module:ClassName`` and check it subclasses ``kind``."""
+def load_class(path: str, kind: type, job_dir: str | None = None) -> type:
+    """Import ``package.module:ClassName`` and check it subclasses ``kind``. Modules are
+    found on ``sys.path``, in the working directory (as ``python -m`` does) and in
+    ``job_dir``, the job file's directory."""
     module_name, _, cls_name = path.partition(":")
-    if os.getcwd() not in sys.path:  # as `python -m` does: modules next to the job are importable
-        sys.path.insert(0, os.getcwd())
+    places = [os.getcwd()] + ([job_dir] if job_dir and os.path.isdir(job_dir) else [])
+    for place in places:
+        if place in sys.path:
+            continue
+        if place == job_dir:
+            sys.path.append(place)
+        else:
+            sys.path.insert(0, place)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise AlgorithmImportError(f"algorithm: cannot import module {module_name!r} for {path!r}: {exc}") from None
+        where = " and ".join(dict.fromkeys(places))
+        raise AlgorithmImportError(f"algorithm: cannot import module {module_name!r} for {path!r}: {exc} "
+                                   f"(looked on sys.path, in {where}; PYTHONPATH adds places)") from None
     cls = getattr(module, cls_name, None)
     if not isinstance(cls, type) or not issubclass(cls, kind):
         raise JobFailed(f"algorithm: {path!r} is not a subclass of iterreduce.{kind.__name__}")
@@ -82,8 +92,8 @@ def check_algorithm(job: JobSpec, must_import: bool = True) -> None:
     algorithm may exist only in the cluster's environment) a module that cannot be imported
     here is logged and its params are left to the ApplicationMaster."""
     try:
-        master = load_class(job.algorithm.master, Master)
-        load_class(job.algorithm.worker, Worker)
+        master = load_class(job.algorithm.master, Master, job.base_dir)
+        load_class(job.algorithm.worker, Worker, job.base_dir)
     except JobFailed as exc:
         if not must_import and isinstance(exc, AlgorithmImportError):
             log.warning("%s: %s; its params will be checked by the ApplicationMaster", job.source, exc)
@@ -186,10 +196,10 @@ class AppMaster:
     def _start(self) -> None:
         job = self.job
         self.output.create()
-        master_cls = load_class(job.algorithm.master, Master)
+        master_cls = load_class(job.algorithm.master, Master, job.base_dir)
         from .api import Worker
 
-        load_class(job.algorithm.worker, Worker)  # fail now, not in every container
+        load_class(job.algorithm.worker, Worker, job.base_dir)  # fail now, not in every container
         self.master = master_cls()
         ctx = MasterContext(params=job.algorithm.params, seed=job.seed, num_workers=job.workers.count,
                             output=self.output, log=logging.getLogger("iterreduce.master"),

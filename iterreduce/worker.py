@@ -79,7 +79,7 @@ class WorkerRunner:
             self.master_timeout = job.heartbeat.master_timeout
             from .appmaster import load_class
 
-            worker: Worker = load_class(job.algorithm.worker, Worker)()
+            worker: Worker = load_class(job.algorithm.worker, Worker, job.base_dir)()
             catch_up = update_from_avro(a["catch_up"]) if a["catch_up"] else None
             ctx = WorkerContext(params=job.algorithm.params, seed=job.seed, split_index=a["split_index"],
                                 num_splits=a["num_splits"], split=[FilePiece.from_avro(p) for p in a["split"]],

@@ -257,3 +257,29 @@ def test_every_example_job_file_validates(path, monkeypatch):
     check_algorithm(job)
     others = [load_job(p) for p in EXAMPLES if p != path]
     assert job.output not in {o.output for o in others}, f"{path.name} writes where another example does"
+
+
+def test_the_readmes_algorithm_runs_as_written_from_another_directory(tmp_path):
+    """README "Writing an algorithm": its Python and its job file, copied literally."""
+    import re
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    section = (ROOT / "README.md").read_text().split("## Writing an algorithm", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    job = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "mean.py").write_text(code)
+    (tmp_path / "mean.yaml").write_text(job)
+    (tmp_path / "data").mkdir()
+    x = np.arange(40, dtype=np.float64)
+    for i in range(4):
+        pq.write_table(pa.table({"x": x[i * 10:(i + 1) * 10]}), tmp_path / "data" / f"part-{i}.parquet")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-m", "iterreduce.cli", "run", str(tmp_path / "mean.yaml")], cwd=elsewhere,
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    assert float(np.load(tmp_path / "out" / "result.npz")["mean"]) == pytest.approx(x.mean())

@@ -41,6 +41,7 @@ import socket
 import struct
 import sys
 import threading
+from typing import Callable
 
 import avro.ipc
 import avro.protocol
@@ -874,11 +875,34 @@ class _BadFrame(ValueError):
     pass
 
 
-def _read_frames(conn: _Conn, length: int) -> list:
-    """Read an Avro framed message that fills exactly `length` body bytes -> memoryview segments."""
+class _Unauthorized(Exception):
+    """A request whose first bytes carry no valid job token: the rest is not read."""
+
+    def __init__(self, prefix: bytes):
+        super().__init__("missing or wrong job token")
+        self.prefix = prefix
+
+
+_GATE_BYTES = 1 << 20  # at most this much of a request is read before its token is checked
+
+
+def _read_frames(conn: _Conn, length: int, gate: Callable[[bytes], bool | None] | None = None) -> list:
+    """Read an Avro framed message that fills exactly `length` body bytes -> memoryview segments.
+
+    ``gate(prefix)`` (the server's token check) sees the small frames read so far before the
+    first big frame is read, or once they pass ``_GATE_BYTES``: False raises
+    :class:`_Unauthorized` before any more of the body is read (so a caller without the token
+    cannot make the server buffer a big body); None (cannot tell yet) lets the rest through."""
     left = length
     segs = []
     small = bytearray()
+
+    def check() -> None:
+        nonlocal gate
+        verdict, gate = gate(bytes(small)), None
+        if verdict is False:
+            raise _Unauthorized(bytes(small))
+
     while True:
         if left < 4:
             raise _BadFrame(f"body ends inside a frame header ({left} bytes left)")
@@ -891,7 +915,11 @@ def _read_frames(conn: _Conn, length: int) -> list:
         left -= n
         if n < _BIG:
             small += conn.read_exact(n)
+            if gate is not None and len(small) > _GATE_BYTES:
+                check()
         else:
+            if gate is not None:
+                check()
             if small:
                 segs.append(memoryview(small))
                 small = bytearray()
@@ -1129,11 +1157,16 @@ class IPCServer:
                             413, "Content Too Large", f"body of {length} bytes exceeds {self.max_request_bytes}"
                         )
                     try:
-                        segs = _read_frames(conn, length)
+                        segs = _read_frames(conn, length, gate=self._token_in)
                     except _BadFrame as e:
                         raise _BadRequest(400, "Bad Request", f"bad framing: {e}") from None
                 except _BadRequest as e:
                     self._reject(sock, peer, e.status, e.reason, e.detail)
+                    return
+                except _Unauthorized as e:  # answer BAD_TOKEN from the head of it; never read the rest
+                    iov, total = _frame(self._respond([memoryview(e.prefix)], peer))
+                    _sendv(sock, [f"HTTP/1.1 200 OK\r\nContent-Type: avro/binary\r\nContent-Length: {total}\r\n"
+                                  "Connection: close\r\n\r\n".encode("latin-1")] + iov)
                     return
                 keep_alive = headers.get("connection", "").lower() != "close" and first[2] != "HTTP/1.0"
                 try:
@@ -1189,6 +1222,18 @@ class IPCServer:
                         next(items)
                     del self._verdicts[next(items)]
         return verdict
+
+    def _token_in(self, prefix: bytes) -> bool | None:
+        """Whether the request starting with ``prefix`` carries the job token (None: the
+        handshake and call metadata are not all there yet)."""
+        inp = _In([memoryview(prefix)])
+        try:
+            _decode(_HS_REQ_DEC, inp)
+            meta = _decode(_META_DEC, inp)
+        except _Malformed:
+            return None
+        token = meta.get(TOKEN_KEY)
+        return token is not None and hmac.compare_digest(bytes(token), self._token)
 
     def _respond(self, segs, peer) -> list:
         inp = _In(segs)

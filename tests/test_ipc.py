@@ -275,6 +275,35 @@ def test_bad_token_rejected(server, caplog):
         assert c.call("status")["state"] == "RUNNING"
 
 
+def test_a_big_request_without_the_token_is_answered_before_its_body_is_read(server, monkeypatch):
+    """Whoever reaches the port without the token cannot make the master buffer a big body."""
+    sent = []
+    monkeypatch.setattr(ipc, "_sendv", lambda sock, bufs: sent.extend(bytes(b) for b in bufs))
+    with IPCClient(server.url, "wrong", timeout=1) as c, pytest.raises(Exception):
+        c.call("push", worker_id="w", update=_update(arrays={"w": np.zeros(12 << 20, np.uint8)}))
+    monkeypatch.undo()
+    head, body = sent[0], b"".join(sent[1:])
+    assert b"Content-Length: %d" % len(body) in head
+    # the small frames (handshake, metadata) and the header of the 12 MB frame, then silence
+    cut, pos = 0, 0
+    while True:
+        (n,) = struct.unpack(">I", body[pos:pos + 4])
+        if n >= 64 * 1024:
+            cut = pos + 4 + 1000  # 1000 bytes into the big frame
+            break
+        pos += 4 + n
+    rejected = server.rejected
+    host, port = server.url.split("//")[1].rstrip("/").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head + body[:cut])
+        answer = b""
+        while chunk := s.recv(65536):  # the server answers and closes, the rest never sent
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in answer
+    assert b"BAD_TOKEN" in answer and server.rejected == rejected + 1
+    assert not any(name == "push" for name, _ in server.handler_obj.calls)
+
+
 def _modified_protocol(version=None, extra_field=False):
     obj = json.loads(ipc.PROTOCOL_TEXT)
     if version is not None:

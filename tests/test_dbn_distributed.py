@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -86,6 +87,20 @@ def test_quick_job_reaches_under_5_percent_and_writes_everything(tmp_path, mnist
     for name in ("filters.png", "pretrain.png", "finetune.png"):
         img = read_png(out / name)
         assert img.size > 0 and img.max() > img.min(), name
+    # README "Using a trained model", as written (paths of this test's files)
+    import re
+
+    snippet = re.search(r"## Using a trained model.*?```python\n(.*?)```", (ROOT / "README.md").read_text(),
+                        re.S).group(1)
+    snippet = (snippet.replace('"out/dbn-quick/', f'"{out}/').replace('"data/mnist/test"', f'"{mnist_parquet / "test"}"')
+               .replace('"out/features"', f'"{tmp_path / "features"}"'))
+    scope = {"x": x}
+    exec(snippet, scope)
+    np.testing.assert_array_equal(scope["labels"], model.predict(x))
+    assert np.mean(scope["labels"] != y) == pytest.approx(final["test_error"], abs=1e-12)
+    assert scope["probs"].shape == (len(x), 10) and scope["h"].shape == (len(x), p["layers"][-1])
+    feats = pq.read_table(tmp_path / "features")
+    assert feats.num_rows == len(x) and feats.column("y").to_numpy().tolist() == y.tolist()
 
 
 # ------------------------------------------------------------------ faults (tiny nets)

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from iterreduce.fs import InputError, RecordError
+from iterreduce.fs import InputError, RecordError, concat_tables
 
 __all__ = [
     "IDXError",
@@ -451,12 +451,12 @@ def read_parquet_dir(
     a list of files. Returns ``(x uint8 [n, d], y int64 [n] or None)``; a bad example
     (:func:`check_examples`, with ``n_features`` and ``classes``) is refused naming
     its file and row."""
-    tables = []
-    for f in _parquet_files(path):
+    tables, files = [], _parquet_files(path)
+    for f in files:
         t = pq.read_table(f)
         _in_file(f, 0, lambda: check_examples(t, n_features, classes))
         tables.append(t)
-    return _to_arrays(pa.concat_tables(tables), n_features)
+    return _to_arrays(concat_tables(tables, [str(f) for f in files]), n_features)
 
 
 def prepare_mnist(

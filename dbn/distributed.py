@@ -223,11 +223,11 @@ class DBNConfig:
             if bad:
                 raise ValueError(f"algorithm.params.{name}.{bad[0]}: unknown parameter "
                                  f"(known: {', '.join(sorted(known))})")
-        epochs = pre.pop("epochs", 50)
-        epochs = [epochs] * len(layers) if not isinstance(epochs, list) else epochs
+        given = pre.pop("epochs", 50)
+        epochs = [given] * len(layers) if not isinstance(given, list) else given
         if len(epochs) != len(layers) or not all(_is_int(e) and e >= 1 for e in epochs):
             raise ValueError(f"algorithm.params.pretrain.epochs: expected a positive number or one per layer "
-                             f"({len(layers)}), got {pre.get('epochs', epochs)!r}")
+                             f"({len(layers)}), got {given!r}")
         pretrain_batches = _optional_int(pre.pop("batches_per_superstep", None),
                                          "algorithm.params.pretrain.batches_per_superstep")
         spe = _optional_int(pre.pop("supersteps_per_epoch", 1), "algorithm.params.pretrain.supersteps_per_epoch")
@@ -400,7 +400,8 @@ class DBNMaster(Master):
         n = self.cfg.max_examples_per_worker
         if not n:
             return _read_path(paths, self.cfg)
-        # the same examples the workers use: the first n rows of each split
+        # the first n rows of each split of `train`: the workers' examples when `train` lists the
+        # job's input paths, as the example job files do
         xs, ys = [], []
         for pieces in plan_splits(paths, self.ctx.num_workers):
             x, y = _read_xy(pieces, self.cfg)

@@ -446,7 +446,8 @@ def apply_update(net: dict, grads: dict, learning_rate: float, momentum: float,
                  max_norm: float = 0.0, consume: bool = False) -> None:
     """``dP = momentum dP - lr grad; P += dP`` for every parameter (in place).
     ``grads`` already contain the weight cost. ``max_norm`` > 0 then rescales
-    columns of each hidden ``W`` whose L2 norm exceeds it. ``consume=True`` lets
+    each column (a unit's incoming weights) of every trained ``W``, the softmax
+    layer's included, whose L2 norm exceeds it. ``consume=True`` lets
     the step scale ``grads`` in place instead of allocating temporaries."""
     dt = net["W0"].dtype.type
     lr, m = dt(learning_rate), dt(momentum)

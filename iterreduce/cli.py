@@ -169,6 +169,7 @@ def status(app_id: str) -> None:
     """The state, progress and live superstep of application APP_ID."""
     import json
 
+    from .client import with_deadline
     from .containers import KV_STATUS
 
     client = _skein_client()
@@ -176,7 +177,7 @@ def status(app_id: str) -> None:
     click.echo(f"{app_id} {r.name}: {r.state} / {r.final_status}, progress {r.progress:.0%}")
     if str(r.state) == "RUNNING":
         try:
-            raw = client.connect(app_id, wait=False).kv.get(KV_STATUS)
+            raw = with_deadline(lambda: client.connect(app_id, wait=False).kv.get(KV_STATUS), 10.0)
             if raw:
                 st = json.loads(raw)
                 click.echo(f"superstep {st['superstep']}{'/' + str(st['total']) if st.get('total') else ''} | "

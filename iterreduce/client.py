@@ -231,9 +231,36 @@ def logs_command(app_id: str) -> str:
     return f"iterreduce logs {app_id}"
 
 
-def wait(app_id: str, client: Any, progress: Progress | None = None, poll: float = 1.0) -> tuple[str, str]:
+def with_deadline(fn: Any, seconds: float) -> Any:
+    """``fn()``, or ``TimeoutError`` after ``seconds`` (the call goes on in a daemon thread).
+    skein's calls to an ApplicationMaster have no deadline: one whose host vanished without
+    a reset would block the caller for as long as TCP retries."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=call, daemon=True, name="iterreduce-deadline")
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def wait(app_id: str, client: Any, progress: Progress | None = None, poll: float = 1.0,
+         kv_timeout: float = 10.0) -> tuple[str, str]:
     """Follow ``app_id`` until it ends; returns (final status, diagnostics). Reports a failed
-    application as soon as YARN knows, never waits on a dead one."""
+    application as soon as YARN knows, never waits on a dead one: the live status from the
+    ApplicationMaster is read with a deadline of ``kv_timeout`` seconds, the state from the
+    ResourceManager decides."""
     import json
 
     from .containers import KV_STATUS
@@ -251,8 +278,8 @@ def wait(app_id: str, client: Any, progress: Progress | None = None, poll: float
         if state == "RUNNING":
             try:
                 if app is None:
-                    app = client.connect(app_id, wait=False)
-                raw = app.kv.get(KV_STATUS)
+                    app = with_deadline(lambda: client.connect(app_id, wait=False), kv_timeout)
+                raw = with_deadline(lambda: app.kv.get(KV_STATUS), kv_timeout)
                 if raw:
                     status = json.loads(raw)
                     if status != last:

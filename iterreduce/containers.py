@@ -193,7 +193,8 @@ class YarnLauncher(Launcher):
         for c in self.app.get_containers(services=[self.SERVICE], states=["SUCCEEDED", "FAILED", "KILLED"]):
             if c.id in self._running:
                 self._running.discard(c.id)
-                self._messages[c.id] = f"{c.state} on {c.yarn_node_http_address}: {c.exit_message or ''}".strip()
+                self._messages[c.id] = (f"{c.yarn_container_id}, {c.state} on {c.yarn_node_http_address}: "
+                                        f"{c.exit_message or ''}").strip().rstrip(":")
                 ended[c.id] = 0 if str(c.state) == "SUCCEEDED" else 1
         return ended
 
@@ -212,5 +213,15 @@ class YarnLauncher(Launcher):
             self.kill(cid)
 
     def describe(self, container_id: str) -> str:
+        """skein's id with YARN's (the one `iterreduce logs` prints logs under) and the node."""
         extra = self._messages.get(container_id)
+        if extra is None:  # still running, or killed just now: ask where it runs
+            try:
+                for c in self.app.get_containers(services=[self.SERVICE],
+                                                 states=["WAITING", "REQUESTED", "RUNNING", "SUCCEEDED",
+                                                         "FAILED", "KILLED"]):
+                    if c.id == container_id and c.yarn_container_id:
+                        extra = f"{c.yarn_container_id} on {c.yarn_node_http_address}"
+            except Exception:  # noqa: BLE001 - a description must not fail the caller
+                pass
         return f"{container_id} ({extra})" if extra else container_id

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from .api import json_text
 
 __all__ = ["FilePiece", "Output", "Checkpoints", "InputError", "RecordError", "filesystem", "plan_splits",
-           "read_split"]
+           "read_split", "concat_tables"]
 
 
 
@@ -207,7 +207,7 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
     class of 0..9``). An :class:`InputError` it raises (columns that are wrong as a
     whole) is raised again naming the file.
     """
-    tables = []
+    tables, sources = [], []
     for piece in pieces:
         fs, path = filesystem(piece.path)
         try:
@@ -233,11 +233,27 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
                         except InputError as exc:
                             raise InputError(f"input file {piece.path}: {exc}") from None
                     tables.append(table)
+                    sources.append(piece.path)
         except (pa.ArrowInvalid, OSError) as exc:
             raise _input_error(f"input file {piece.path}: {exc}", exc) from None
     if not tables:
         raise InputError("empty split: no pieces to read")
-    return pa.concat_tables(tables)
+    return concat_tables(tables, sources)
+
+
+def concat_tables(tables: list[pa.Table], sources: Sequence[str]) -> pa.Table:
+    """One table of ``tables`` (read from ``sources``, one per table); a file whose columns
+    differ from the first's is named (pyarrow names none), as an :class:`InputError`."""
+    try:
+        return pa.concat_tables(tables)
+    except pa.ArrowInvalid:
+        first = tables[0].schema
+        for table, src in zip(tables[1:], sources[1:]):
+            if not table.schema.equals(first):
+                raise InputError(f"input file {src}: its columns ({table.schema.to_string(show_schema_metadata=False)})"
+                                 f" differ from those of {sources[0]} ({first.to_string(show_schema_metadata=False)})"
+                                 .replace("\n", ", ")) from None
+        raise
 
 
 class Output:

@@ -45,3 +45,24 @@ def test_hdfs_without_libhdfs_says_what_to_do():
         filesystem("hdfs://127.0.0.1:1/data")
     msg = str(err.value)
     assert "libhdfs" in msg and "webhdfs://127.0.0.1:9870/" in msg
+
+
+def test_files_whose_columns_differ_are_named(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dbn.data import read_parquet_dir
+    from iterreduce.fs import FilePiece, InputError, read_split
+
+    pq.write_table(pa.table({"x": np.arange(5, dtype=np.float32), "y": np.arange(5)}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"x": np.arange(5, dtype=np.float64), "y": np.arange(5)}), tmp_path / "b.parquet")
+    with pytest.raises(InputError, match=r"b\.parquet: its columns \(x: double, y: int64\) differ from those of "
+                                         r".*a\.parquet \(x: float, y: int64\)"):
+        read_split([FilePiece(str(tmp_path / "a.parquet")), FilePiece(str(tmp_path / "b.parquet"))])
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    pq.write_table(pa.table({"x": pa.array([[1, 2]], pa.list_(pa.uint8(), 2)), "y": [1]}), lists / "a.parquet")
+    pq.write_table(pa.table({"x": pa.array([[1, 2]], pa.list_(pa.int64())), "y": [1]}), lists / "b.parquet")
+    with pytest.raises(InputError, match=r"b\.parquet: its columns .* differ from those of .*a\.parquet"):
+        read_parquet_dir(lists)

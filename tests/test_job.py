@@ -283,3 +283,16 @@ def test_the_readmes_algorithm_runs_as_written_from_another_directory(tmp_path):
                          capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     assert float(np.load(tmp_path / "out" / "result.npz")["mean"]) == pytest.approx(x.mean())
+
+
+def test_with_deadline_returns_raises_or_gives_up():
+    import threading
+
+    from iterreduce.client import with_deadline
+
+    assert with_deadline(lambda: 42, 5) == 42
+    with pytest.raises(KeyError):
+        with_deadline(lambda: {}["x"], 5)
+    never = threading.Event()
+    with pytest.raises(TimeoutError, match="no answer within 0.5 s"):
+        with_deadline(never.wait, 0.5)  # a call that blocks, as skein's on a vanished host

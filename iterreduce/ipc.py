@@ -1469,7 +1469,10 @@ class IPCClient:
             body = conn.read_exact(min(length, 4096)) if length else b""
             self._disconnect()
             detail = body.decode("utf-8", "replace").strip()
-            raise TransportError(f"{self.url} answered HTTP {status} {first[2] if len(first) > 2 else ''}: {detail}")
+            text = f"{self.url} answered HTTP {status} {first[2] if len(first) > 2 else ''}: {detail}"
+            if 400 <= status < 500:  # the request itself is refused (too large, say): sending it again will not help
+                raise RemoteSystemError(text, code=f"HTTP_{status}")
+            raise TransportError(text)
         if length > _MAX_RESPONSE:
             raise TransportError(f"response of {length} bytes from {self.url} is too large")
         try:

@@ -304,6 +304,19 @@ def test_a_big_request_without_the_token_is_answered_before_its_body_is_read(ser
     assert not any(name == "push" for name, _ in server.handler_obj.calls)
 
 
+def test_a_request_the_server_refuses_over_http_is_a_remote_error_not_a_lost_master():
+    h = Handler()
+    # a body small enough to be all sent before the answer (the server does not read it)
+    s = IPCServer(h, TOKEN, io_timeout=2.0, max_request_bytes=100_000).start()
+    try:
+        with IPCClient(s.url, TOKEN, timeout=5) as c, pytest.raises(RemoteError) as err:
+            c.call("push", worker_id="w", update=_update(arrays={"w": np.zeros(150_000, np.uint8)}))
+        assert err.value.code == "HTTP_413" and not isinstance(err.value, TransportError)
+        assert "exceeds 100000" in str(err.value)
+    finally:
+        s.stop()
+
+
 def _modified_protocol(version=None, extra_field=False):
     obj = json.loads(ipc.PROTOCOL_TEXT)
     if version is not None:

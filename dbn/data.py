@@ -167,14 +167,16 @@ def verify_sha256(raw: bytes, expected: str, name: str) -> None:
 def read_mnist_file(path: str | os.PathLike) -> np.ndarray:
     """Read one MNIST IDX file, verifying the sha256 of its uncompressed content
     against :data:`MNIST_SHA256` (looked up by file name, with or without
-    ``.gz``); raises :class:`ChecksumError` naming the file on mismatch."""
+    ``.gz``); raises :class:`IDXError` for a file that is not valid IDX (truncated,
+    say) and :class:`ChecksumError` for valid IDX of other content, naming the file."""
     path = Path(path)
     key = path.name if path.name.endswith(".gz") else path.name + ".gz"
     if key not in MNIST_SHA256:
         raise ValueError(f"{path}: not a standard MNIST file name ({', '.join(MNIST_SHA256)})")
     raw = _read_raw(path)
+    arr = parse_idx(raw, str(path))  # first: a truncated file is reported as truncated
     verify_sha256(raw, MNIST_SHA256[key], str(path))
-    return parse_idx(raw, str(path))
+    return arr
 
 
 def load_mnist(data_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -168,12 +168,15 @@ class AppMaster:
         self._metrics_lines: list[str] = []  # metrics.jsonl lines not written yet
         self._metrics_flushed = 0.0
         self._step_started = self._waiting_logged = time.monotonic()
+        self._started = False
         self.server: ipc.IPCServer | None = None
         self.master: Master | None = None
 
     # ------------------------------------------------------------------ life cycle
     def run(self) -> str:
         """Run the job to the end. Returns "SUCCEEDED"; raises :class:`JobFailed` otherwise."""
+        if self.resume and self._finished_before():
+            return self._state
         try:
             self._start()
             self._loop()
@@ -192,6 +195,22 @@ class AppMaster:
             raise
         finally:
             self._shutdown()
+
+    def _finished_before(self) -> bool:
+        """A resume of a job that already succeeded (its metrics.json says so, for these
+        settings): nothing to do, and its results stay as they are."""
+        try:
+            done = json.loads(self.output.read_bytes("metrics.json")) if self.output.exists("metrics.json") else {}
+        except (OSError, ValueError):
+            return False
+        if done.get("state") != "SUCCEEDED" or done.get("fingerprint") != job_fingerprint(self.job):
+            return False
+        with self._cond:
+            self._state, self._superstep = "SUCCEEDED", max(int(done.get("supersteps", 1)) - 1, 0)
+            self._message = "had already succeeded: nothing to resume (run without --resume to run it again)"
+            self._replacements = int(done.get("replacements", 0))
+        log.info("job %s %s; results in %s", self.job.name, self._message, self.job.output)
+        return True
 
     def _start(self) -> None:
         job = self.job
@@ -229,6 +248,7 @@ class AppMaster:
         self._set_broadcast(broadcast)
         self._phase = self.master.phase()
         self._splits = [_Split(p) for p in plan_splits(job.input.paths, job.workers.count)]
+        self._started = True  # from here on a failure is this run's and is written to metrics.json
         for i, s in enumerate(self._splits):
             log.info("split %d: %d rows, %d bytes in %d file(s)", i, sum(p.num_rows for p in s.pieces),
                      sum(p.nbytes for p in s.pieces), len(s.pieces))
@@ -362,6 +382,7 @@ class AppMaster:
     def _write_metrics(self, final: Final | None) -> None:
         self.output.write_json("metrics.json", {
             "job": self.job.name, "state": self._state, "message": self._message,
+            "fingerprint": job_fingerprint(self.job),
             "replacements": self._replacements, "supersteps": len(self._history),
             "final": {"metrics": final.metrics, "meta": final.meta} if final else None,
             "history": self._history,
@@ -374,6 +395,8 @@ class AppMaster:
             self._state, self._message, self._failure = "FAILED", reason.splitlines()[0], reason
             self._cond.notify_all()
         log.error("job %s failed: %s", self.job.name, reason)
+        if not self._started:  # refused before it began (a bad checkpoint, algorithm, setup): the
+            return             # output keeps what an earlier run wrote
         try:
             self._flush_metrics(force=True)
             self._write_metrics(None)

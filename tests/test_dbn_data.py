@@ -119,6 +119,9 @@ def test_mnist_checksum_mismatch_names_file(tmp_path):
     with pytest.raises(D.ChecksumError, match=r"t10k-labels-idx1-ubyte: sha256"):
         D.read_mnist_file(p)
     assert D.read_mnist_file(MNIST_DIR / "t10k-labels-idx1-ubyte.gz").shape == (10000,)
+    p.write_bytes(bytes(raw[:5000]))  # cut short: said so, not a checksum mismatch
+    with pytest.raises(D.IDXError, match=r"t10k-labels-idx1-ubyte: truncated data at byte 5000"):
+        D.read_mnist_file(p)
 
 
 def test_load_mnist_missing_dir_mentions_data_option(tmp_path):

@@ -238,8 +238,12 @@ def test_resume_refuses_a_checkpoint_of_other_settings_and_a_new_run_starts_clea
     assert "cannot resume from" in res.stderr and "a job with other settings wrote it" in res.stderr
     assert "algorithm.params.lr: (not set) there, 0.25 here" in res.stderr and "seed: 11 there, 12 here" in res.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing lost
-    # the same job resumes; a fresh run into the same output does not keep the old supersteps
-    assert cli("run", "--resume", str(job)).returncode == 0
+    # the same job, finished: nothing to resume, its results stay; a fresh run into the same
+    # output does not keep the old supersteps
+    stamp = (out / "result.npz").stat().st_mtime_ns
+    res = cli("run", "--resume", str(job))
+    assert res.returncode == 0 and "had already succeeded: nothing to resume" in res.stdout + res.stderr
+    assert (out / "result.npz").stat().st_mtime_ns == stamp
     assert cli("run", str(job)).returncode == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["superstep"] for line in lines] == list(range(6))

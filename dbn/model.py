@@ -104,7 +104,11 @@ class Model:
                              f"got shape {x.shape}{one}")
         if x.dtype == np.uint8:
             return x
-        if x.dtype.kind not in "fiu":
+        if x.dtype.kind in "iu":  # pixels in a wider integer type (np.array of Python ints, say)
+            if x.size and (x.min() < 0 or x.max() > 255):
+                raise ValueError(f"integer inputs are pixels 0..255; these are {x.min()} .. {x.max()}")
+            return x.astype(np.uint8)
+        if x.dtype.kind != "f":
             raise ValueError(f"the model takes uint8 pixels or floats in [0, 1], got {x.dtype}")
         if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
             raise ValueError(f"float inputs must be in [0, 1] (pixels / 255); these are {x.min()!r} .. "

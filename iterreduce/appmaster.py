@@ -233,21 +233,24 @@ class AppMaster:
             self._superstep = step
             self._replacements = meta.get("replacements", 0)
             self._history = meta.get("history", [])
-            # metrics.jsonl may hold supersteps after the checkpoint: keep what the checkpoint knows
-            self.output.write_bytes("metrics.jsonl", "".join(json_text(h) + "\n" for h in self._history).encode())
             log.info("resumed from checkpoint %s at superstep %d", self.checkpoints.dir.uri_of(
                 f"ckpt-{step:08d}.npz"), step)
         else:
             if self.resume:
                 log.warning("no checkpoint under %s: starting from the beginning", job.checkpoint_path)
-            else:
-                for old in self.checkpoints.supersteps():
-                    self.checkpoints.dir.delete(f"ckpt-{old:08d}.npz")
-            self.output.write_bytes("metrics.jsonl", b"")  # an earlier run's supersteps are not this run's
             broadcast = self.master.initial_update()
         self._set_broadcast(broadcast)
         self._phase = self.master.phase()
         self._splits = [_Split(p) for p in plan_splits(job.input.paths, job.workers.count)]
+        # the point of no return: what an earlier run left that is not this run's goes (nothing
+        # before here, so a job refused above leaves the output as it was)
+        if restored is None and not self.resume:
+            for old in self.checkpoints.supersteps():
+                self.checkpoints.dir.delete(f"ckpt-{old:08d}.npz")
+        # metrics.jsonl may hold supersteps after the checkpoint: keep what the checkpoint knows
+        self.output.write_bytes("metrics.jsonl", "".join(json_text(h) + "\n" for h in self._history).encode())
+        if self.output.exists("metrics.json"):  # an earlier run's result: until this one writes its own
+            self.output.delete("metrics.json")
         self._started = True  # from here on a failure is this run's and is written to metrics.json
         for i, s in enumerate(self._splits):
             log.info("split %d: %d rows, %d bytes in %d file(s)", i, sum(p.num_rows for p in s.pieces),
@@ -453,6 +456,11 @@ class AppMaster:
         if len(set(layouts)) == 1:
             return
         common = max(layouts, key=lambda lay: (layouts.count(lay), -layouts.index(lay)))
+        if layouts.count(common) * 2 <= len(layouts):  # no majority: no split can be called the odd one
+            shown = "; ".join(f"split {i}: " + ", ".join(f"{k} {np.dtype(d)}{list(s)}" for k, d, s in lay)
+                              for i, lay in enumerate(layouts))
+            raise JobFailed(f"superstep {step}: the splits' updates do not hold the same arrays ({shown}); every "
+                            "split's update must hold the same arrays (names, dtypes, shapes)")
         ref = updates[layouts.index(common)]
         same = [i for i, lay in enumerate(layouts) if lay == common]
         odd = [i for i, lay in enumerate(layouts) if lay != common]

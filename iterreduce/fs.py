@@ -191,9 +191,21 @@ def plan_splits(paths: Sequence[str], num_splits: int) -> list[list[FilePiece]]:
 
 def _input_error(message: str, cause: BaseException) -> InputError:
     err = InputError(message)
-    # ArrowInvalid (a corrupt file) is an OSError too in some pyarrow versions: not transient
-    err.transient = isinstance(cause, OSError) and not isinstance(cause, (pa.ArrowInvalid, FileNotFoundError))
+    err.transient = _transient(cause)
     return err
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether reading again may succeed: the filesystem failed (a connection, a timeout, an
+    I/O error with an errno), not the bytes (pyarrow reports a corrupt page as a plain
+    OSError without errno: "Corrupt snappy compressed data", "Couldn't deserialize thrift")."""
+    if isinstance(exc, (pa.ArrowInvalid, FileNotFoundError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if type(exc).__module__.split(".")[0] in ("requests", "urllib3"):  # WebHDFS through fsspec
+        return True
+    return isinstance(exc, OSError) and exc.errno is not None
 
 
 def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None,

@@ -41,6 +41,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from typing import Callable
 
 import avro.ipc
@@ -841,21 +842,24 @@ def _pooled(conn: _Conn, n: int):
     return best
 
 
-def _read_big_frame(conn: _Conn, n: int) -> memoryview:
-    """n payload bytes into an aligned numpy buffer: a free one from the connection's pool
-    (no page faults), else a fresh one that grows with the data received (never more than
-    4x what actually arrived, whatever length was claimed)."""
+def _read_big_frame(conn: _Conn, n: int, head: bytes = b"") -> memoryview:
+    """n payload bytes (the first of them already read: ``head``) into an aligned numpy
+    buffer: a free one from the connection's pool (no page faults), else a fresh one that
+    grows with the data received (never more than 4x what actually arrived, whatever length
+    was claimed)."""
     arr = _pooled(conn, n)
     if arr is not None:
         view = memoryview(arr)[:n]
-        got = 0
+        view[:len(head)] = head
+        got = len(head)
         while got < n:
             got += conn.read_some_into(view[got:])
         return view
-    cap = min(n, _INITIAL_BUFFER)
+    cap = min(n, max(_INITIAL_BUFFER, len(head)))
     arr = np.empty(cap, dtype=np.uint8)
     view = memoryview(arr)
-    got = 0
+    view[:len(head)] = head
+    got = len(head)
     while got < n:
         if got == cap:
             cap = min(n, cap * 4)
@@ -889,19 +893,25 @@ _GATE_BYTES = 1 << 20  # at most this much of a request is read before its token
 def _read_frames(conn: _Conn, length: int, gate: Callable[[bytes], bool | None] | None = None) -> list:
     """Read an Avro framed message that fills exactly `length` body bytes -> memoryview segments.
 
-    ``gate(prefix)`` (the server's token check) sees the small frames read so far before the
-    first big frame is read, or once they pass ``_GATE_BYTES``: False raises
-    :class:`_Unauthorized` before any more of the body is read (so a caller without the token
-    cannot make the server buffer a big body); None (cannot tell yet) lets the rest through."""
+    ``gate(prefix)`` (the server's token check) sees the request's first bytes, before a big
+    frame is read (with up to ``_GATE_BYTES`` of that frame) or once the small frames pass
+    ``_GATE_BYTES``; unless it says True (the token is there) :class:`_Unauthorized` is raised
+    before any more of the body is read, so a caller without the token cannot make the server
+    buffer a big body. (The handshake and the call metadata come first in every request.)"""
     left = length
     segs = []
     small = bytearray()
 
-    def check() -> None:
+    def check(extra: bytes = b"") -> None:
         nonlocal gate
-        verdict, gate = gate(bytes(small)), None
-        if verdict is False:
-            raise _Unauthorized(bytes(small))
+        prefix = bytes(small) + extra
+        verdict, gate = gate(prefix), None
+        if verdict is not True:  # False: no or a wrong token; None: no handshake and metadata first
+            raise _Unauthorized(prefix)
+
+    def decided_by_small() -> bool:
+        """Whether the small frames alone settle it (then no byte of the big frame is needed)."""
+        return gate is not None and bool(small) and gate(bytes(small)) is not None
 
     while True:
         if left < 4:
@@ -918,12 +928,16 @@ def _read_frames(conn: _Conn, length: int, gate: Callable[[bytes], bool | None] 
             if gate is not None and len(small) > _GATE_BYTES:
                 check()
         else:
-            if gate is not None:
+            head = b""
+            if decided_by_small():
                 check()
+            elif gate is not None:  # the handshake may be in this frame (a big call metadata, say)
+                head = conn.read_exact(min(n, _GATE_BYTES))
+                check(head)
             if small:
                 segs.append(memoryview(small))
                 small = bytearray()
-            segs.append(_read_big_frame(conn, n))
+            segs.append(_read_big_frame(conn, n, head))
     if left:
         raise _BadFrame(f"{left} bytes after the final (zero-length) frame")
     if small:
@@ -1110,6 +1124,22 @@ class IPCServer:
 
     # -- one connection
 
+    def _drain(self, sock: socket.socket, max_bytes: int = 256 << 20, max_seconds: float = 10.0) -> None:
+        """After answering a request whose body was not read: stop sending, then read and drop
+        what the client still sends (at most ``max_bytes`` / ``max_seconds``), so that it can
+        finish sending and read the answer instead of meeting a reset."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline, left, scratch = time.monotonic() + max_seconds, max_bytes, bytearray(1 << 16)
+            while left > 0 and time.monotonic() < deadline:
+                sock.settimeout(max(0.05, min(self.io_timeout, deadline - time.monotonic())))
+                k = sock.recv_into(scratch)
+                if k == 0:
+                    return
+                left -= k
+        except OSError:
+            pass
+
     def _reject(self, sock, peer, status, reason, detail) -> None:
         with self._lock:
             self.rejected += 1
@@ -1162,11 +1192,19 @@ class IPCServer:
                         raise _BadRequest(400, "Bad Request", f"bad framing: {e}") from None
                 except _BadRequest as e:
                     self._reject(sock, peer, e.status, e.reason, e.detail)
+                    self._drain(sock)  # the body was not read (all of it): let the client read the answer
                     return
-                except _Unauthorized as e:  # answer BAD_TOKEN from the head of it; never read the rest
-                    iov, total = _frame(self._respond([memoryview(e.prefix)], peer))
+                except _Unauthorized as e:  # answer from the head of it (BAD_TOKEN); never buffer the rest
+                    try:
+                        iov, total = _frame(self._respond([memoryview(e.prefix)], peer))
+                    except _BadRequest as bad:
+                        self._reject(sock, peer, bad.status, bad.reason,
+                                     f"{bad.detail} (a request starts with its handshake and call metadata)")
+                        self._drain(sock)
+                        return
                     _sendv(sock, [f"HTTP/1.1 200 OK\r\nContent-Type: avro/binary\r\nContent-Length: {total}\r\n"
                                   "Connection: close\r\n\r\n".encode("latin-1")] + iov)
+                    self._drain(sock)
                     return
                 keep_alive = headers.get("connection", "").lower() != "close" and first[2] != "HTTP/1.0"
                 try:

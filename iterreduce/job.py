@@ -415,10 +415,18 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                first = seen.get(key)
+            except TypeError:  # a list or mapping as a key
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {key!r} is given twice (first at line {seen[key].line + 1})",
+                    None, None, "a key must be a plain value (a name or a number), not a list or a mapping",
+                    key_node.start_mark) from None
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (first at line {first.line + 1})",
                     key_node.start_mark)
             seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)

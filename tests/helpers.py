@@ -23,13 +23,20 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def run_and_kill_after_checkpoint(job: Path, checkpoint_dir: Path, superstep: int, timeout: float = 90) -> int:
-    """Start ``iterreduce run JOB``, SIGKILL it once a checkpoint at ``superstep`` or later
-    exists; returns the killed master's PID."""
+    """Start ``iterreduce run JOB``, SIGKILL it once it has written a checkpoint at
+    ``superstep`` or later (an earlier run's do not count); returns the killed master's PID."""
+    started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", str(job)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        steps = [int(p.stem.split("-")[1]) for p in checkpoint_dir.glob("ckpt-*.npz")] if checkpoint_dir.exists() else []
+        steps = []
+        for p in checkpoint_dir.glob("ckpt-*.npz") if checkpoint_dir.exists() else []:
+            try:
+                if p.stat().st_mtime >= started:
+                    steps.append(int(p.stem.split("-")[1]))
+            except FileNotFoundError:  # deleted meanwhile (keep)
+                pass
         if any(s >= superstep for s in steps):
             break
         time.sleep(0.05)

@@ -418,6 +418,10 @@ def test_model_inputs_are_checked():
     with pytest.raises(ValueError, match=r"float inputs must be in \[0, 1\].*pass uint8 pixels, or divide by 255"):
         m.predict(np.full((2, 784), 255.0))
     assert m.predict(np.full((2, 784), 1.0)).shape == (2,)
+    x = np.random.default_rng(0).integers(0, 256, (3, 784))  # int64 pixels: as uint8
+    np.testing.assert_array_equal(m.predict(x), m.predict(x.astype(np.uint8)))
+    with pytest.raises(ValueError, match=r"integer inputs are pixels 0..255; these are 300 .. 300"):
+        m.predict(np.full((1, 784), 300))
 
 
 def test_model_rejects_foreign_avro(tmp_path):

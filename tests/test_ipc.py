@@ -302,17 +302,38 @@ def test_a_big_request_without_the_token_is_answered_before_its_body_is_read(ser
     assert answer.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in answer
     assert b"BAD_TOKEN" in answer and server.rejected == rejected + 1
     assert not any(name == "push" for name, _ in server.handler_obj.calls)
+    # a first frame that is big, of garbage (no token in its first MiB): answered (and the
+    # connection closed) although 18 of its 20 MiB were never sent, so it was not buffered
+    for garbage in (0x00, 0xFF):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            big = 20 << 20
+            s.sendall(b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (big + 8) + struct.pack(">I", big)
+                      + bytes([garbage]) * (2 << 20))
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 "), garbage
+    assert b"starts with its handshake and call metadata" in answer  # 0xFF: no handshake at all
+    assert not any(name == "push" for name, _ in server.handler_obj.calls)
 
 
 def test_a_request_the_server_refuses_over_http_is_a_remote_error_not_a_lost_master():
     h = Handler()
-    # a body small enough to be all sent before the answer (the server does not read it)
+    # a body far larger than the socket buffers: the server answers at once, then drains it
     s = IPCServer(h, TOKEN, io_timeout=2.0, max_request_bytes=100_000).start()
     try:
-        with IPCClient(s.url, TOKEN, timeout=5) as c, pytest.raises(RemoteError) as err:
-            c.call("push", worker_id="w", update=_update(arrays={"w": np.zeros(150_000, np.uint8)}))
-        assert err.value.code == "HTTP_413" and not isinstance(err.value, TransportError)
-        assert "exceeds 100000" in str(err.value)
+        for size in (150_000, 24 << 20):
+            with IPCClient(s.url, TOKEN, timeout=5) as c, pytest.raises(RemoteError) as err:
+                c.call("push", worker_id="w", update=_update(arrays={"w": np.zeros(size, np.uint8)}))
+            assert err.value.code == "HTTP_413" and not isinstance(err.value, TransportError)
+            assert "exceeds 100000" in str(err.value)
+    finally:
+        s.stop()
+    s = IPCServer(h, TOKEN, io_timeout=2.0).start()
+    try:  # the token gate: answered from the request's head, the rest drained
+        with IPCClient(s.url, "wrong", timeout=5) as c, pytest.raises(RemoteError) as err:
+            c.call("push", worker_id="w", update=_update(arrays={"w": np.zeros(24 << 20, np.uint8)}))
+        assert err.value.code == "BAD_TOKEN"
     finally:
         s.stop()
 

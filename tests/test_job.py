@@ -108,6 +108,16 @@ def test_misspelt_and_repeated_keys_are_named(tmp_path, change, words):
     assert words in str(err.value)
 
 
+def test_yaml_merge_keys_still_work_and_odd_keys_are_refused(tmp_path):
+    merged = GOOD.replace("workers: {count: 2, memory: 512 MiB, vcores: 1}\nmaster: {memory: 1 GiB}",
+                          "master: &res {memory: 1 GiB}\nworkers:\n  <<: *res\n  count: 2\n  memory: 768 MiB")
+    assert "<<: *res" in merged
+    job = load_job(write(tmp_path, merged))  # a merge key with an override is not "given twice"
+    assert job.workers.count == 2 and job.workers.resources.memory_mb == 768 and job.master.memory_mb == 1024
+    with pytest.raises(JobError, match=r"line \d+, column \d+: a key must be a plain value"):
+        load_job(write(tmp_path, GOOD + "? [x, y]\n: 1\n"))
+
+
 def test_invalid_yaml_names_line(tmp_path):
     with pytest.raises(JobError, match=r"not valid YAML at line 3, column 6"):
         load_job(write(tmp_path, "name: a\nworkers: [count: 2\n  - x: {\n"))

@@ -129,6 +129,20 @@ def test_a_file_without_a_column_fails_the_job_at_once_naming_it(tmp_path):
     assert metrics(job)["replacements"] == 0
 
 
+def test_a_corrupt_file_fails_the_job_at_once_naming_it(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    odd = data / "part-00001.parquet"
+    raw = bytearray(odd.read_bytes())
+    for off in range(4, 24):  # the first page header: pyarrow says OSError (errno None), "Couldn't deserialize"
+        raw[off] ^= 0xFF
+    odd.write_bytes(bytes(raw))
+    job = make_job(tmp_path, data, "corrupt", max_restarts=3)
+    res = cli("run", str(job))
+    assert res.returncode != 0
+    assert f"input file {odd}, row group 0:" in res.stderr
+    assert metrics(job)["replacements"] == 0  # every replacement would read the same bytes
+
+
 def test_failures_a_new_attempt_would_only_repeat_are_final(tmp_path, dataset, monkeypatch):
     """On YARN such a failure ends the application at the next attempt (JobFailed.retry)."""
     monkeypatch.chdir(ROOT)  # the workers import tests.algos
@@ -177,6 +191,11 @@ def test_an_update_of_another_layout_names_its_split_whichever_pushes_first(tmp_
         assert (f"superstep 1: the update of split {odd} does not match those of split(s) {others}: array 'w' "
                 "is float32[9] where the others have float32[8]") in res.stderr
         assert metrics(job)["replacements"] == 0
+    job = make_job(tmp_path, dataset, "wide-of-two", workers=2, wide_at=1, wide_split=0)
+    res = cli("run", str(job))
+    assert res.returncode != 0  # one against one: both named, neither blamed
+    assert ("superstep 1: the splits' updates do not hold the same arrays (split 0: w float32[9]; split 1: w "
+            "float32[8])") in res.stderr
 
 
 def test_a_worker_lost_after_its_push_costs_one_replacement(tmp_path, dataset, baseline):
@@ -188,6 +207,9 @@ def test_a_worker_lost_after_its_push_costs_one_replacement(tmp_path, dataset, b
     assert marker.exists()
     assert metrics(job)["replacements"] == 1
     np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
+    # the killed worker had pushed superstep 2 (else this was an ordinary loss): its log ends there
+    logs = [p.read_text() for p in (Path(load_job(job).output) / "logs").glob("*.log")]
+    assert any("superstep 2: computed" in text and "superstep 3: computed" not in text for text in logs)
 
 
 def workers_of(master_pid: int) -> list[int]:
@@ -245,6 +267,20 @@ def test_resume_refuses_a_checkpoint_of_other_settings_and_a_new_run_starts_clea
     assert res.returncode == 0 and "had already succeeded: nothing to resume" in res.stdout + res.stderr
     assert (out / "result.npz").stat().st_mtime_ns == stamp
     assert cli("run", str(job)).returncode == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["superstep"] for line in lines] == list(range(6))
+    np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
+
+
+def test_a_rerun_killed_midway_resumes_itself_not_the_earlier_success(tmp_path, dataset, baseline):
+    job = make_job(tmp_path, dataset, "rerun", sleep=0.4)
+    out = Path(load_job(job).output)
+    assert cli("run", str(job)).returncode == 0  # succeeded once
+    run_and_kill_after_checkpoint(job, out / "checkpoints", 3)  # run again, killed midway
+    assert not (out / "metrics.json").exists()  # the earlier result is gone with the new run's start
+    res = cli("run", "--resume", str(job))
+    assert res.returncode == 0, res.stderr
+    assert "resumed from checkpoint" in res.stderr and "nothing to resume" not in res.stdout + res.stderr
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["superstep"] for line in lines] == list(range(6))
     np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
@@ -346,12 +382,12 @@ def test_a_worker_hung_in_a_superstep_is_replaced_after_superstep_timeout(tmp_pa
     marker = tmp_path / "slept"
     job = make_job(tmp_path, dataset, "hung", slow_at=2, slow_split=1, slow_for=600, slow_marker=str(marker))
     spec = yaml.safe_load(job.read_text())
-    spec["heartbeat"]["superstep_timeout"] = 4  # its heartbeats go on: only this notices
+    spec["heartbeat"]["superstep_timeout"] = 10  # its heartbeats go on: only this notices
     job.write_text(yaml.safe_dump(spec))
     res = cli("run", str(job), timeout=120)
     assert res.returncode == 0, res.stderr
     assert marker.exists()
-    assert "in superstep 2 without finishing it (heartbeat.superstep_timeout is 4 s)" in res.stderr
+    assert "in superstep 2 without finishing it (heartbeat.superstep_timeout is 10 s)" in res.stderr
     assert metrics(job)["replacements"] == 1
     np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
 

@@ -358,6 +358,11 @@ class DBNMaster(Master):
     """Averages the workers' RBMs layer by layer, then fine-tunes (here or on the workers)."""
 
     @classmethod
+    def input_paths(cls, params):
+        cfg = DBNConfig.from_params(params)
+        return [*(cfg.train or []), *([cfg.validation] if cfg.validation else []), *([cfg.test] if cfg.test else [])]
+
+    @classmethod
     def check_params(cls, params):
         cfg = DBNConfig.from_params(params)
         if cfg.where == "master" and cfg.finetune.epochs > 0 and not cfg.train:

@@ -224,6 +224,13 @@ class Master:
         ``submit`` call it on the job file, so a mistake there is reported before a container
         is asked for. The default accepts anything."""
 
+    @classmethod
+    def input_paths(cls, params: dict[str, Any]) -> list[str]:
+        """Paths in ``algorithm.params`` that the master reads (test data, say), relative to the
+        job file where relative; ``validate``, ``run`` and ``submit`` check that they exist
+        before anything starts. The default names none."""
+        return []
+
     def setup(self, ctx: MasterContext) -> None:
         """Called once before the first superstep (and before :meth:`restore` on resume)."""
         self.ctx = ctx

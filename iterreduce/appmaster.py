@@ -31,7 +31,7 @@ from . import ipc
 from .api import (Final, Master, MasterContext, Update, Worker, average_metrics, json_text, update_from_avro,
                   update_to_avro)
 from .containers import Launcher
-from .fs import Checkpoints, FilePiece, Output, plan_splits
+from .fs import Checkpoints, FilePiece, InputError, Output, plan_splits
 from .job import JobSpec
 
 log = logging.getLogger("iterreduce.appmaster")
@@ -106,6 +106,15 @@ def check_algorithm(job: JobSpec, must_import: bool = True) -> None:
         if not msg.startswith("algorithm.params"):
             msg = f"algorithm.params: {msg}"
         raise JobFailed(f"{job.source}: {msg}") from None
+    from .fs import InputError, list_input_files
+
+    for path in master.input_paths(job.algorithm.params):
+        try:
+            list_input_files([job.resolve(path)])
+        except InputError as exc:
+            raise JobFailed(f"{job.source}: algorithm.params: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a filesystem that does not answer
+            raise JobFailed(f"{job.source}: algorithm.params: cannot read {path}: {type(exc).__name__}: {exc}") from None
 
 
 @dataclass
@@ -137,8 +146,9 @@ class AppMaster:
     """
 
     def __init__(self, job: JobSpec, launcher: Launcher, token: str | None = None, resume: bool = False,
-                 host: str = "127.0.0.1", status_hook: Any = None):
+                 host: str = "127.0.0.1", status_hook: Any = None, application: str | None = None):
         self.job = job
+        self.application = application  # the YARN application id (None for a local run)
         self.launcher = launcher
         self.token = token or secrets.token_urlsafe(32)
         self.resume = resume
@@ -203,11 +213,13 @@ class AppMaster:
             done = json.loads(self.output.read_bytes("metrics.json")) if self.output.exists("metrics.json") else {}
         except (OSError, ValueError):
             return False
-        if done.get("state") != "SUCCEEDED" or done.get("fingerprint") != job_fingerprint(self.job):
+        if (done.get("state") != "SUCCEEDED" or done.get("fingerprint") != job_fingerprint(self.job)
+                or done.get("application") != self.application):  # on YARN: this application's own result
             return False
         with self._cond:
             self._state, self._superstep = "SUCCEEDED", max(int(done.get("supersteps", 1)) - 1, 0)
-            self._message = "had already succeeded: nothing to resume (run without --resume to run it again)"
+            self._message = ("had already succeeded: nothing to resume" if self.application else
+                             "had already succeeded: nothing to resume (run without --resume to run it again)")
             self._replacements = int(done.get("replacements", 0))
         log.info("job %s %s; results in %s", self.job.name, self._message, self.job.output)
         return True
@@ -223,7 +235,12 @@ class AppMaster:
         ctx = MasterContext(params=job.algorithm.params, seed=job.seed, num_workers=job.workers.count,
                             output=self.output, log=logging.getLogger("iterreduce.master"),
                             base_dir=job.base_dir)
-        self.master.setup(ctx)
+        try:
+            self.master.setup(ctx)
+        except InputError as exc:  # the master's own input (test data, say): every attempt reads it
+            if exc.transient:
+                raise
+            raise JobFailed(f"the master's input: {exc}; fix the input and run the job again") from None
         restored = self.checkpoints.latest() if self.resume else None
         if restored is not None:
             step, arrays, meta = restored
@@ -385,7 +402,7 @@ class AppMaster:
     def _write_metrics(self, final: Final | None) -> None:
         self.output.write_json("metrics.json", {
             "job": self.job.name, "state": self._state, "message": self._message,
-            "fingerprint": job_fingerprint(self.job),
+            "fingerprint": job_fingerprint(self.job), "application": self.application,
             "replacements": self._replacements, "supersteps": len(self._history),
             "final": {"metrics": final.metrics, "meta": final.meta} if final else None,
             "history": self._history,
@@ -758,7 +775,8 @@ def main(argv: list[str] | None = None) -> None:
             app.set_progress(min(status["superstep"] / total[0], 1.0))
 
     host = os.environ.get("NM_HOST") or socket.getfqdn()
-    am = AppMaster(job, YarnLauncher(app), token=token, resume=attempt > 1, host=host, status_hook=publish)
+    am = AppMaster(job, YarnLauncher(app), token=token, resume=attempt > 1, host=host, status_hook=publish,
+                   application=app.id)
     log.info("ApplicationMaster attempt %d for job %s", attempt, job.name)
     prior = final_failure_of(am.output, app.id) if attempt > 1 else None
     if prior is not None:  # attempt `prior["attempt"]` failed for good: say so, do not run the job again

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 import click
@@ -31,26 +32,22 @@ def _load(path: str, algorithm: bool = True):
 
 def _check_input(job) -> None:
     """The input exists and makes ``workers.count`` splits (as ``submit`` checks)."""
-    from .fs import InputError, plan_splits
+    from .client import SubmitError, check_input
 
     try:
-        plan_splits(job.input.paths, job.workers.count)
-    except InputError as exc:
-        raise click.ClickException(f"{job.source}: input: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a filesystem that does not answer
-        raise click.ClickException(f"{job.source}: input: cannot read {', '.join(job.input.paths)}: "
-                                   f"{type(exc).__name__}: {exc}") from None
+        check_input(job)
+    except SubmitError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _check_output(job) -> None:
     """The output directory can be made (before any worker starts)."""
-    from .fs import Output
+    from .client import SubmitError, check_output
 
     try:
-        Output(job.output).create()
-    except Exception as exc:  # noqa: BLE001 - OSError locally, requests' errors through WebHDFS
-        raise click.ClickException(f"{job.source}: output: cannot create {job.output}: "
-                                   f"{type(exc).__name__}: {exc}") from None
+        check_output(job)
+    except SubmitError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group()
@@ -156,7 +153,12 @@ def submit(job_file: str, wait: bool, verbose: bool) -> None:
     click.echo(app_id)
     if not wait:
         return
-    final, diagnostics = wait_app(app_id, client, progress=Progress())
+    try:
+        final, diagnostics = wait_app(app_id, client, progress=Progress(lines=True))
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following {app_id}; the application goes on. `iterreduce status {app_id}` shows "
+                   f"it, `iterreduce kill {app_id}` ends it.", err=True)
+        sys.exit(130)
     if final != "SUCCEEDED":
         raise click.ClickException(f"application {app_id} ended {final}: {diagnostics.strip()}\n"
                                    f"Read its logs with: {logs_command(app_id)}")
@@ -167,13 +169,14 @@ def submit(job_file: str, wait: bool, verbose: bool) -> None:
 @click.argument("app_id")
 def status(app_id: str) -> None:
     """The state, progress and live superstep of application APP_ID."""
+    _known(app_id)
     import json
 
     from .client import with_deadline
     from .containers import KV_STATUS
 
     client = _skein_client()
-    r = client.application_report(app_id)
+    r = _report(client, app_id)
     click.echo(f"{app_id} {r.name}: {r.state} / {r.final_status}, progress {r.progress:.0%}")
     if str(r.state) == "RUNNING":
         try:
@@ -194,8 +197,26 @@ def status(app_id: str) -> None:
 @click.argument("app_id")
 def kill(app_id: str) -> None:
     """Kill application APP_ID."""
-    _skein_client().kill_application(app_id)
+    _known(app_id)
+    client = _skein_client()
+    r = _report(client, app_id)
+    if str(r.state) in ("FINISHED", "FAILED", "KILLED"):
+        raise click.ClickException(f"{app_id} has already ended: {r.state} / {r.final_status}")
+    client.kill_application(app_id)
     click.echo(f"{app_id} killed")
+
+
+def _known(app_id: str) -> None:
+    if not re.match(r"^application_\d+_\d+$", app_id):
+        raise click.ClickException(f"{app_id!r} is not a YARN application id (application_<cluster>_<number>)")
+
+
+def _report(client, app_id: str):
+    try:
+        return client.application_report(app_id)
+    except ValueError as exc:  # skein: "Unknown ApplicationId ..."
+        raise click.ClickException(f"{app_id}: {exc}; `yarn application -list -appStates ALL` lists the "
+                                   "applications the ResourceManager knows") from None
 
 
 @main.command()
@@ -204,9 +225,12 @@ def logs(app_id: str) -> None:
     """Print the logs of every container of APP_ID that the NodeManagers still hold."""
     from .client import container_logs
 
+    _known(app_id)
     try:
         found = container_logs(app_id)
     except OSError as exc:  # urllib's URLError: no ResourceManager there
+        if getattr(exc, "code", None) == 404:
+            raise click.ClickException(f"the ResourceManager does not know {app_id}") from None
         raise click.ClickException(f"cannot read the logs of {app_id} from the ResourceManager: {exc}\n"
                                    "Is HADOOP_CONF_DIR set to the cluster's configuration?") from None
     if not found:

@@ -23,20 +23,34 @@ __all__ = ["run_local", "Progress", "JobFailed"]
 
 class Progress:
     """A progress bar on a terminal (superstep, phase, latest metrics) kept below the log
-    lines; elsewhere it draws nothing and the one log line per superstep remains."""
+    lines. Elsewhere it draws nothing (the master's one log line per superstep remains),
+    or, with ``lines`` (following a YARN application, whose log lines are on the cluster),
+    writes one line per superstep it sees."""
 
-    def __init__(self, stream: TextIO | None = None, width: int = 30):
+    def __init__(self, stream: TextIO | None = None, width: int = 30, lines: bool = False):
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty()
+        self.lines = lines and not self.enabled
         self.width = width
         self.started = time.monotonic()
         self.bar = ""
+        self._last_line: tuple[Any, ...] | None = None
         if self.enabled:  # log lines go above the bar
             for handler in logging.getLogger().handlers:
                 if isinstance(handler, logging.StreamHandler) and handler.stream is self.stream:
                     handler.setStream(_AboveBar(self))
 
     def __call__(self, status: dict[str, Any]) -> None:
+        if self.lines:
+            key = (status["superstep"], status["state"])
+            if key != self._last_line:
+                self._last_line = key
+                total = f"/{status['total']}" if status.get("total") else ""
+                metrics = " ".join(f"{k}={v:.4g}" for k, v in list(status["metrics"].items())[:3])
+                self.stream.write(f"{time.strftime('%H:%M:%S')} {status['state']} superstep {status['superstep']}"
+                                  f"{total} | {status['phase']} | {metrics}\n")
+                self.stream.flush()
+            return
         if not self.enabled:
             return
         step, total = status["superstep"], status.get("total")
@@ -191,7 +205,6 @@ def check_submission(job: JobSpec) -> None:
     """Refuse, before anything is submitted, a job with bad algorithm classes or params,
     without a usable environment, or whose input cannot make its splits."""
     from .appmaster import check_algorithm
-    from .fs import InputError, plan_splits
 
     try:
         check_algorithm(job, must_import=False)
@@ -199,10 +212,37 @@ def check_submission(job: JobSpec) -> None:
         raise SubmitError(str(exc)) from None
     python_command(job.yarn.environment)
     _check_file_names(job)
+    check_input(job)
+    check_output(job)
+
+
+def check_input(job: JobSpec) -> None:
+    """The input exists and makes ``workers.count`` splits, or :class:`SubmitError`."""
+    from .fs import InputError, plan_splits
+
     try:
         plan_splits(job.input.paths, job.workers.count)
     except InputError as exc:
         raise SubmitError(f"{job.source}: input: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a filesystem that does not answer
+        raise SubmitError(f"{job.source}: input: cannot read {', '.join(job.input.paths)}: "
+                          f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def check_output(job: JobSpec) -> None:
+    """The output directory can be made, or :class:`SubmitError`."""
+    from .fs import Output
+
+    try:
+        Output(job.output).create()
+    except Exception as exc:  # noqa: BLE001 - OSError locally, requests' errors through WebHDFS
+        raise SubmitError(f"{job.source}: output: cannot create {job.output}: "
+                          f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def submit(job: JobSpec, client: Any = None, check: bool = True) -> str:

@@ -155,6 +155,28 @@ def test_a_label_outside_the_classes_fails_the_job_naming_its_file_and_row(tmp_p
     assert res.returncode != 0
     assert f"input file {shard}, row 123: label 10 is not a class of 0..9" in res.stderr
     assert metrics(out)["replacements"] == 0
+    # the same record read by the master (its test data): one line, not a traceback, and final
+    test_shard = sorted((data / "test").glob("*.parquet"))[0]
+    shutil.copy(shard, test_shard)
+    spec = tiny_spec(mnist_parquet, tmp_path / "out2")
+    spec["algorithm"]["params"]["test"] = str(data / "test")
+    res = cli("run", str(write_job(tmp_path / "job2.yaml", spec)))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert (f"the master's input: input file {test_shard}, row 123: label 10 is not a class of 0..9; fix the "
+            "input and run the job again") in res.stderr
+    from iterreduce.appmaster import AppMaster, JobFailed
+    from iterreduce.containers import LocalLauncher
+    from iterreduce.job import load_job
+
+    job = load_job(tmp_path / "job2.yaml")
+    with pytest.raises(JobFailed) as err:
+        AppMaster(job, LocalLauncher(tmp_path / "logs")).run()
+    assert err.value.retry is False  # on YARN: no second attempt reading it again
+    # a test path that does not exist is refused before anything starts
+    spec["algorithm"]["params"]["test"] = str(data / "tset")
+    res = cli("validate", str(write_job(tmp_path / "job3.yaml", spec)))
+    assert res.returncode != 0
+    assert f"algorithm.params: input path {data / 'tset'}: does not exist" in res.stderr
 
 
 def test_tiny_run_learns(tiny_baseline):

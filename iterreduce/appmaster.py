@@ -179,6 +179,7 @@ class AppMaster:
         self._metrics_flushed = 0.0
         self._step_started = self._waiting_logged = time.monotonic()
         self._started = False
+        self._waiting_published = 0.0
         self.server: ipc.IPCServer | None = None
         self.master: Master | None = None
 
@@ -456,9 +457,33 @@ class AppMaster:
         for cid, age in silent:
             self.launcher.kill(cid)
             self._container_lost(cid, f"sent no heartbeat for {age:.0f} s (heartbeat.timeout is {hb.timeout:g} s)")
-        for cid, age in unregistered:
-            self.launcher.kill(cid)
-            self._container_lost(cid, f"did not register within {age:.0f} s (heartbeat.register_timeout)")
+        with self._cond:
+            pending = [s.container for s in self._splits if s.owner is None and s.container
+                       and now - s.launched_at > 10]
+        if pending and now - self._waiting_published > 10:  # the live view says what it waits for
+            self._waiting_published = now
+            queued = self.launcher.unallocated() & set(pending)
+            with self._cond:
+                self._message = (f"waiting for YARN to allocate {len(queued)} worker container(s)" if queued
+                                 else f"waiting for {len(pending)} worker(s) to register")
+            if self.status_hook:
+                self.status_hook({**self.status(), "total": self.master.total_supersteps()})
+        elif not pending and self._message.startswith("waiting for"):
+            with self._cond:
+                self._message = ""
+        if unregistered:
+            waiting = self.launcher.unallocated()
+            for cid, age in unregistered:
+                if cid in waiting:  # a replacement would wait in the same queue: say why and end the job
+                    res = self.job.workers.resources
+                    raise JobFailed(
+                        f"YARN has not allocated the worker container {self.launcher.describe(cid)} in {age:.0f} s "
+                        f"(heartbeat.register_timeout): the cluster has no room for workers of {res.memory_mb} MiB "
+                        f"and {res.vcores} vcore(s) besides the others (or the queue is full); ask for less "
+                        "(workers.memory, workers.count) or run when the cluster is quieter")
+            for cid, age in unregistered:
+                self.launcher.kill(cid)
+                self._container_lost(cid, f"did not register within {age:.0f} s (heartbeat.register_timeout)")
 
     def _fatal(self, cid: str, reason: str, why: str) -> None:
         """A failure that every replacement would repeat (``why`` says so): the job ends."""

@@ -187,6 +187,8 @@ def status(app_id: str) -> None:
                            f"{st['phase']} | workers {st['workers_registered']}/{st['workers_expected']} | "
                            f"replacements {st['replacements']} | " +
                            " ".join(f"{k}={v:.4g}" for k, v in st["metrics"].items()))
+                if st.get("message"):
+                    click.echo(st["message"])
         except Exception as exc:  # noqa: BLE001
             click.echo(f"(no live view: {exc})")
     if r.diagnostics:

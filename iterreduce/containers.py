@@ -53,6 +53,10 @@ class Launcher:
         """Where to read a container's logs, for error messages."""
         return container_id
 
+    def unallocated(self) -> set[str]:
+        """Containers asked for that the cluster has not given yet (none for local processes)."""
+        return set()
+
 
 ENV_PARENT = "ITERREDUCE_PARENT_PID"  # local workers: die when this process (the master) dies
 
@@ -211,6 +215,12 @@ class YarnLauncher(Launcher):
             time.sleep(0.2)
         for cid in list(self._running):
             self.kill(cid)
+
+    def unallocated(self) -> set[str]:
+        try:
+            return {c.id for c in self.app.get_containers(services=[self.SERVICE], states=["WAITING", "REQUESTED"])}
+        except Exception:  # noqa: BLE001 - cannot tell: treat as allocated
+            return set()
 
     def describe(self, container_id: str) -> str:
         """skein's id with YARN's (the one `iterreduce logs` prints logs under) and the node."""

@@ -347,6 +347,21 @@ def test_bad_input_record_ends_the_application_without_running_the_job_again(had
     assert json.loads(read_hdfs(hadoop_cluster, f"{out}/metrics.json"))["state"] == "FAILED"
 
 
+def test_a_worker_yarn_cannot_place_ends_the_application_with_the_reason(hadoop_cluster, hdfs_base, linreg_on_hdfs,
+                                                                         tmp_path):
+    _, uri = linreg_on_hdfs
+    job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{hdfs_base}/noroom")
+    spec = yaml.safe_load(job.read_text())
+    spec["workers"]["memory"] = "5 GiB"  # within the maximum allocation, but two do not fit the 8 GiB node
+    spec["heartbeat"]["register_timeout"] = 20
+    job.write_text(yaml.safe_dump(spec))
+    res = cli("submit", str(job), "--wait", timeout=600)
+    assert res.returncode != 0
+    assert "YARN has not allocated the worker container" in res.stderr
+    assert "no room for workers of 5120 MiB and 1 vcore(s)" in res.stderr
+    assert "attempt 2 did not run the job again" in res.stderr  # a second attempt would wait the same
+
+
 def test_kill_ends_the_application_and_its_containers(hadoop_cluster, hdfs_base, linreg_on_hdfs, skein_client,
                                                       tmp_path):
     _, uri = linreg_on_hdfs

@@ -85,12 +85,13 @@ def load_class(path: str, kind: type, job_dir: str | None = None) -> type:
     return cls
 
 
-def check_algorithm(job: JobSpec, must_import: bool = True) -> None:
+def check_algorithm(job: JobSpec, must_import: bool = True, check_paths: bool = True) -> None:
     """Import the job's master and worker classes and let the master check the job's
     ``algorithm.params`` (:meth:`Master.check_params`); raises :class:`JobFailed` naming the
     job file and the field. With ``must_import=False`` (submitting to YARN, where the
     algorithm may exist only in the cluster's environment) a module that cannot be imported
-    here is logged and its params are left to the ApplicationMaster."""
+    here is logged and its params are left to the ApplicationMaster. With ``check_paths``
+    the paths the master reads (:meth:`Master.input_paths`) must exist."""
     try:
         master = load_class(job.algorithm.master, Master, job.base_dir)
         load_class(job.algorithm.worker, Worker, job.base_dir)
@@ -108,7 +109,7 @@ def check_algorithm(job: JobSpec, must_import: bool = True) -> None:
         raise JobFailed(f"{job.source}: {msg}") from None
     from .fs import InputError, list_input_files
 
-    for path in master.input_paths(job.algorithm.params):
+    for path in master.input_paths(job.algorithm.params) if check_paths else ():
         try:
             list_input_files([job.resolve(path)])
         except InputError as exc:

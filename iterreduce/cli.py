@@ -160,7 +160,13 @@ def submit(job_file: str, wait: bool, verbose: bool) -> None:
                    f"it, `iterreduce kill {app_id}` ends it.", err=True)
         sys.exit(130)
     if final != "SUCCEEDED":
-        raise click.ClickException(f"application {app_id} ended {final}: {diagnostics.strip()}\n"
+        hint = ""
+        if final == "FAILED" and "iterreduce job" not in diagnostics:  # it failed before iterreduce ran
+            from .client import driver_log_tail
+
+            tail = driver_log_tail(app_id)
+            hint = f"\n{tail}" if tail else ""
+        raise click.ClickException(f"application {app_id} ended {final}: {diagnostics.strip()}{hint}\n"
                                    f"Read its logs with: {logs_command(app_id)}")
     click.echo(f"{app_id} SUCCEEDED: {diagnostics.strip()}")
 

@@ -331,6 +331,25 @@ def wait(app_id: str, client: Any, progress: Progress | None = None, poll: float
         time.sleep(poll)
 
 
+def driver_log_tail(app_id: str, lines: int = 6) -> str:
+    """The last lines of the ApplicationMaster's own log (skein's ``application.driver.log``)
+    of the latest attempt, where YARN's diagnostics say only that the driver exited (a wrong
+    ``yarn.environment``, iterreduce missing from it); "" when the NodeManager holds none."""
+    try:
+        found = container_logs(app_id)
+    except Exception:  # noqa: BLE001 - this is only a hint
+        return ""
+    drivers = [(cid, text) for cid, name, text in found if name == "application.driver.log" and text.strip()]
+    if not drivers:
+        return ""
+    cid, text = max(drivers)  # the latest attempt's container
+    noise = ("LogType:", "LogLastModifiedTime:", "LogLength:", "LogContents:", "End of LogType:", "Container:",
+             "LogAggregationType:", "***", "====")
+    tail = [line for line in text.strip().splitlines()
+            if line.strip() and not line.strip().startswith(noise)][-lines:]  # the NodeManager's framing out
+    return f"the end of {cid}'s application.driver.log:\n" + "\n".join("  " + line for line in tail)
+
+
 def _yarn_conf(key: str, default: str) -> str:
     import xml.etree.ElementTree as ET
 

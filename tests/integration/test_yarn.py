@@ -362,6 +362,19 @@ def test_a_worker_yarn_cannot_place_ends_the_application_with_the_reason(hadoop_
     assert "attempt 2 did not run the job again" in res.stderr  # a second attempt would wait the same
 
 
+def test_an_environment_the_containers_cannot_use_is_quoted_from_the_driver_log(hadoop_cluster, hdfs_base,
+                                                                                linreg_on_hdfs, tmp_path):
+    _, uri = linreg_on_hdfs
+    job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{hdfs_base}/noenv")
+    spec = yaml.safe_load(job.read_text())
+    spec["yarn"]["environment"] = f"venv://{tmp_path / 'no-such-venv'}"  # exists on no node
+    spec["yarn"]["max_attempts"] = 1
+    job.write_text(yaml.safe_dump(spec))
+    res = cli("submit", str(job), "--wait", timeout=600)
+    assert res.returncode != 0 and "ended FAILED" in res.stderr
+    assert "application.driver.log:" in res.stderr and "no-such-venv/bin/activate" in res.stderr
+
+
 def test_kill_ends_the_application_and_its_containers(hadoop_cluster, hdfs_base, linreg_on_hdfs, skein_client,
                                                       tmp_path):
     _, uri = linreg_on_hdfs

@@ -30,22 +30,15 @@ def _load(path: str, algorithm: bool = True):
     return job
 
 
-def _check_input(job) -> None:
-    """The input exists and makes ``workers.count`` splits (as ``submit`` checks)."""
-    from .client import SubmitError, check_input
+def _check(job, output: bool = False) -> None:
+    """What ``submit`` checks before submitting: the input makes ``workers.count`` splits,
+    (with ``output``) the output directory can be made."""
+    from .client import SubmitError, check_input, check_output
 
     try:
         check_input(job)
-    except SubmitError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _check_output(job) -> None:
-    """The output directory can be made (before any worker starts)."""
-    from .client import SubmitError, check_output
-
-    try:
-        check_output(job)
+        if output:
+            check_output(job)
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -61,7 +54,7 @@ def main() -> None:
 def validate(job_file: str) -> None:
     """Check JOB_FILE without running it: fields, algorithm and its params, input splits."""
     job = _load(job_file)
-    _check_input(job)
+    _check(job)
     click.echo(f"{job_file}: OK ({job.name}: {job.workers.count} workers, algorithm {job.algorithm.master})")
 
 
@@ -88,8 +81,7 @@ def run(job_file: str, resume: bool, workers: int | None, output: str | None, ve
             job = JobSpec.from_dict(d, source=f"{job_file} (with command-line overrides)")
         except JobError as exc:
             raise click.ClickException(str(exc)) from None
-    _check_input(job)
-    _check_output(job)
+    _check(job, output=True)
     _setup_logging(verbose)
     try:
         am = run_local(job, resume=resume, progress=Progress())

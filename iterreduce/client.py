@@ -46,9 +46,8 @@ class Progress:
             if key != self._last_line:
                 self._last_line = key
                 total = f"/{status['total']}" if status.get("total") else ""
-                metrics = " ".join(f"{k}={v:.4g}" for k, v in list(status["metrics"].items())[:3])
                 self.stream.write(f"{time.strftime('%H:%M:%S')} {status['state']} superstep {status['superstep']}"
-                                  f"{total} | {status['phase']} | {metrics}\n")
+                                  f"{total} | {status['phase']} | {_metrics_text(status['metrics'])}\n")
                 self.stream.flush()
             return
         if not self.enabled:
@@ -61,13 +60,17 @@ class Progress:
             head = f"[{'#' * filled}{'.' * (self.width - filled)}] {step}/{total}"
         else:
             head = f"superstep {step}"
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in list(status["metrics"].items())[:3])
-        self.bar = f"{head} | {status['phase']} | {metrics} | {time.monotonic() - self.started:.0f}s"[:150]
+        self.bar = (f"{head} | {status['phase']} | {_metrics_text(status['metrics'])} | "
+                    f"{time.monotonic() - self.started:.0f}s")[:150]
         self.stream.write("\r\x1b[K" + self.bar)
         if status["state"] in ("SUCCEEDED", "FAILED", "KILLED"):
             self.stream.write("\n")
             self.bar = ""
         self.stream.flush()
+
+
+def _metrics_text(metrics: dict[str, float], n: int = 3) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:n])
 
 
 class _AboveBar:

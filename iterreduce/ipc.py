@@ -902,16 +902,16 @@ def _read_frames(conn: _Conn, length: int, gate: Callable[[bytes], bool | None] 
     segs = []
     small = bytearray()
 
-    def check(extra: bytes = b"") -> None:
+    def check(extra: bytes = b"", verdict: bool | None = None) -> None:
+        """Ask the gate (once) about the small frames plus ``extra``, unless ``verdict`` is
+        already its answer for them; anything but True ends the request."""
         nonlocal gate
         prefix = bytes(small) + extra
-        verdict, gate = gate(prefix), None
+        if verdict is None:
+            verdict = gate(prefix)
+        gate = None
         if verdict is not True:  # False: no or a wrong token; None: no handshake and metadata first
             raise _Unauthorized(prefix)
-
-    def decided_by_small() -> bool:
-        """Whether the small frames alone settle it (then no byte of the big frame is needed)."""
-        return gate is not None and bool(small) and gate(bytes(small)) is not None
 
     while True:
         if left < 4:
@@ -929,11 +929,15 @@ def _read_frames(conn: _Conn, length: int, gate: Callable[[bytes], bool | None] 
                 check()
         else:
             head = b""
-            if decided_by_small():
-                check()
-            elif gate is not None:  # the handshake may be in this frame (a big call metadata, say)
-                head = conn.read_exact(min(n, _GATE_BYTES))
-                check(head)
+            if gate is not None:
+                # the small frames alone may settle it (then no byte of the big frame is needed);
+                # else the handshake is in this frame (a big call metadata, say)
+                verdict = gate(bytes(small)) if small else None
+                if verdict is not None:
+                    check(verdict=verdict)
+                else:
+                    head = conn.read_exact(min(n, _GATE_BYTES))
+                    check(head)
             if small:
                 segs.append(memoryview(small))
                 small = bytearray()

@@ -215,6 +215,7 @@ def check_submission(job: JobSpec) -> None:
         raise SubmitError(str(exc)) from None
     python_command(job.yarn.environment)
     _check_file_names(job)
+    check_resources(job)
     check_input(job)
     check_output(job)
 
@@ -241,6 +242,67 @@ def check_output(job: JobSpec) -> None:
     except Exception as exc:  # noqa: BLE001 - OSError locally, requests' errors through WebHDFS
         raise SubmitError(f"{job.source}: output: cannot create {job.output}: "
                           f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def cluster_resources() -> dict[str, Any] | None:
+    """What the ResourceManager (its REST API, at ``yarn.resourcemanager.webapp.address``)
+    says of container sizes and nodes: ``max_mb``, ``max_vcores``, ``min_mb`` (the
+    scheduler's limits) and ``nodes`` (the total MiB of each RUNNING node); ``None`` when
+    it does not answer (a secured web UI, say), and then nothing is checked."""
+    import xml.etree.ElementTree as ET
+    import urllib.request
+
+    rm = "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
+    try:
+        with urllib.request.urlopen(f"{rm}/conf", timeout=10) as r:  # every daemon serves its configuration
+            root = ET.fromstring(r.read())
+        conf = {p.findtext("name"): (p.findtext("value") or "").strip() for p in root.iter("property")}
+        nodes = (_get_json(f"{rm}/ws/v1/cluster/nodes?states=RUNNING").get("nodes") or {}).get("node") or []
+        return {
+            "max_mb": int(conf.get("yarn.scheduler.maximum-allocation-mb") or 8192),
+            "max_vcores": int(conf.get("yarn.scheduler.maximum-allocation-vcores") or 4),
+            "min_mb": max(int(conf.get("yarn.scheduler.minimum-allocation-mb") or 1024), 1),
+            "nodes": [int(n.get("usedMemoryMB", 0)) + int(n.get("availMemoryMB", 0)) for n in nodes
+                      if n.get("state", "RUNNING") == "RUNNING"],
+        }
+    except Exception:  # noqa: BLE001 - only a check before submitting; YARN itself still decides
+        return None
+
+
+def check_resources(job: JobSpec, cluster: dict[str, Any] | None = None) -> None:
+    """Refuse a job whose containers this YARN cluster can never run together: a worker or
+    the master larger than its largest container (``yarn.scheduler.maximum-allocation-*``),
+    or more workers than its running nodes hold beside the master (every superstep waits
+    for all of them, so a part is no use). Memory is rounded up to a multiple of
+    ``yarn.scheduler.minimum-allocation-mb``, as the scheduler does. Vcores are checked
+    against the maximum only: the default resource calculator schedules by memory."""
+    cluster = cluster if cluster is not None else cluster_resources()
+    if cluster is None:
+        return
+    w, m = job.workers.resources, job.master
+    for what, mb, vcores in (("workers", w.memory_mb, w.vcores), ("master", m.memory_mb, m.vcores)):
+        if mb > cluster["max_mb"]:
+            raise SubmitError(f"{job.source}: {what}.memory: {mb} MiB is more than this cluster's largest "
+                              f"container (yarn.scheduler.maximum-allocation-mb = {cluster['max_mb']})")
+        if vcores > cluster["max_vcores"]:
+            raise SubmitError(f"{job.source}: {what}.vcores: {vcores} is more than this cluster's largest "
+                              f"container (yarn.scheduler.maximum-allocation-vcores = {cluster['max_vcores']})")
+    nodes = cluster["nodes"]
+    if not nodes:
+        raise SubmitError(f"{job.source}: the ResourceManager lists no RUNNING NodeManager: no container can "
+                          "start (`yarn node -list -all` shows the nodes and their states)")
+    step = cluster["min_mb"]
+    wmb, mmb = -(-w.memory_mb // step) * step, -(-m.memory_mb // step) * step
+    best = max((sum((cap - (mmb if i == j else 0)) // wmb for i, cap in enumerate(nodes))
+                for j in range(len(nodes)) if nodes[j] >= mmb), default=-1)
+    if best < job.workers.count:
+        held = ("no node holds the master" if best < 0 else
+                f"they hold the master and {best} of the {job.workers.count} workers")
+        raise SubmitError(
+            f"{job.source}: this cluster cannot run the job's containers at once: {len(nodes)} running "
+            f"node(s) of {', '.join(f'{c} MiB' for c in nodes)}; the master takes {mmb} MiB, each worker "
+            f"{wmb} MiB (requests are rounded up to multiples of {step} MiB), and {held}. Every superstep "
+            "waits for all workers: ask for fewer or smaller workers (workers.count, workers.memory).")
 
 
 def _first_line(exc: BaseException) -> str:

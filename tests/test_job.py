@@ -255,6 +255,33 @@ def test_submit_leaves_an_algorithm_it_cannot_import_to_the_cluster(tmp_path, ca
     assert "cannot import module 'cluster_only.algo'" in caplog.text
 
 
+def test_submit_refuses_containers_the_cluster_can_never_run_together(tmp_path):
+    from iterreduce.client import SubmitError, check_resources
+
+    base = load_job(write(tmp_path, GOOD)).to_dict()
+
+    def job(workers: dict, master: dict | None = None) -> JobSpec:
+        d = {**base, "workers": {**base["workers"], **workers}, "master": {**base["master"], **(master or {})}}
+        return JobSpec.from_dict(d, source="job.yaml")
+
+    one = {"max_mb": 8192, "max_vcores": 8, "min_mb": 1024, "nodes": [8192]}
+    for spec, cluster, words in [
+        (job({"memory": "9 GiB"}), one, r"job.yaml: workers\.memory: 9216 MiB is more than this cluster's "
+                                        r"largest container \(yarn\.scheduler\.maximum-allocation-mb = 8192\)"),
+        (job({}, {"memory": 10000}), one, r"master\.memory: 10000 MiB is more"),
+        (job({"vcores": 9}), one, r"workers\.vcores: 9 is more .*maximum-allocation-vcores = 8\)"),
+        (job({"count": 2, "memory": "5 GiB"}), one,
+         r"1 running node\(s\) of 8192 MiB; the master takes 1024 MiB, each worker 5120 MiB \(requests are "
+         r"rounded up to multiples of 1024 MiB\), and they hold the master and 1 of the 2 workers"),
+        (job({"count": 8, "memory": 600}), one, r"they hold the master and 7 of the 8 workers"),  # 600 -> 1024
+        (job({}), {**one, "nodes": []}, r"lists no RUNNING NodeManager"),
+    ]:
+        with pytest.raises(SubmitError, match=words):
+            check_resources(spec, cluster)
+    check_resources(job({"count": 7, "memory": 600}), one)  # the master and 7 workers fill 8192 MiB exactly
+    check_resources(job({"count": 2, "memory": "5 GiB"}), {**one, "nodes": [8192, 8192]})  # a worker a node
+    check_resources(job({"count": 3, "memory": "5 GiB"}), {**one, "nodes": [2048, 5120, 5120, 5120]})
+
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
 

@@ -731,10 +731,17 @@ def _layout_mismatch(ref: Update, u: Update) -> str:
 def _log_superstep(rec: dict[str, Any], total: int | None) -> None:
     metrics = {**rec["workers"], **rec["master"]}
     shown = " ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:6])
-    of = f"/{total}" if total else ""
     mb = (rec["bytes_in"] + rec["bytes_out"]) / 1e6
-    log.info("superstep %d%s | %s | %.2f s | %.1f MB exchanged | %s", rec["superstep"], of, rec["phase"],
-             rec["seconds"], mb, shown)
+    log.info("%s | %s | %.2f s | %.1f MB exchanged | %s", superstep_text(rec["superstep"] + 1, total,
+                                                                        rec["superstep"]),
+             rec["phase"], rec["seconds"], mb, shown)
+
+
+def superstep_text(done: int, total: int | None, current: int) -> str:
+    """How the log, ``submit --wait`` and ``iterreduce status`` name where a job is: the
+    superstep's number (from 0, as in every message and checkpoint name) and how many of
+    the total are done, so that the last reads "superstep 1149 (1150/1150 done)"."""
+    return f"superstep {current} ({done}{f'/{total}' if total else ''} done)"
 
 
 FAILURE_MARKER = "final-failure.json"

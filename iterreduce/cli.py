@@ -170,7 +170,7 @@ def status(app_id: str) -> None:
     _known(app_id)
     import json
 
-    from .client import with_deadline
+    from .client import status_text, with_deadline
     from .containers import KV_STATUS
 
     client = _skein_client()
@@ -181,8 +181,8 @@ def status(app_id: str) -> None:
             raw = with_deadline(lambda: client.connect(app_id, wait=False).kv.get(KV_STATUS), 10.0)
             if raw:
                 st = json.loads(raw)
-                click.echo(f"superstep {st['superstep']}{'/' + str(st['total']) if st.get('total') else ''} | "
-                           f"{st['phase']} | workers {st['workers_registered']}/{st['workers_expected']} | "
+                click.echo(f"{status_text(st)} | {st['phase']} | "
+                           f"workers {st['workers_registered']}/{st['workers_expected']} | "
                            f"replacements {st['replacements']} | " +
                            " ".join(f"{k}={v:.4g}" for k, v in st["metrics"].items()))
                 if st.get("message"):

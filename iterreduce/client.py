@@ -45,9 +45,8 @@ class Progress:
             key = (status["superstep"], status["state"])
             if key != self._last_line:
                 self._last_line = key
-                total = f"/{status['total']}" if status.get("total") else ""
-                self.stream.write(f"{time.strftime('%H:%M:%S')} {status['state']} superstep {status['superstep']}"
-                                  f"{total} | {status['phase']} | {_metrics_text(status['metrics'])}\n")
+                self.stream.write(f"{time.strftime('%H:%M:%S')} {status['state']} {status_text(status)} | "
+                                  f"{status['phase']} | {_metrics_text(status['metrics'])}\n")
                 self.stream.flush()
             return
         if not self.enabled:
@@ -67,6 +66,16 @@ class Progress:
             self.stream.write("\n")
             self.bar = ""
         self.stream.flush()
+
+
+def status_text(status: dict[str, Any]) -> str:
+    """"superstep S (D/T done)" for a live status: S is the superstep under way (numbered
+    from 0), D the supersteps done; an ended job has done S + 1."""
+    from .appmaster import superstep_text
+
+    step = status["superstep"]
+    done = step + 1 if status["state"] == "SUCCEEDED" else step
+    return superstep_text(done, status.get("total"), step)
 
 
 def _metrics_text(metrics: dict[str, float], n: int = 3) -> str:

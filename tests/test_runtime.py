@@ -60,10 +60,15 @@ def baseline(tmp_path_factory, dataset):
     job = make_job(tmp, dataset, "baseline")
     res = cli("run", str(job))
     assert res.returncode == 0, res.stderr
+    (tmp / "run.stderr").write_text(res.stderr)
     return job
 
 
 def test_run_writes_result_metrics_and_one_log_line_per_superstep(baseline):
+    log = (baseline.parent / "run.stderr").read_text()
+    shown = [line.split("iterreduce.appmaster: ")[1].split(" |")[0] for line in log.splitlines()
+             if " done) | " in line]
+    assert shown == [f"superstep {s} ({s + 1}/6 done)" for s in range(6)], log
     m = metrics(baseline)
     assert m["state"] == "SUCCEEDED" and m["replacements"] == 0 and m["message"] == "succeeded"
     assert [h["superstep"] for h in m["history"]] == list(range(6))
@@ -74,6 +79,24 @@ def test_run_writes_result_metrics_and_one_log_line_per_superstep(baseline):
     assert w.shape == (8,) and np.isfinite(w).all()
     lines = (Path(load_job(baseline).output) / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6
+
+
+def test_submit_wait_writes_a_line_per_superstep_counting_those_done():
+    import io
+
+    from iterreduce.client import Progress
+
+    out = io.StringIO()  # not a terminal: one line per superstep, as `submit --wait` prints
+    progress = Progress(out, lines=True)
+    status = {"state": "RUNNING", "superstep": 0, "total": 3, "phase": "epoch 1", "metrics": {}}
+    for s in (0, 0, 1, 2):  # the same status twice gives one line
+        progress({**status, "superstep": s, "phase": f"epoch {s + 1}", "metrics": {"mse": 1.0 / (s + 1)}})
+    progress({**status, "superstep": 2, "state": "SUCCEEDED", "phase": "epoch 3", "metrics": {"mse": 0.25}})
+    lines = [line.split(" ", 1)[1] for line in out.getvalue().splitlines()]
+    assert lines == ["RUNNING superstep 0 (0/3 done) | epoch 1 | mse=1",
+                     "RUNNING superstep 1 (1/3 done) | epoch 2 | mse=0.5",
+                     "RUNNING superstep 2 (2/3 done) | epoch 3 | mse=0.3333",
+                     "SUCCEEDED superstep 2 (3/3 done) | epoch 3 | mse=0.25"]
 
 
 def test_same_job_gives_the_same_model(tmp_path, dataset, baseline):

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from iterreduce.fs import InputError, RecordError, concat_tables
+from iterreduce.fs import InputError, RecordError, concat_tables, in_file
 
 __all__ = [
     "IDXError",
@@ -421,17 +421,6 @@ def _to_arrays(table: pa.Table, n_features: int | None = None) -> tuple[np.ndarr
     return x, y
 
 
-def _in_file(path, first_row: int, fn):
-    """``fn()``, with a :class:`RecordError` or :class:`InputError` made to name ``path``
-    and the row in it (``first_row`` is the row of the table ``fn`` checks)."""
-    try:
-        return fn()
-    except RecordError as exc:
-        raise RecordError(first_row + exc.row, exc.reason, str(path)) from None
-    except InputError as exc:
-        raise InputError(f"{path}: {exc}") from None
-
-
 def _parquet_files(path: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     if isinstance(path, (str, os.PathLike)):
         p = Path(path)
@@ -456,7 +445,7 @@ def read_parquet_dir(
     tables, files = [], _parquet_files(path)
     for f in files:
         t = pq.read_table(f)
-        _in_file(f, 0, lambda: check_examples(t, n_features, classes))
+        in_file(str(f), 0, lambda: check_examples(t, n_features, classes))
         tables.append(t)
     return _to_arrays(concat_tables(tables, [str(f) for f in files]), n_features)
 

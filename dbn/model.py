@@ -272,7 +272,9 @@ def export_features(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .data import _in_file, _parquet_files, table_to_arrays
+    from iterreduce.fs import in_file
+
+    from .data import _parquet_files, table_to_arrays
 
     if not isinstance(model, Model):
         model = load(model)
@@ -298,7 +300,7 @@ def export_features(
         row = 0
         try:
             for batch in pf.iter_batches(batch_size=batch_size, columns=["x", "y"] if has_y else ["x"]):
-                x, y = _in_file(src, row, lambda: table_to_arrays(pa.Table.from_batches([batch]),
+                x, y = in_file(str(src), row, lambda: table_to_arrays(pa.Table.from_batches([batch]),
                                                                   n_features=model.sizes[0]))
                 row += len(x)
                 f = np.ascontiguousarray(model.features(x, layer), dtype=np.float32)

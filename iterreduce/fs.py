@@ -237,13 +237,8 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
                     except (pa.ArrowInvalid, OSError, KeyError) as exc:
                         raise _input_error(f"input file {piece.path}, row group {rg}: {exc}", exc) from None
                     if check is not None:
-                        try:
-                            check(table)
-                        except RecordError as exc:
-                            first = sum(pf.metadata.row_group(i).num_rows for i in range(rg))
-                            raise RecordError(first + exc.row, exc.reason, f"input file {piece.path}") from None
-                        except InputError as exc:
-                            raise InputError(f"input file {piece.path}: {exc}") from None
+                        first = sum(pf.metadata.row_group(i).num_rows for i in range(rg))
+                        in_file(f"input file {piece.path}", first, lambda: check(table))
                     tables.append(table)
                     sources.append(piece.path)
         except (pa.ArrowInvalid, OSError) as exc:
@@ -251,6 +246,18 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
     if not tables:
         raise InputError("empty split: no pieces to read")
     return concat_tables(tables, sources)
+
+
+def in_file(where: str, first_row: int, fn: Callable[[], Any]) -> Any:
+    """``fn()``, which checks a table that starts at row ``first_row`` of the file
+    ``where``: a :class:`RecordError` it raises (its row counted in that table) is raised
+    again naming ``where`` and the row in the file; an :class:`InputError`, naming ``where``."""
+    try:
+        return fn()
+    except RecordError as exc:
+        raise RecordError(first_row + exc.row, exc.reason, where) from None
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
 
 
 def concat_tables(tables: list[pa.Table], sources: Sequence[str]) -> pa.Table:

@@ -461,9 +461,16 @@ class AppMaster:
         with self._cond:
             pending = [s.container for s in self._splits if s.owner is None and s.container
                        and now - s.launched_at > 10]
+        asked: list[set[str]] = []  # the launcher's answer, asked for at most once a tick
+
+        def unallocated() -> set[str]:
+            if not asked:
+                asked.append(self.launcher.unallocated())
+            return asked[0]
+
         if pending and now - self._waiting_published > 10:  # the live view says what it waits for
             self._waiting_published = now
-            queued = self.launcher.unallocated() & set(pending)
+            queued = unallocated() & set(pending)
             with self._cond:
                 self._message = (f"waiting for YARN to allocate {len(queued)} worker container(s)" if queued
                                  else f"waiting for {len(pending)} worker(s) to register")
@@ -473,7 +480,7 @@ class AppMaster:
             with self._cond:
                 self._message = ""
         if unregistered:
-            waiting = self.launcher.unallocated()
+            waiting = unallocated()
             for cid, age in unregistered:
                 if cid in waiting:  # a replacement would wait in the same queue: say why and end the job
                     res = self.job.workers.resources

@@ -196,8 +196,9 @@ class AppMaster:
         except JobFailed as exc:
             self._fail(str(exc))
             raise
-        except KeyboardInterrupt:
-            self._fail("interrupted (Ctrl-C); a run with --resume continues from the last checkpoint")
+        except KeyboardInterrupt as exc:
+            how = getattr(exc, "signal_name", "Ctrl-C")
+            self._fail(f"interrupted ({how}); a run with --resume continues from the last checkpoint")
             raise
         except BaseException as exc:
             self._fail(f"ApplicationMaster error: {type(exc).__name__}: {exc}")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import signal
 import sys
 
 import click
@@ -84,18 +86,46 @@ def run(job_file: str, resume: bool, workers: int | None, output: str | None, ve
     _check(job, output=True)
     _setup_logging(verbose)
     try:
-        am = run_local(job, resume=resume, progress=Progress())
+        with _signals_interrupt():
+            am = run_local(job, resume=resume, progress=Progress())
     except JobFailed as exc:
         first, _, rest = str(exc).partition("\n")
         raise click.ClickException(f"job {job.name} failed: {first}" +
                                    ("\n(the traceback is in the log above)" if rest.strip() else "")) from None
-    except KeyboardInterrupt:
-        click.echo(f"\nError: job {job.name} interrupted. `iterreduce run --resume {job_file}` continues it "
+    except KeyboardInterrupt as exc:
+        how = f" by {exc.signal_name}" if isinstance(exc, Interrupted) else ""
+        click.echo(f"\nError: job {job.name} interrupted{how}. `iterreduce run --resume {job_file}` continues it "
                    f"from its last checkpoint.", err=True)
-        sys.exit(130)
+        sys.exit(128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT))
     status = am.status()
     click.echo(f"job {job.name}: {status['message']} after {status['superstep'] + 1} supersteps; "
                f"results in {job.output}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``kill``, a closed terminal, a scheduler's stop) stops a local run
+    as Ctrl-C does: the workers are stopped, and ``--resume`` continues from the last
+    checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.signal_name = signum, signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    # a signal the caller ignores (nohup's SIGHUP) stays ignored
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN}
+    for s in saved:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
 
 
 def _skein_client():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -179,6 +180,23 @@ def test_cli_run_names_a_bad_output_takes_output_from_the_working_directory_and_
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert f"interrupted. `iterreduce run --resume {slow}` continues it" in err and "Traceback" not in err
+    # `kill` (SIGTERM) stops it the same way, as does a closed terminal (SIGHUP)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        started = time.time()
+        proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", "--resume", str(slow)], cwd=ROOT,
+                                text=True, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.monotonic() + 60
+        while not [p for p in (tmp_path / "out" / "run" / "checkpoints").glob("ckpt-*.npz")
+                   if p.stat().st_mtime >= started]:
+            assert time.monotonic() < deadline and proc.poll() is None, "no new checkpoint"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + sig, err
+        assert f"interrupted by {sig.name}. `iterreduce run --resume {slow}` continues it" in err, err
+        assert "Traceback" not in err
+        metrics = json.loads((tmp_path / "out" / "run" / "metrics.json").read_text())
+        assert metrics["state"] == "FAILED" and f"interrupted ({sig.name})" in metrics["message"]
 
 
 DBN_BAD = GOOD.replace("tests.algos:LinRegMaster", "dbn.distributed:DBNMaster").replace(

@@ -65,6 +65,14 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def _json_ok(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def json_text(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` for files others read: NaN and infinities (a validation error where
     there is no validation set, say) become ``null``, since JSON has no such numbers and
@@ -76,9 +84,12 @@ def json_text(obj: Any, **kwargs: Any) -> str:
 class Update:
     """What travels each superstep: named arrays plus small metadata.
 
-    ``arrays`` hold the numbers (any numeric dtype, any shape); ``num_samples`` is how
-    many examples produced them (the weight in :func:`weighted_average`); ``metrics`` are
-    scalars for logs and progress; ``meta`` is any JSON-serialisable mapping.
+    ``arrays`` hold the numbers (numpy arrays of any numeric dtype, any shape);
+    ``num_samples`` (>= 0) is how many examples produced them (the weight in
+    :func:`weighted_average`); ``metrics`` are numbers for logs and progress; ``meta`` is
+    any JSON-serialisable mapping. A wrong type is refused here, naming the field. A
+    worker's update holding NaN or an infinity, in an array or a metric, is refused by the
+    master and fails the job (a replacement would compute it again).
     """
 
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
@@ -86,8 +97,24 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        json.dumps(self.meta)  # fail where the update is made, not where it is sent
+    def __post_init__(self) -> None:  # fail where the update is made, naming what is wrong
+        for name, a in self.arrays.items():
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"Update.arrays[{name!r}] must be a numpy array, got {type(a).__name__}")
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, (int, np.integer)) \
+                or self.num_samples < 0:
+            raise ValueError(f"Update.num_samples must be an integer >= 0 (the examples behind the update, "
+                             f"its weight in weighted_average), got {self.num_samples!r}")
+        for name, v in self.metrics.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"Update.metrics[{name!r}] must be a number, got {type(v).__name__} {v!r}")
+        try:
+            json.dumps(self.meta)
+        except (TypeError, ValueError) as exc:
+            bad = [k for k, v in self.meta.items() if not _json_ok(v)] if isinstance(self.meta, dict) else []
+            where = f"[{bad[0]!r}]" if bad else ""
+            raise TypeError(f"Update.meta{where} is not JSON-serialisable ({exc}); arrays go in Update.arrays"
+                            ) from None
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
@@ -232,11 +259,14 @@ class Master:
         return []
 
     def setup(self, ctx: MasterContext) -> None:
-        """Called once before the first superstep (and before :meth:`restore` on resume)."""
+        """Called once before the first superstep (and before :meth:`restore` on resume).
+        The default keeps ``ctx`` as ``self.ctx``; an override should call it
+        (``super().setup(ctx)``) or keep what it needs itself."""
         self.ctx = ctx
 
     def initial_update(self) -> Update:
-        """The broadcast of superstep 0."""
+        """The broadcast of superstep 0 (the ``update`` workers get in their first
+        :meth:`Worker.compute`)."""
         raise NotImplementedError
 
     def combine(self, updates: list[Update], superstep: int) -> Update:
@@ -258,7 +288,11 @@ class Master:
         return None
 
     def state(self) -> Update:
-        """The master's state for a checkpoint; :meth:`restore` must accept it back."""
+        """The master's state for a checkpoint; :meth:`restore` must accept it back. A
+        checkpoint holds the broadcast besides; the default keeps nothing else, which is
+        right only when :meth:`combine` needs nothing but the updates. Anything the master
+        keeps across supersteps (a counter, an accumulator) belongs here, or a resumed run
+        goes on from the wrong place."""
         return Update()
 
     def restore(self, state: Update) -> None:

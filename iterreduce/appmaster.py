@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -79,9 +79,18 @@ def load_class(path: str, kind: type, job_dir: str | None = None) -> type:
         where = " and ".join(dict.fromkeys(places))
         raise AlgorithmImportError(f"algorithm: cannot import module {module_name!r} for {path!r}: {exc} "
                                    f"(looked on sys.path, in {where}; PYTHONPATH adds places)") from None
+    if not cls_name:
+        raise JobFailed(f"algorithm: {path!r} names no class: write module:ClassName")
     cls = getattr(module, cls_name, None)
+    if cls is None:
+        found = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, kind)
+                       and v is not kind)
+        hint = f"; its {kind.__name__} subclasses: {', '.join(found)}" if found else ""
+        raise JobFailed(f"algorithm: module {module_name!r} ({getattr(module, '__file__', '?')}) has no "
+                        f"{cls_name!r}{hint}")
     if not isinstance(cls, type) or not issubclass(cls, kind):
-        raise JobFailed(f"algorithm: {path!r} is not a subclass of iterreduce.{kind.__name__}")
+        what = f"the class {cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else type(cls).__name__
+        raise JobFailed(f"algorithm: {path!r} is {what}, not a subclass of iterreduce.{kind.__name__}")
     return cls
 
 
@@ -107,6 +116,10 @@ def check_algorithm(job: JobSpec, must_import: bool = True, check_paths: bool = 
         if not msg.startswith("algorithm.params"):
             msg = f"algorithm.params: {msg}"
         raise JobFailed(f"{job.source}: {msg}") from None
+    except Exception as exc:  # a bug in check_params itself
+        raise JobFailed(f"{job.source}: algorithm.params: {master.__qualname__}.check_params raised "
+                        f"{type(exc).__name__}: {exc} (it should raise ValueError naming the field)\n"
+                        f"{traceback.format_exc()}") from None
     from .fs import InputError, list_input_files
 
     for path in master.input_paths(job.algorithm.params) if check_paths else ():
@@ -131,12 +144,20 @@ class _WorkerInfo:
     working_since: float = 0.0  # registration, then each time it is given a superstep's broadcast
 
 
+_TRANSIENT_ERRORS = {"OSError", "IOError", "InputError", "TimeoutError", "ConnectionError", "ConnectionResetError",
+                     "ConnectionRefusedError", "ConnectionAbortedError", "BrokenPipeError", "TransportError",
+                     "MasterLost"}
+"""Exception names in a worker's failure that another try may not repeat (the network, a
+filesystem, the master): the same failure twice in a row does not end the job for them."""
+
+
 @dataclass
 class _Split:
     pieces: list[FilePiece]
     container: str | None = None  # the container started for this split
     owner: str | None = None  # worker id currently holding it
     launched_at: float = 0.0
+    last_failure: tuple[int, str] | None = None  # (superstep, error) its last worker reported
 
 
 class AppMaster:
@@ -198,10 +219,11 @@ class AppMaster:
             raise
         except KeyboardInterrupt as exc:
             how = getattr(exc, "signal_name", "Ctrl-C")
-            self._fail(f"interrupted ({how}); a run with --resume continues from the last checkpoint")
+            self._fail(f"interrupted ({how}); a run with --resume continues from the last checkpoint",
+                       interrupted=True)
             raise
         except BaseException as exc:
-            self._fail(f"ApplicationMaster error: {type(exc).__name__}: {exc}")
+            self._fail(f"ApplicationMaster error: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
             if isinstance(exc, Exception):
                 raise JobFailed(f"ApplicationMaster error: {type(exc).__name__}: {exc}\n"
                                 f"{traceback.format_exc()}", retry=True) from exc
@@ -234,12 +256,12 @@ class AppMaster:
         from .api import Worker
 
         load_class(job.algorithm.worker, Worker, job.base_dir)  # fail now, not in every container
-        self.master = master_cls()
+        self.master = self._hook(f"{job.algorithm.master}()", master_cls)
         ctx = MasterContext(params=job.algorithm.params, seed=job.seed, num_workers=job.workers.count,
                             output=self.output, log=logging.getLogger("iterreduce.master"),
                             base_dir=job.base_dir)
         try:
-            self.master.setup(ctx)
+            self._hook("setup", self.master.setup, ctx)
         except InputError as exc:  # the master's own input (test data, say): every attempt reads it
             if exc.transient:
                 raise
@@ -248,7 +270,7 @@ class AppMaster:
         if restored is not None:
             step, arrays, meta = restored
             _check_same_job(meta, job, self.checkpoints.dir.uri_of(f"ckpt-{step:08d}.npz"))
-            self.master.restore(_unpack(arrays, meta, "state"))
+            self._hook("restore", self.master.restore, _unpack(arrays, meta, "state"))
             broadcast = _unpack(arrays, meta, "broadcast")
             self._superstep = step
             self._replacements = meta.get("replacements", 0)
@@ -258,9 +280,11 @@ class AppMaster:
         else:
             if self.resume:
                 log.warning("no checkpoint under %s: starting from the beginning", job.checkpoint_path)
-            broadcast = self.master.initial_update()
+            broadcast = self._hook("initial_update", self.master.initial_update)
+            if not isinstance(broadcast, Update):
+                raise JobFailed(f"Master.initial_update must return an Update, got {type(broadcast).__name__}")
         self._set_broadcast(broadcast)
-        self._phase = self.master.phase()
+        self._phase = self._hook("phase", self.master.phase)
         self._splits = [_Split(p) for p in plan_splits(job.input.paths, job.workers.count)]
         # the point of no return: what an earlier run left that is not this run's goes (nothing
         # before here, so a job refused above leaves the output as it was)
@@ -283,6 +307,23 @@ class AppMaster:
         for i in range(len(self._splits)):
             self._launch(i)
 
+    def _publish(self) -> None:
+        if self.status_hook:
+            self.status_hook({**self.status(), "total": self._hook("total_supersteps", self.master.total_supersteps)})
+
+    def _hook(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, one of the algorithm's Master methods (``name``): an exception in it
+        fails the job naming the method, with its traceback (an ``OSError`` lets YARN's next
+        attempt try again; anything else would only repeat)."""
+        try:
+            return fn(*args)
+        except (JobFailed, InputError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            what = name if name.endswith(")") else f"Master.{name}"
+            raise JobFailed(f"{what} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}",
+                            retry=isinstance(exc, OSError)) from exc
+
     def _launch(self, split: int) -> None:
         cid = self.launcher.launch(split)
         with self._cond:
@@ -293,7 +334,7 @@ class AppMaster:
     def _loop(self) -> None:
         started = time.monotonic()
         step_started = self._step_started = self._waiting_logged = time.monotonic()
-        total = self.master.total_supersteps()
+        total = self._hook("total_supersteps", self.master.total_supersteps)
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: len(self._pushes) == len(self._splits) or self._events, timeout=0.2)
@@ -332,7 +373,7 @@ class AppMaster:
             self._flush_metrics(force=isinstance(nxt, Final))
             _log_superstep(record, total)
             if isinstance(nxt, Final):
-                self.master.save(nxt, self.output)
+                self._hook("save", self.master.save, nxt, self.output)
                 self._finish(nxt)
                 return
             if step + 1 >= self.job.max_supersteps:
@@ -341,7 +382,7 @@ class AppMaster:
                 self._pushes = {}
                 self._superstep = step + 1
                 self._set_broadcast(nxt)
-                self._phase = self.master.phase()
+                self._phase = self._hook("phase", self.master.phase)
                 self._cond.notify_all()
             if self.job.checkpoint.every and (step + 1) % self.job.checkpoint.every == 0:
                 self._checkpoint(step + 1, nxt)
@@ -363,11 +404,13 @@ class AppMaster:
         """Encode the broadcast once; the master may not change its arrays afterwards."""
         self._broadcast = update_to_avro(update, self._superstep)
         self._broadcast_nbytes = update.nbytes()
-        cu = self.master.catch_up()
+        cu = self._hook("catch_up", self.master.catch_up)
         self._catch_up = update_to_avro(_copy(cu), self._superstep) if cu is not None else None
 
     def _checkpoint(self, step: int, broadcast: Update) -> None:
-        state = self.master.state()
+        state = self._hook("state", self.master.state)
+        if not isinstance(state, Update):
+            raise JobFailed(f"Master.state must return an Update, got {type(state).__name__}")
         arrays = {f"state/{k}": v for k, v in state.arrays.items()}
         arrays.update({f"broadcast/{k}": v for k, v in broadcast.arrays.items()})
         meta = {
@@ -399,8 +442,7 @@ class AppMaster:
             if not self._containers:
                 break
             time.sleep(0.05)
-        if self.status_hook:
-            self.status_hook({**self.status(), "total": self.master.total_supersteps()})
+        self._publish()
 
     def _write_metrics(self, final: Final | None) -> None:
         self.output.write_json("metrics.json", {
@@ -411,13 +453,16 @@ class AppMaster:
             "history": self._history,
         })
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, interrupted: bool = False) -> None:
         with self._cond:
             if self._state in ("SUCCEEDED", "FAILED"):
                 return
             self._state, self._message, self._failure = "FAILED", reason.splitlines()[0], reason
             self._cond.notify_all()
-        log.error("job %s failed: %s", self.job.name, reason)
+        if interrupted:
+            log.warning("job %s stopped: %s", self.job.name, reason)
+        else:
+            log.error("job %s failed: %s", self.job.name, reason)
         if not self._started:  # refused before it began (a bad checkpoint, algorithm, setup): the
             return             # output keeps what an earlier run wrote
         try:
@@ -475,8 +520,7 @@ class AppMaster:
             with self._cond:
                 self._message = (f"waiting for YARN to allocate {len(queued)} worker container(s)" if queued
                                  else f"waiting for {len(pending)} worker(s) to register")
-            if self.status_hook:
-                self.status_hook({**self.status(), "total": self.master.total_supersteps()})
+            self._publish()
         elif not pending and self._message.startswith("waiting for"):
             with self._cond:
                 self._message = ""
@@ -641,6 +685,13 @@ class AppMaster:
                       info.container_id, info.split, superstep, error, traceback)
             why = ("this fails the job at once: a replacement worker would fail the same way (it reads the same "
                    "input with the same seed); fix the input or the algorithm and run the job again") if fatal else ""
+            split = self._splits[info.split]
+            if (not why and split.last_failure == (superstep, error)
+                    and error.split(":", 1)[0] not in _TRANSIENT_ERRORS):
+                why = ("its replacement failed the same way at the same superstep as the worker before it, so a "
+                       "further one would too (workers are deterministic given seed, split and superstep); "
+                       "this fails the job; fix the algorithm or the input and run the job again")
+            split.last_failure = (superstep, error)
             self._events.append((info.container_id, f"failed at superstep {superstep}: {error}", why))
             self._cond.notify_all()
         return {"accepted": True, "message": "", "stop": True}

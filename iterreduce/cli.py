@@ -68,6 +68,14 @@ def validate(job_file: str) -> None:
 @click.option("-v", "--verbose", is_flag=True)
 def run(job_file: str, resume: bool, workers: int | None, output: str | None, verbose: bool) -> None:
     """Run JOB_FILE here: the master in this process, the workers as local processes."""
+    try:
+        _run(job_file, resume, workers, output, verbose)
+    except KeyboardInterrupt:  # while loading and checking: the job had not started
+        click.echo(f"\nError: interrupted before job {job_file} started", err=True)
+        sys.exit(128 + signal.SIGINT)
+
+
+def _run(job_file: str, resume: bool, workers: int | None, output: str | None, verbose: bool) -> None:
     from .client import JobFailed, Progress, run_local
     from .job import JobSpec
 
@@ -94,12 +102,29 @@ def run(job_file: str, resume: bool, workers: int | None, output: str | None, ve
                                    ("\n(the traceback is in the log above)" if rest.strip() else "")) from None
     except KeyboardInterrupt as exc:
         how = f" by {exc.signal_name}" if isinstance(exc, Interrupted) else ""
-        click.echo(f"\nError: job {job.name} interrupted{how}. `iterreduce run --resume {job_file}` continues it "
-                   f"from its last checkpoint.", err=True)
+        click.echo(f"\nError: job {job.name} interrupted{how}. {_resume_hint(job, job_file)}", err=True)
         sys.exit(128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT))
     status = am.status()
-    click.echo(f"job {job.name}: {status['message']} after {status['superstep'] + 1} supersteps; "
-               f"results in {job.output}")
+    steps = f"{status['superstep'] + 1} supersteps"
+    if status["message"].startswith("had already succeeded"):
+        click.echo(f"job {job.name} had already succeeded after {steps}: nothing to resume (run without --resume "
+                   f"to run it again); results in {job.output}")
+    else:
+        click.echo(f"job {job.name}: {status['message']} after {steps}; results in {job.output}")
+
+
+def _resume_hint(job, job_file: str) -> str:
+    from .fs import Checkpoints
+
+    try:
+        steps = Checkpoints(job.checkpoint_path).supersteps()
+    except Exception:  # noqa: BLE001 - only a hint
+        steps = None
+    if steps == []:
+        return (f"It had written no checkpoint yet: `iterreduce run {job_file}` starts it again from the "
+                "beginning.")
+    at = f" (superstep {max(steps)})" if steps else ""
+    return f"`iterreduce run --resume {job_file}` continues it from its last checkpoint{at}."
 
 
 class Interrupted(KeyboardInterrupt):

@@ -155,16 +155,20 @@ def plan_splits(paths: Sequence[str], num_splits: int) -> list[list[FilePiece]]:
     than splits, or a file is not Parquet.
     """
     pieces: list[tuple[str, int, int, int]] = []  # (uri, row group, bytes, rows)
+    columns: dict[str, dict[str, str]] = {}  # file -> column -> type
     for uri in list_input_files(paths):
         fs, path = filesystem(uri)
         try:
             with fs.open_input_file(path) as f:
-                md = pq.ParquetFile(f).metadata
+                pf = pq.ParquetFile(f)
+                md = pf.metadata
+                columns[uri] = {fld.name: str(fld.type) for fld in pf.schema_arrow}
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"input file {uri}: not a readable Parquet file: {exc}") from None
         for rg in range(md.num_row_groups):
             g = md.row_group(rg)
             pieces.append((uri, rg, max(g.total_byte_size, 1), g.num_rows))
+    _check_same_columns(columns)
     if len(pieces) < num_splits:
         raise InputError(f"input {', '.join(paths)}: {len(pieces)} row group(s) cannot make {num_splits} "
                          "splits; write smaller row groups or use fewer workers")
@@ -187,6 +191,32 @@ def plan_splits(paths: Sequence[str], num_splits: int) -> list[list[FilePiece]]:
         out.append([FilePiece(uri, tuple(r[0] for r in rgs), sum(r[1] for r in rgs), sum(r[2] for r in rgs))
                     for uri, rgs in merged.items()])
     return out
+
+
+def _check_same_columns(columns: dict[str, dict[str, str]]) -> None:
+    """The input files must have the same columns, of the same types (order aside): the
+    files that differ from the majority are named with what differs; with no majority,
+    every file's columns are listed."""
+    kinds = [tuple(sorted(c.items())) for c in columns.values()]
+    if len(set(kinds)) <= 1:
+        return
+    files = list(columns)
+    common = max(kinds, key=lambda k: (kinds.count(k), -kinds.index(k)))
+    if kinds.count(common) * 2 <= len(kinds):
+        shown = "; ".join(f"{f}: " + ", ".join(f"{n} {ty}" for n, ty in k) for f, k in zip(files, kinds))
+        raise InputError(f"the input files do not have the same columns ({shown})")
+    ref = dict(common)
+    odd = []
+    for f, k in zip(files, kinds):
+        if k == common:
+            continue
+        mine = dict(k)
+        diffs = [f"{n} is {mine[n]} (elsewhere {ty})" for n, ty in ref.items() if n in mine and mine[n] != ty]
+        diffs += [f"no column {n}" for n in ref if n not in mine]
+        diffs += [f"an extra column {n}" for n in mine if n not in ref]
+        odd.append(f"{f}: {', '.join(diffs)}")
+    raise InputError(f"{len(odd)} of {len(files)} input files do not have the columns of the others "
+                     f"({', '.join(f'{n} {ty}' for n, ty in common)}): " + "; ".join(odd))
 
 
 def _input_error(message: str, cause: BaseException) -> InputError:
@@ -263,14 +293,18 @@ def in_file(where: str, first_row: int, fn: Callable[[], Any]) -> Any:
 def concat_tables(tables: list[pa.Table], sources: Sequence[str]) -> pa.Table:
     """One table of ``tables`` (read from ``sources``, one per table); a file whose columns
     differ from the first's is named (pyarrow names none), as an :class:`InputError`."""
+    names = tables[0].column_names
+    tables = [t.select(names) if t.column_names != names and sorted(t.column_names) == sorted(names) else t
+              for t in tables]  # the same columns in another order
     try:
         return pa.concat_tables(tables)
     except pa.ArrowInvalid:
         first = tables[0].schema
         for table, src in zip(tables[1:], sources[1:]):
             if not table.schema.equals(first):
-                raise InputError(f"input file {src}: its columns ({table.schema.to_string(show_schema_metadata=False)})"
-                                 f" differ from those of {sources[0]} ({first.to_string(show_schema_metadata=False)})"
+                raise InputError(f"input files {sources[0]} and {src} do not have the same columns: "
+                                 f"{first.to_string(show_schema_metadata=False)} in the one, "
+                                 f"{table.schema.to_string(show_schema_metadata=False)} in the other"
                                  .replace("\n", ", ")) from None
         raise
 

@@ -1233,8 +1233,9 @@ class IPCServer:
         except socket.timeout:
             log.warning("connection from %s:%s timed out after %.1fs of silence", peer[0], peer[1], self.io_timeout)
         except OSError as e:
-            if not self._stopping.is_set():
-                log.info("connection from %s:%s failed: %s", peer[0], peer[1], e)
+            if not self._stopping.is_set():  # a peer that died resets its connections: its loss is logged elsewhere
+                level = logging.DEBUG if isinstance(e, (ConnectionResetError, BrokenPipeError)) else logging.INFO
+                log.log(level, "connection from %s:%s failed: %s", peer[0], peer[1], e)
         except Exception:
             log.exception("unexpected error serving %s:%s", peer[0], peer[1])
         finally:

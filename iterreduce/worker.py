@@ -22,7 +22,7 @@ import uuid
 from typing import Any
 
 from . import ipc
-from .api import Update, Worker, WorkerContext, update_from_avro, update_to_avro
+from .api import Final, Update, Worker, WorkerContext, update_from_avro, update_to_avro
 from .containers import ENV_CONTAINER, ENV_MASTER, ENV_SPLIT, ENV_TOKEN_FILE, KV_MASTER_URL, die_with_parent
 from .fs import FilePiece, InputError
 from .job import JobSpec
@@ -104,8 +104,10 @@ class WorkerRunner:
                 self._progress = (0.0, "")
                 t0 = time.monotonic()
                 out = worker.compute(update_from_avro(r["update"]), step, ctx)
-                if not isinstance(out, Update):
-                    raise TypeError(f"{type(worker).__name__}.compute must return an Update, got {type(out).__name__}")
+                if not isinstance(out, Update) or isinstance(out, Final):
+                    got = ("a Final (only Master.combine ends the job)" if isinstance(out, Final)
+                           else type(out).__name__)
+                    raise BadReturn(f"{type(worker).__name__}.compute must return an Update, got {got}")
                 try:
                     self._call("push", worker_id=self.worker_id, update=update_to_avro(out, step))
                 except ipc.RemoteError as exc:
@@ -124,7 +126,7 @@ class WorkerRunner:
             log.error("worker failed at superstep %d: %s\n%s", step, exc, tb)
             # bad input (a record, a missing column, a corrupt file) fails the job: the
             # replacement would read the same input
-            fatal = isinstance(exc, RejectedUpdate) or (isinstance(exc, InputError) and not exc.transient)
+            fatal = isinstance(exc, (RejectedUpdate, BadReturn)) or (isinstance(exc, InputError) and not exc.transient)
             try:
                 self.client.call("fail", worker_id=self.worker_id, superstep=step,
                                  error=f"{type(exc).__name__}: {exc}", traceback=tb, fatal=fatal)
@@ -157,6 +159,10 @@ class WorkerRunner:
                     os._exit(EXIT_MASTER_LOST)
             except Exception:  # noqa: BLE001 - this thread must outlive any one bad heartbeat
                 log.exception("heartbeat failed")
+
+
+class BadReturn(TypeError):
+    """``compute`` returned something other than an :class:`Update`: a replacement would too."""
 
 
 class RejectedUpdate(RuntimeError):

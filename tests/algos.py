@@ -4,6 +4,7 @@ parameter-averaged SGD on synthetic Parquet data, with switches to misbehave
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,14 @@ class LinRegWorker(Worker):
             xb, yb = self.x[idx], self.y[idx]
             grad = xb.T @ (xb @ w - yb) / len(idx)
             w -= lr * grad
+        if superstep == p.get("raise_at") and ctx.split_index == 1:  # once with raise_marker, else every time
+            marker = p.get("raise_marker")
+            if not marker or not os.path.exists(marker):
+                if marker:
+                    Path(marker).write_text("raised")
+                raise RuntimeError(f"compute broke at superstep {superstep}")
+        if superstep == p.get("return_none_at") and ctx.split_index == 0:
+            return None
         if superstep == p.get("nan_at") and ctx.split_index == 1:
             w[0] = np.nan
         mse = float(np.mean((self.x @ w - self.y) ** 2))
@@ -81,8 +90,15 @@ class LinRegMaster(Master):
         super().setup(ctx)
         self.steps = ctx.params.get("supersteps", 6)
         self.done_steps = 0
+        self._broken(ctx.params, "setup")
+
+    @staticmethod
+    def _broken(params, hook):
+        if params.get("master_raises_in") == hook:
+            raise RuntimeError(f"{hook} broke")
 
     def initial_update(self):
+        self._broken(self.ctx.params, "initial_update")
         rng = self.ctx.rng(0)
         return Update({"w": rng.normal(scale=0.1, size=DIM).astype(np.float32)})
 
@@ -100,6 +116,7 @@ class LinRegMaster(Master):
         return self.steps
 
     def state(self):
+        self._broken(self.ctx.params, "state")
         return Update(meta={"done_steps": self.done_steps})
 
     def restore(self, state):

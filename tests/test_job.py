@@ -199,6 +199,25 @@ def test_cli_run_names_a_bad_output_takes_output_from_the_working_directory_and_
         assert metrics["state"] == "FAILED" and f"interrupted ({sig.name})" in metrics["message"]
 
 
+def test_an_interrupt_before_the_first_checkpoint_says_the_job_starts_again(tmp_path):
+    write_dataset(tmp_path / "data" / "train")
+    job = tmp_path / "nockpt.yaml"
+    job.write_text(GOOD.replace("{supersteps: 4}", "{supersteps: 40, sleep: 0.3}").replace(
+        "checkpoint: {every: 2}", "checkpoint: {every: 1000}"))
+    proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", str(job)], cwd=ROOT, text=True,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = tmp_path / "out" / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (lines.exists() and lines.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and proc.poll() is None, "no superstep done"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"interrupted. It had written no checkpoint yet: `iterreduce run {job}` starts it again" in err, err
+    assert "ERROR" not in err and "WARNING iterreduce.appmaster: job test-job stopped: interrupted (Ctrl-C)" in err
+
+
 DBN_BAD = GOOD.replace("tests.algos:LinRegMaster", "dbn.distributed:DBNMaster").replace(
     "tests.algos:LinRegWorker", "dbn.distributed:DBNWorker").replace(
     "params: {supersteps: 4}", "params: {layers: [20], finetune: {dropout_hidden: 1.5}}")
@@ -217,13 +236,19 @@ def test_cli_refuses_bad_algorithm_params_naming_file_and_field_before_running(t
 
 @pytest.mark.parametrize("path, words", [
     ("nosuch.module:Master", "cannot import module 'nosuch.module'"),
-    ("tests.algos:LinRegWorker", "is not a subclass of iterreduce.Master"),
+    ("tests.algos:LinRegWorker", "'tests.algos:LinRegWorker' is the class tests.algos.LinRegWorker, not a "
+                                 "subclass of iterreduce.Master"),
+    ("tests.algos:LinRegMastr", "module 'tests.algos' ("),  # misspelt: the module's Master classes are listed
+    ("tests.algos:np", "'tests.algos:np' is module, not a subclass of iterreduce.Master"),
+    ("tests.algos", "algorithm.master: expected 'package.module:ClassName', got 'tests.algos'"),
 ])
 def test_cli_validate_refuses_a_bad_algorithm_class(tmp_path, path, words):
     job = write(tmp_path, GOOD.replace("tests.algos:LinRegMaster", path))
     res = subprocess.run([sys.executable, "-m", "iterreduce.cli", "validate", str(job)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and words in res.stderr and str(job) in res.stderr, res.stderr
+    if path.endswith("Mastr"):
+        assert "has no 'LinRegMastr'; its Master subclasses: " in res.stderr and "LinRegMaster" in res.stderr
 
 
 @pytest.mark.parametrize("params, words", [

@@ -146,10 +146,50 @@ def test_a_file_without_a_column_fails_the_job_at_once_naming_it(tmp_path):
     odd = data / "part-00002.parquet"
     pq.write_table(pq.read_table(odd).rename_columns(["x", "label"]), odd)
     job = make_job(tmp_path, data, "nocolumn", max_restarts=3)
+    res = cli("run", str(job))  # one file unlike the others: refused before anything starts
+    assert res.returncode != 0
+    assert f"input: 1 of 4 input files do not have the columns of the others (x fixed_size_list" in res.stderr
+    assert f"{odd}: no column y, an extra column label" in res.stderr
+    assert not (tmp_path / "out" / "nocolumn" / "metrics.json").exists()
+    for f in data.glob("*.parquet"):  # all alike, none with the column the worker reads: the worker says so
+        if f != odd:
+            pq.write_table(pq.read_table(f).rename_columns(["x", "label"]), f)
     res = cli("run", str(job))
     assert res.returncode != 0
-    assert f"input file {odd}: no column 'y' (its columns: x, label)" in res.stderr
+    assert "input file " in res.stderr and ": no column 'y' (its columns: x, label)" in res.stderr
     assert metrics(job)["replacements"] == 0
+
+
+def test_an_error_the_replacement_repeats_ends_the_job_one_that_it_does_not_is_survived(tmp_path, dataset,
+                                                                                          baseline):
+    job = make_job(tmp_path, dataset, "repeats", max_restarts=5, raise_at=2)
+    res = cli("run", str(job))
+    assert res.returncode != 0
+    assert "failed at superstep 2: RuntimeError: compute broke at superstep 2" in res.stderr
+    assert "its replacement failed the same way at the same superstep as the worker before it" in res.stderr
+    assert metrics(job)["replacements"] == 1  # not max_restarts (5) replacements that all fail alike
+    once = make_job(tmp_path, dataset, "once", raise_at=2, raise_marker=str(tmp_path / "raised"))
+    res = cli("run", str(job := once))
+    assert res.returncode == 0, res.stderr
+    assert metrics(job)["replacements"] == 1
+    np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])  # a replacement recomputes exactly
+
+
+def test_compute_returning_no_update_fails_the_job_at_once(tmp_path, dataset):
+    job = make_job(tmp_path, dataset, "none", max_restarts=3, return_none_at=1)
+    res = cli("run", str(job))
+    assert res.returncode != 0
+    assert "LinRegWorker.compute must return an Update, got NoneType" in res.stderr
+    assert "this fails the job at once" in res.stderr and metrics(job)["replacements"] == 0
+
+
+@pytest.mark.parametrize("hook", ["setup", "initial_update", "state"])
+def test_a_master_method_that_raises_fails_the_job_naming_it_with_its_traceback(tmp_path, dataset, hook):
+    job = make_job(tmp_path, dataset, hook, master_raises_in=hook)
+    res = cli("run", str(job))
+    assert res.returncode != 0
+    assert f"failed: Master.{hook} failed: RuntimeError: {hook} broke" in res.stderr, res.stderr
+    assert "Traceback (most recent call last)" in res.stderr and f"in {hook}" in res.stderr  # in the log
 
 
 def test_a_corrupt_file_fails_the_job_at_once_naming_it(tmp_path):
@@ -287,7 +327,9 @@ def test_resume_refuses_a_checkpoint_of_other_settings_and_a_new_run_starts_clea
     # output does not keep the old supersteps
     stamp = (out / "result.npz").stat().st_mtime_ns
     res = cli("run", "--resume", str(job))
-    assert res.returncode == 0 and "had already succeeded: nothing to resume" in res.stdout + res.stderr
+    assert res.returncode == 0 and "had already succeeded: nothing to resume" in res.stderr  # the log
+    assert res.stdout == (f"job linreg-test had already succeeded after 6 supersteps: nothing to resume (run "
+                          f"without --resume to run it again); results in {out}\n")
     assert (out / "result.npz").stat().st_mtime_ns == stamp
     assert cli("run", str(job)).returncode == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()

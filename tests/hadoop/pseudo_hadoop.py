@@ -715,6 +715,14 @@ def env_lines(lay: Layout, state: dict) -> list[str]:
     ]
 
 
+def port_in_use(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        return s.connect_ex((HOST, port)) == 0
+
+
 def formatted(lay: Layout) -> bool:
     return os.path.exists(os.path.join(lay.data, "namenode", "current", "VERSION"))
 
@@ -730,6 +738,12 @@ def cmd_start(lay: Layout, version: str, timeout: float) -> int:
     if any(up.values()):
         log("some daemons are down; restarting the cluster")
         cmd_stop(lay)
+    busy = [name for name in PORTS if port_in_use(PORTS[name])]
+    if busy:  # another cluster (another PSEUDO_HADOOP_HOME) would answer the readiness checks
+        raise HarnessError(
+            "port(s) %s already in use (%s): another Hadoop, perhaps under another "
+            "PSEUDO_HADOOP_HOME, is running; stop it first" % (
+                ", ".join(str(PORTS[n]) for n in busy), ", ".join(busy)))
     if formatted(lay) and state.get("version") and state["version"] != version:
         raise HarnessError(
             "%s holds a Hadoop %s file system; run `pseudo-hadoop clean` (or set "

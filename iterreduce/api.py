@@ -84,10 +84,11 @@ def json_text(obj: Any, **kwargs: Any) -> str:
 class Update:
     """What travels each superstep: named arrays plus small metadata.
 
-    ``arrays`` hold the numbers (numpy arrays of any numeric dtype, any shape);
-    ``num_samples`` (>= 0) is how many examples produced them (the weight in
-    :func:`weighted_average`); ``metrics`` are numbers for logs and progress; ``meta`` is
-    any JSON-serialisable mapping. A wrong type is refused here, naming the field. A
+    ``arrays`` hold the numbers (any numeric dtype, any shape; numpy scalars and lists
+    become arrays); ``num_samples`` (a whole number >= 0) is how many examples produced
+    them (the weight in :func:`weighted_average`); ``metrics`` are numbers (kept as
+    floats) for logs and progress; ``meta`` is any JSON-serialisable mapping. Anything
+    else is refused here, naming the field. A
     worker's update holding NaN or an infinity, in an array or a metric, is refused by the
     master and fails the job (a replacement would compute it again).
     """
@@ -97,17 +98,24 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:  # fail where the update is made, naming what is wrong
-        for name, a in self.arrays.items():
-            if not isinstance(a, np.ndarray):
-                raise TypeError(f"Update.arrays[{name!r}] must be a numpy array, got {type(a).__name__}")
-        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, (int, np.integer)) \
-                or self.num_samples < 0:
-            raise ValueError(f"Update.num_samples must be an integer >= 0 (the examples behind the update, "
+    def __post_init__(self) -> None:  # made uniform here, or refused naming what is wrong
+        for name, a in list(self.arrays.items()):
+            if not isinstance(a, np.ndarray):  # a numpy scalar (x.sum()), a list
+                a = self.arrays[name] = np.asarray(a)
+            if a.dtype.hasobject or a.dtype.kind not in "biufcmMSU" or a.dtype.fields is not None:
+                raise TypeError(f"Update.arrays[{name!r}]: arrays of {a.dtype} cannot be sent (numbers, "
+                                "booleans, dates and fixed-width strings can)")
+        n = self.num_samples
+        if isinstance(n, (float, np.floating)) and float(n).is_integer():
+            n = int(n)
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"Update.num_samples must be a whole number >= 0 (the examples behind the update, "
                              f"its weight in weighted_average), got {self.num_samples!r}")
-        for name, v in self.metrics.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        self.num_samples = int(n)
+        for name, v in list(self.metrics.items()):
+            if not isinstance(v, (int, float, np.integer, np.floating, np.bool_)):
                 raise TypeError(f"Update.metrics[{name!r}] must be a number, got {type(v).__name__} {v!r}")
+            self.metrics[name] = float(v)
         try:
             json.dumps(self.meta)
         except (TypeError, ValueError) as exc:

@@ -144,11 +144,15 @@ class _WorkerInfo:
     working_since: float = 0.0  # registration, then each time it is given a superstep's broadcast
 
 
-_TRANSIENT_ERRORS = {"OSError", "IOError", "InputError", "TimeoutError", "ConnectionError", "ConnectionResetError",
-                     "ConnectionRefusedError", "ConnectionAbortedError", "BrokenPipeError", "TransportError",
-                     "MasterLost"}
-"""Exception names in a worker's failure that another try may not repeat (the network, a
-filesystem, the master): the same failure twice in a row does not end the job for them."""
+_PROGRAMMING_ERRORS = {
+    "ArithmeticError", "AssertionError", "AttributeError", "BadReturn", "FloatingPointError", "ImportError",
+    "IndexError", "KeyError", "LinAlgError", "LookupError", "ModuleNotFoundError", "NameError",
+    "NotImplementedError", "OverflowError", "RecursionError", "RuntimeError", "TypeError", "UnboundLocalError",
+    "ValueError", "ZeroDivisionError"}
+"""Exception names in a worker's failure that say the code or its data is wrong, so that
+the same failure twice in a row (the lost worker's and its replacement's, at the same
+superstep) ends the job. Others (the network, a filesystem, memory, an algorithm's own
+exception classes) get the usual ``workers.max_restarts`` replacements."""
 
 
 @dataclass
@@ -219,8 +223,13 @@ class AppMaster:
             raise
         except KeyboardInterrupt as exc:
             how = getattr(exc, "signal_name", "Ctrl-C")
-            self._fail(f"interrupted ({how}); a run with --resume continues from the last checkpoint",
-                       interrupted=True)
+            try:
+                saved = bool(self.checkpoints.supersteps())
+            except Exception:  # noqa: BLE001 - only for the message
+                saved = True
+            then = ("a run with --resume continues from the last checkpoint" if saved else
+                    "no checkpoint had been written: a new run starts from the beginning")
+            self._fail(f"interrupted ({how}); {then}", interrupted=True)
             raise
         except BaseException as exc:
             self._fail(f"ApplicationMaster error: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
@@ -317,12 +326,18 @@ class AppMaster:
         attempt try again; anything else would only repeat)."""
         try:
             return fn(*args)
-        except (JobFailed, InputError, KeyboardInterrupt):
+        except JobFailed:
             raise
+        except InputError as exc:
+            if name == "setup":  # _start says what the master's own input is
+                raise
+            raise JobFailed(f"Master.{name} failed: {exc}", retry=exc.transient) from None
         except Exception as exc:
-            what = name if name.endswith(")") else f"Master.{name}"
+            from .fs import _transient
+
+            what = name if name.endswith(")") else f"Master.{name}"  # the class itself: "pkg.mod:Cls()"
             raise JobFailed(f"{what} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}",
-                            retry=isinstance(exc, OSError)) from exc
+                            retry=_transient(exc)) from exc
 
     def _launch(self, split: int) -> None:
         cid = self.launcher.launch(split)
@@ -351,11 +366,7 @@ class AppMaster:
                 updates = [self._pushes[i] for i in range(len(self._splits))]
             self._check_layouts(updates, step)
             t0 = time.monotonic()
-            try:
-                nxt = self.master.combine(updates, step)
-            except Exception as exc:
-                raise JobFailed(f"Master.combine failed at superstep {step}: {type(exc).__name__}: {exc}\n"
-                                f"{traceback.format_exc()}", retry=isinstance(exc, OSError)) from exc
+            nxt = self._hook(f"combine at superstep {step}", self.master.combine, updates, step)
             if not isinstance(nxt, Update):
                 raise JobFailed(f"Master.combine must return an Update or Final, got {type(nxt).__name__}")
             combine_s = time.monotonic() - t0
@@ -687,7 +698,7 @@ class AppMaster:
                    "input with the same seed); fix the input or the algorithm and run the job again") if fatal else ""
             split = self._splits[info.split]
             if (not why and split.last_failure == (superstep, error)
-                    and error.split(":", 1)[0] not in _TRANSIENT_ERRORS):
+                    and error.split(":", 1)[0] in _PROGRAMMING_ERRORS):
                 why = ("its replacement failed the same way at the same superstep as the worker before it, so a "
                        "further one would too (workers are deterministic given seed, split and superstep); "
                        "this fails the job; fix the algorithm or the input and run the job again")

@@ -140,10 +140,13 @@ class Interrupted(KeyboardInterrupt):
 @contextlib.contextmanager
 def _signals_interrupt():
     def handler(signum, _frame):
+        for s in saved:  # a second one must not cut the shutdown short
+            signal.signal(s, signal.SIG_IGN)
         raise Interrupted(signum)
 
-    # a signal the caller ignores (nohup's SIGHUP) stays ignored
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN}
+    # a signal the caller ignores (nohup's SIGHUP) stays ignored; one handled outside Python is left alone
+    saved = {s: h for s in (signal.SIGTERM, signal.SIGHUP)
+             if (h := signal.getsignal(s)) is not None and h != signal.SIG_IGN}
     for s in saved:
         signal.signal(s, handler)
     try:
@@ -177,8 +180,10 @@ def _skein_client():
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--wait/--no-wait", default=False, help="Follow the application until it ends.")
+@click.option("--skip-resource-check", is_flag=True,
+              help="Submit even when the ResourceManager's limits and nodes say the containers cannot all run.")
 @click.option("-v", "--verbose", is_flag=True)
-def submit(job_file: str, wait: bool, verbose: bool) -> None:
+def submit(job_file: str, wait: bool, skip_resource_check: bool, verbose: bool) -> None:
     """Submit JOB_FILE to YARN; print the application id."""
     from .client import Progress, SubmitError, logs_command
     from .client import submit as submit_job
@@ -189,7 +194,7 @@ def submit(job_file: str, wait: bool, verbose: bool) -> None:
     try:
         from .client import check_submission
 
-        check_submission(job)  # before the skein driver starts: nothing is submitted on a bad job
+        check_submission(job, resources=not skip_resource_check)  # before the skein driver starts
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from None
     client = _skein_client()

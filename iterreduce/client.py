@@ -213,9 +213,10 @@ def build_spec(job: JobSpec, token_file: str, job_file: str) -> Any:
     )
 
 
-def check_submission(job: JobSpec) -> None:
+def check_submission(job: JobSpec, resources: bool = True) -> None:
     """Refuse, before anything is submitted, a job with bad algorithm classes or params,
-    without a usable environment, or whose input cannot make its splits."""
+    without a usable environment, whose containers the cluster cannot hold (unless
+    ``resources`` is false), or whose input cannot make its splits."""
     from .appmaster import check_algorithm
 
     try:
@@ -224,7 +225,8 @@ def check_submission(job: JobSpec) -> None:
         raise SubmitError(str(exc)) from None
     python_command(job.yarn.environment)
     _check_file_names(job)
-    check_resources(job)
+    if resources:
+        check_resources(job)
     check_input(job)
     check_output(job)
 
@@ -255,9 +257,10 @@ def check_output(job: JobSpec) -> None:
 
 def cluster_resources() -> dict[str, Any] | None:
     """What the ResourceManager (its REST API, at ``yarn.resourcemanager.webapp.address``)
-    says of container sizes and nodes: ``max_mb``, ``max_vcores``, ``min_mb`` (the
-    scheduler's limits) and ``nodes`` (the total MiB of each RUNNING node); ``None`` when
-    it does not answer (a secured web UI, say), and then nothing is checked."""
+    says of container sizes and nodes: ``max_mb``, ``max_vcores`` (the scheduler's limits),
+    ``min_mb`` (the multiple requests are rounded up to: the minimum allocation, or the
+    FairScheduler's increment) and ``nodes`` (the total MiB of each RUNNING node); ``None``
+    when it does not answer (a secured web UI, say), and then nothing is checked."""
     import xml.etree.ElementTree as ET
     import urllib.request
 
@@ -267,10 +270,14 @@ def cluster_resources() -> dict[str, Any] | None:
             root = ET.fromstring(r.read())
         conf = {p.findtext("name"): (p.findtext("value") or "").strip() for p in root.iter("property")}
         nodes = (_get_json(f"{rm}/ws/v1/cluster/nodes?states=RUNNING").get("nodes") or {}).get("node") or []
+        step = conf.get("yarn.scheduler.minimum-allocation-mb") or 1024  # the CapacityScheduler's rounding
+        if "FairScheduler" in conf.get("yarn.resourcemanager.scheduler.class", ""):
+            step = (conf.get("yarn.resource-types.memory-mb.increment-allocation")
+                    or conf.get("yarn.scheduler.increment-allocation-mb") or 1024)
         return {
             "max_mb": int(conf.get("yarn.scheduler.maximum-allocation-mb") or 8192),
             "max_vcores": int(conf.get("yarn.scheduler.maximum-allocation-vcores") or 4),
-            "min_mb": max(int(conf.get("yarn.scheduler.minimum-allocation-mb") or 1024), 1),
+            "min_mb": max(int(step), 1),
             "nodes": [int(n.get("usedMemoryMB", 0)) + int(n.get("availMemoryMB", 0)) for n in nodes
                       if n.get("state", "RUNNING") == "RUNNING"],
         }
@@ -282,9 +289,10 @@ def check_resources(job: JobSpec, cluster: dict[str, Any] | None = None) -> None
     """Refuse a job whose containers this YARN cluster can never run together: a worker or
     the master larger than its largest container (``yarn.scheduler.maximum-allocation-*``),
     or more workers than its running nodes hold beside the master (every superstep waits
-    for all of them, so a part is no use). Memory is rounded up to a multiple of
-    ``yarn.scheduler.minimum-allocation-mb``, as the scheduler does. Vcores are checked
-    against the maximum only: the default resource calculator schedules by memory."""
+    for all of them, so a part is no use). Memory is rounded up as the scheduler rounds it
+    (see :func:`cluster_resources`). Vcores are checked against the maximum only: the
+    default resource calculator schedules by memory. Queue limits and node labels are not
+    known here: YARN may still refuse what passes."""
     cluster = cluster if cluster is not None else cluster_resources()
     if cluster is None:
         return
@@ -297,13 +305,16 @@ def check_resources(job: JobSpec, cluster: dict[str, Any] | None = None) -> None
             raise SubmitError(f"{job.source}: {what}.vcores: {vcores} is more than this cluster's largest "
                               f"container (yarn.scheduler.maximum-allocation-vcores = {cluster['max_vcores']})")
     nodes = cluster["nodes"]
-    if not nodes:
-        raise SubmitError(f"{job.source}: the ResourceManager lists no RUNNING NodeManager: no container can "
-                          "start (`yarn node -list -all` shows the nodes and their states)")
+    if not nodes:  # just after a restart NodeManagers may not have registered yet: YARN will say
+        logging.getLogger("iterreduce").warning(
+            "the ResourceManager lists no RUNNING NodeManager now; the application waits until one joins "
+            "(`yarn node -list -all` shows the nodes and their states)")
+        return
     step = cluster["min_mb"]
     wmb, mmb = -(-w.memory_mb // step) * step, -(-m.memory_mb // step) * step
-    best = max((sum((cap - (mmb if i == j else 0)) // wmb for i, cap in enumerate(nodes))
-                for j in range(len(nodes)) if nodes[j] >= mmb), default=-1)
+    fits = [cap // wmb for cap in nodes]  # workers per node; the master costs the node it lands on
+    lose = [f - (cap - mmb) // wmb for f, cap in zip(fits, nodes) if cap >= mmb]
+    best = sum(fits) - min(lose) if lose else -1
     if best < job.workers.count:
         held = ("no node holds the master" if best < 0 else
                 f"they hold the master and {best} of the {job.workers.count} workers")

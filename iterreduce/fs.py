@@ -155,20 +155,21 @@ def plan_splits(paths: Sequence[str], num_splits: int) -> list[list[FilePiece]]:
     than splits, or a file is not Parquet.
     """
     pieces: list[tuple[str, int, int, int]] = []  # (uri, row group, bytes, rows)
-    columns: dict[str, dict[str, str]] = {}  # file -> column -> type
+    schemas: dict[str, pa.Schema] = {}
     for uri in list_input_files(paths):
         fs, path = filesystem(uri)
         try:
             with fs.open_input_file(path) as f:
                 pf = pq.ParquetFile(f)
                 md = pf.metadata
-                columns[uri] = {fld.name: str(fld.type) for fld in pf.schema_arrow}
+                if md.num_rows:  # an empty file's schema may be a placeholder
+                    schemas[uri] = pf.schema_arrow
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"input file {uri}: not a readable Parquet file: {exc}") from None
         for rg in range(md.num_row_groups):
             g = md.row_group(rg)
             pieces.append((uri, rg, max(g.total_byte_size, 1), g.num_rows))
-    _check_same_columns(columns)
+    _check_column_types(schemas)
     if len(pieces) < num_splits:
         raise InputError(f"input {', '.join(paths)}: {len(pieces)} row group(s) cannot make {num_splits} "
                          "splits; write smaller row groups or use fewer workers")
@@ -193,30 +194,44 @@ def plan_splits(paths: Sequence[str], num_splits: int) -> list[list[FilePiece]]:
     return out
 
 
-def _check_same_columns(columns: dict[str, dict[str, str]]) -> None:
-    """The input files must have the same columns, of the same types (order aside): the
-    files that differ from the majority are named with what differs; with no majority,
-    every file's columns are listed."""
-    kinds = [tuple(sorted(c.items())) for c in columns.values()]
-    if len(set(kinds)) <= 1:
-        return
-    files = list(columns)
-    common = max(kinds, key=lambda k: (kinds.count(k), -kinds.index(k)))
-    if kinds.count(common) * 2 <= len(kinds):
-        shown = "; ".join(f"{f}: " + ", ".join(f"{n} {ty}" for n, ty in k) for f, k in zip(files, kinds))
-        raise InputError(f"the input files do not have the same columns ({shown})")
-    ref = dict(common)
-    odd = []
-    for f, k in zip(files, kinds):
-        if k == common:
+def _check_column_types(schemas: dict[str, pa.Schema]) -> None:
+    """A column that several input files hold must have types Arrow can read as one (int32
+    and int64 can; string and double cannot): the files whose type differs from most
+    files' are named. Columns some files lack are left to the readers (an algorithm may
+    not read them; one that does is told which file lacks it)."""
+    by_col: dict[str, dict[str, tuple[pa.DataType, list[str]]]] = {}
+    for f, schema in schemas.items():
+        for fld in schema:
+            entry = by_col.setdefault(fld.name, {}).setdefault(str(fld.type), (fld.type, []))
+            entry[1].append(f)
+    problems = []
+    for col, types in by_col.items():
+        if len(types) < 2:
             continue
-        mine = dict(k)
-        diffs = [f"{n} is {mine[n]} (elsewhere {ty})" for n, ty in ref.items() if n in mine and mine[n] != ty]
-        diffs += [f"no column {n}" for n in ref if n not in mine]
-        diffs += [f"an extra column {n}" for n in mine if n not in ref]
-        odd.append(f"{f}: {', '.join(diffs)}")
-    raise InputError(f"{len(odd)} of {len(files)} input files do not have the columns of the others "
-                     f"({', '.join(f'{n} {ty}' for n, ty in common)}): " + "; ".join(odd))
+        groups: list[tuple[pa.DataType, list[str], list[str]]] = []  # (unified type, its types, files)
+        for name, (ty, files) in sorted(types.items(), key=lambda kv: -len(kv[1][1])):
+            for i, (gty, names, gfiles) in enumerate(groups):
+                try:
+                    merged = pa.unify_schemas([pa.schema([pa.field(col, gty)]), pa.schema([pa.field(col, ty)])],
+                                              promote_options="permissive").field(col).type
+                except (pa.ArrowTypeError, pa.ArrowInvalid):
+                    continue
+                groups[i] = (merged, names + [name], gfiles + files)
+                break
+            else:
+                groups.append((ty, [name], list(files)))
+        if len(groups) < 2:
+            continue
+        groups.sort(key=lambda g: -len(g[2]))
+        (_, common, most), odd = groups[0], groups[1:]
+        shown = "; ".join(f"{' or '.join(names)} in {_some(files)}" for _, names, files in odd)
+        problems.append(f"column {col} is {shown}, where {len(most)} other file(s) have {' or '.join(common)}")
+    if problems:
+        raise InputError("the input files' columns do not agree: " + "; ".join(problems))
+
+
+def _some(files: list[str], n: int = 3) -> str:
+    return ", ".join(files[:n]) + (f" and {len(files) - n} more" if len(files) > n else "")
 
 
 def _input_error(message: str, cause: BaseException) -> InputError:
@@ -261,14 +276,15 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
                     raise InputError(f"input file {piece.path}: no column {', '.join(map(repr, missing))} "
                                      f"(its columns: {', '.join(names)})")
                 groups = list(piece.row_groups) or list(range(pf.metadata.num_row_groups))
+                starts = np.concatenate([[0], np.cumsum([pf.metadata.row_group(i).num_rows
+                                                         for i in range(pf.metadata.num_row_groups)])])
                 for rg in groups:
                     try:
                         table = pf.read_row_group(rg, columns=list(columns) if columns else None)
                     except (pa.ArrowInvalid, OSError, KeyError) as exc:
                         raise _input_error(f"input file {piece.path}, row group {rg}: {exc}", exc) from None
                     if check is not None:
-                        first = sum(pf.metadata.row_group(i).num_rows for i in range(rg))
-                        in_file(f"input file {piece.path}", first, lambda: check(table))
+                        in_file(f"input file {piece.path}", int(starts[rg]), lambda: check(table))
                     tables.append(table)
                     sources.append(piece.path)
         except (pa.ArrowInvalid, OSError) as exc:
@@ -291,14 +307,12 @@ def in_file(where: str, first_row: int, fn: Callable[[], Any]) -> Any:
 
 
 def concat_tables(tables: list[pa.Table], sources: Sequence[str]) -> pa.Table:
-    """One table of ``tables`` (read from ``sources``, one per table); a file whose columns
-    differ from the first's is named (pyarrow names none), as an :class:`InputError`."""
-    names = tables[0].column_names
-    tables = [t.select(names) if t.column_names != names and sorted(t.column_names) == sorted(names) else t
-              for t in tables]  # the same columns in another order
-    try:
-        return pa.concat_tables(tables)
-    except pa.ArrowInvalid:
+    """One table of ``tables`` (read from ``sources``, one per table), their types unified
+    where Arrow can (``promote_options="permissive"``); files whose columns cannot be
+    read as one are named (pyarrow names none), as an :class:`InputError`."""
+    try:  # columns in another order, int32 beside int64, list<item> beside list<element>: read as one
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
         first = tables[0].schema
         for table, src in zip(tables[1:], sources[1:]):
             if not table.schema.equals(first):

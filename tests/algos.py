@@ -103,6 +103,8 @@ class LinRegMaster(Master):
         return Update({"w": rng.normal(scale=0.1, size=DIM).astype(np.float32)})
 
     def combine(self, updates, superstep):
+        if superstep == 2:
+            self._broken(self.ctx.params, "combine")
         w = weighted_average(updates)["w"]
         self.done_steps = superstep + 1
         if self.done_steps >= self.steps:

@@ -298,7 +298,7 @@ def test_submit_leaves_an_algorithm_it_cannot_import_to_the_cluster(tmp_path, ca
     assert "cannot import module 'cluster_only.algo'" in caplog.text
 
 
-def test_submit_refuses_containers_the_cluster_can_never_run_together(tmp_path):
+def test_submit_refuses_containers_the_cluster_can_never_run_together(tmp_path, caplog):
     from iterreduce.client import SubmitError, check_resources
 
     base = load_job(write(tmp_path, GOOD)).to_dict()
@@ -317,13 +317,16 @@ def test_submit_refuses_containers_the_cluster_can_never_run_together(tmp_path):
          r"1 running node\(s\) of 8192 MiB; the master takes 1024 MiB, each worker 5120 MiB \(requests are "
          r"rounded up to multiples of 1024 MiB\), and they hold the master and 1 of the 2 workers"),
         (job({"count": 8, "memory": 600}), one, r"they hold the master and 7 of the 8 workers"),  # 600 -> 1024
-        (job({}), {**one, "nodes": []}, r"lists no RUNNING NodeManager"),
     ]:
         with pytest.raises(SubmitError, match=words):
             check_resources(spec, cluster)
     check_resources(job({"count": 7, "memory": 600}), one)  # the master and 7 workers fill 8192 MiB exactly
     check_resources(job({"count": 2, "memory": "5 GiB"}), {**one, "nodes": [8192, 8192]})  # a worker a node
     check_resources(job({"count": 3, "memory": "5 GiB"}), {**one, "nodes": [2048, 5120, 5120, 5120]})
+    with pytest.raises(SubmitError, match=r"hold the master and 3 of the 4 workers"):
+        check_resources(job({"count": 4, "memory": "5 GiB"}), {**one, "nodes": [2048, 5120, 5120, 5120]})
+    check_resources(job({}), {**one, "nodes": []})  # none registered yet (the RM restarted): YARN waits
+    assert "lists no RUNNING NodeManager now; the application waits" in caplog.text
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 

@@ -367,26 +367,19 @@ def test_containers_the_cluster_can_never_hold_together_are_refused_before_submi
 
 def test_a_worker_yarn_cannot_place_ends_the_application_with_the_reason(hadoop_cluster, hdfs_base, linreg_on_hdfs,
                                                                          tmp_path):
-    # submitted without the check above (the Python API's check=False), as when the cluster shrinks or
-    # fills after submission: the ApplicationMaster's own deadline ends it
-    import skein
-
-    from iterreduce.client import submit, wait
-    from iterreduce.job import load_job
-
+    # submitted without the check above (--skip-resource-check), as when the cluster shrinks or fills
+    # after submission: the ApplicationMaster's own deadline ends it
     _, uri = linreg_on_hdfs
     job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{hdfs_base}/noroom")
     spec = yaml.safe_load(job.read_text())
     spec["workers"]["memory"] = "5 GiB"
     spec["heartbeat"]["register_timeout"] = 20
     job.write_text(yaml.safe_dump(spec))
-    with skein.Client() as client:
-        app_id = submit(load_job(str(job)), client, check=False)
-        final, diagnostics = wait(app_id, client)
-    assert final == "FAILED"
-    assert "YARN has not allocated the worker container" in diagnostics, diagnostics
-    assert "no room for workers of 5120 MiB and 1 vcore(s)" in diagnostics
-    assert "attempt 2 did not run the job again" in diagnostics  # a second attempt would wait the same
+    res = cli("submit", "--skip-resource-check", str(job), "--wait", timeout=600)
+    assert res.returncode != 0
+    assert "YARN has not allocated the worker container" in res.stderr, res.stderr
+    assert "no room for workers of 5120 MiB and 1 vcore(s)" in res.stderr
+    assert "attempt 2 did not run the job again" in res.stderr  # a second attempt would wait the same
 
 
 def test_an_environment_the_containers_cannot_use_is_quoted_from_the_driver_log(hadoop_cluster, hdfs_base,

@@ -34,6 +34,13 @@ algorithm:
 """
 
 
+def default_signals() -> None:
+    """In a child: the signals a terminal sends act as they would there, even when the tests
+    run under nohup or in a background job (which ignore SIGHUP, SIGINT)."""
+    for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "job.yaml"
     p.write_text(textwrap.dedent(text))
@@ -171,7 +178,8 @@ def test_cli_run_names_a_bad_output_takes_output_from_the_working_directory_and_
     slow = tmp_path / "slow.yaml"
     slow.write_text(GOOD.replace("{supersteps: 4}", "{supersteps: 40, sleep: 0.5}"))
     proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", str(slow)], cwd=ROOT, text=True,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=default_signals)
     deadline = time.monotonic() + 60
     while not list((tmp_path / "out" / "run" / "checkpoints").glob("ckpt-*.npz")):
         assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint"
@@ -184,7 +192,8 @@ def test_cli_run_names_a_bad_output_takes_output_from_the_working_directory_and_
     for sig in (signal.SIGTERM, signal.SIGHUP):
         started = time.time()
         proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", "--resume", str(slow)], cwd=ROOT,
-                                text=True, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                text=True, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                preexec_fn=default_signals)
         deadline = time.monotonic() + 60
         while not [p for p in (tmp_path / "out" / "run" / "checkpoints").glob("ckpt-*.npz")
                    if p.stat().st_mtime >= started]:
@@ -205,7 +214,8 @@ def test_an_interrupt_before_the_first_checkpoint_says_the_job_starts_again(tmp_
     job.write_text(GOOD.replace("{supersteps: 4}", "{supersteps: 40, sleep: 0.3}").replace(
         "checkpoint: {every: 2}", "checkpoint: {every: 1000}"))
     proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", str(job)], cwd=ROOT, text=True,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=default_signals)
     lines = tmp_path / "out" / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 60
     while not (lines.exists() and lines.read_text().count("\n") >= 2):

@@ -322,8 +322,8 @@ class AppMaster:
 
     def _hook(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, one of the algorithm's Master methods (``name``): an exception in it
-        fails the job naming the method, with its traceback (an ``OSError`` lets YARN's next
-        attempt try again; anything else would only repeat)."""
+        fails the job naming the method, with its traceback (a transient error of the network
+        or a filesystem lets YARN's next attempt try again; anything else would only repeat)."""
         try:
             return fn(*args)
         except JobFailed:

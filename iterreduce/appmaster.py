@@ -145,7 +145,7 @@ class _WorkerInfo:
 
 
 _PROGRAMMING_ERRORS = {
-    "ArithmeticError", "AssertionError", "AttributeError", "BadReturn", "FloatingPointError", "ImportError",
+    "ArithmeticError", "AssertionError", "AttributeError", "FloatingPointError", "ImportError",
     "IndexError", "KeyError", "LinAlgError", "LookupError", "ModuleNotFoundError", "NameError",
     "NotImplementedError", "OverflowError", "RecursionError", "RuntimeError", "TypeError", "UnboundLocalError",
     "ValueError", "ZeroDivisionError"}
@@ -289,9 +289,7 @@ class AppMaster:
         else:
             if self.resume:
                 log.warning("no checkpoint under %s: starting from the beginning", job.checkpoint_path)
-            broadcast = self._hook("initial_update", self.master.initial_update)
-            if not isinstance(broadcast, Update):
-                raise JobFailed(f"Master.initial_update must return an Update, got {type(broadcast).__name__}")
+            broadcast = self._hook("initial_update", self.master.initial_update, returns="an Update")
         self._set_broadcast(broadcast)
         self._phase = self._hook("phase", self.master.phase)
         self._splits = [_Split(p) for p in plan_splits(job.input.paths, job.workers.count)]
@@ -320,12 +318,13 @@ class AppMaster:
         if self.status_hook:
             self.status_hook({**self.status(), "total": self._hook("total_supersteps", self.master.total_supersteps)})
 
-    def _hook(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def _hook(self, name: str, fn: Callable[..., Any], *args: Any, returns: str = "") -> Any:
         """``fn(*args)``, one of the algorithm's Master methods (``name``): an exception in it
         fails the job naming the method, with its traceback (a transient error of the network
-        or a filesystem lets YARN's next attempt try again; anything else would only repeat)."""
+        or a filesystem lets YARN's next attempt try again; anything else would only repeat).
+        With ``returns`` (its description), the result must be an :class:`Update`."""
         try:
-            return fn(*args)
+            out = fn(*args)
         except JobFailed:
             raise
         except InputError as exc:
@@ -338,6 +337,9 @@ class AppMaster:
             what = name if name.endswith(")") else f"Master.{name}"  # the class itself: "pkg.mod:Cls()"
             raise JobFailed(f"{what} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}",
                             retry=_transient(exc)) from exc
+        if returns and not isinstance(out, Update):
+            raise JobFailed(f"Master.{name.split()[0]} must return {returns}, got {type(out).__name__}")
+        return out
 
     def _launch(self, split: int) -> None:
         cid = self.launcher.launch(split)
@@ -366,9 +368,8 @@ class AppMaster:
                 updates = [self._pushes[i] for i in range(len(self._splits))]
             self._check_layouts(updates, step)
             t0 = time.monotonic()
-            nxt = self._hook(f"combine at superstep {step}", self.master.combine, updates, step)
-            if not isinstance(nxt, Update):
-                raise JobFailed(f"Master.combine must return an Update or Final, got {type(nxt).__name__}")
+            nxt = self._hook(f"combine at superstep {step}", self.master.combine, updates, step,
+                             returns="an Update or Final")
             combine_s = time.monotonic() - t0
             record = {
                 "superstep": step, "phase": self._phase, "seconds": round(time.monotonic() - step_started, 4),
@@ -419,9 +420,7 @@ class AppMaster:
         self._catch_up = update_to_avro(_copy(cu), self._superstep) if cu is not None else None
 
     def _checkpoint(self, step: int, broadcast: Update) -> None:
-        state = self._hook("state", self.master.state)
-        if not isinstance(state, Update):
-            raise JobFailed(f"Master.state must return an Update, got {type(state).__name__}")
+        state = self._hook("state", self.master.state, returns="an Update")
         arrays = {f"state/{k}": v for k, v in state.arrays.items()}
         arrays.update({f"broadcast/{k}": v for k, v in broadcast.arrays.items()})
         meta = {

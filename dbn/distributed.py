@@ -83,6 +83,9 @@ Outputs (:meth:`DBNMaster.save`): ``model.avro`` (:func:`dbn.model.save`),
 ``filters.png`` (first-layer RBM filters), ``pretrain.png`` (reconstruction error per
 layer and epoch), ``finetune.png`` (train / validation error per epoch); the metrics
 ``test_error``, ``validation_error`` and ``best_epoch`` go to ``metrics.json``.
+``best_epoch`` counts from 0, as ``average_from`` does; the log's "finetune epoch N/M"
+counts from 1, so ``best_epoch=19`` is the epoch logged as 20/M. Without a validation set
+it is the last epoch; without fine-tuning (``epochs: 0``), -1.
 """
 
 from __future__ import annotations

@@ -34,13 +34,26 @@ The container's header metadata key ``dbn.meta`` holds a JSON object:
 ("pixels in [0,1]; uint8 inputs are divided by 255"), plus whatever the
 caller passed as ``meta`` (settings, errors, timings ...); numbers that are not
 finite (the validation error of a run without a validation set) are ``null``.
+``sha256`` maps each array's name to the SHA-256 of its ``data`` bytes: Avro's
+``deflate`` codec has no checksum, so :func:`load` checks these and refuses a
+damaged file. The sync marker is derived from the contents, so the same model
+gives the same bytes. :func:`load` also refuses a file whose arrays are missing,
+do not chain (``W{i}`` is [n_i, n_{i+1}], ``b{i}`` is [n_{i+1}]) or disagree with
+``sizes``, or whose ``version`` is newer than this code reads.
+
+The forward pass: ``a_0 = x / 255`` (uint8 pixels) or ``x`` (floats in [0, 1]);
+``a_{i+1} = sigmoid(a_i @ W{i} + b{i})``; for a classifier the top layer is
+``softmax(a_{L-1} @ W{L-1} + b{L-1})`` and the label is its argmax. See also
+``docs/model-format.md``.
 
 Inputs to :meth:`Model.predict` / :meth:`Model.features` are uint8 pixels
-(0..255, scaled by 1/255) or floats already in [0, 1].
+(0..255, scaled by 1/255) or floats already in [0, 1], one example per row
+(``[m, n_0]``; ``[m, 28, 28]`` images are flattened).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -91,13 +104,16 @@ class Model:
 
     def _net(self) -> dict:
         if self.kind != "classifier":
-            raise ValueError("this model is a pre-trained stack without an output layer")
+            raise ValueError("this model is a pre-trained stack without an output layer: it gives features "
+                             "(Model.features), not labels")
         return self.params
 
     def _input(self, x: Any) -> np.ndarray:
         """``x`` as the model takes it, or a ``ValueError`` saying what is wrong with it."""
         x = np.asarray(x)
         n0 = self.sizes[0]
+        if x.ndim > 2 and int(np.prod(x.shape[1:])) == n0:  # images [m, 28, 28]: one row each
+            x = x.reshape(len(x), n0)
         if x.ndim != 2 or x.shape[1] != n0:
             one = " (one example: x[None, :])" if x.shape == (n0,) else ""
             raise ValueError(f"the model takes examples as rows of {n0} values, an array [m, {n0}]; "
@@ -110,7 +126,10 @@ class Model:
             return x.astype(np.uint8)
         if x.dtype.kind != "f":
             raise ValueError(f"the model takes uint8 pixels or floats in [0, 1], got {x.dtype}")
-        if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+        if x.size and not np.isfinite(x).all():
+            raise ValueError(f"float inputs must be in [0, 1] (pixels / 255); example {int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])} "
+                             "holds NaN or infinity")
+        if x.size and not (x.min() >= 0 and x.max() <= 1):
             raise ValueError(f"float inputs must be in [0, 1] (pixels / 255); these are {x.min()!r} .. "
                              f"{x.max()!r}: pass uint8 pixels, or divide by 255")
         return x
@@ -130,6 +149,9 @@ class Model:
     def layer_index(self, layer: int) -> int:
         """Normalise a 1-based / negative hidden-layer index to 1..n_hidden_layers."""
         n_hidden = self.n_hidden_layers
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise ValueError(f"layer must be an integer (1 = first hidden layer, -1 = last), got {layer!r}")
+        layer = int(layer)
         k = layer if layer > 0 else n_hidden + 1 + layer
         if not 1 <= k <= n_hidden:
             raise ValueError(f"layer {layer} out of range: the model has {n_hidden} hidden layers")
@@ -155,7 +177,18 @@ class Model:
         return out
 
     def error_rate(self, x: np.ndarray, y: np.ndarray) -> float:
-        return float(np.mean(self.predict(x) != np.asarray(y)))
+        """The fraction of ``x`` whose predicted label is not ``y`` (one integer label per
+        example, ``[m]``; ``[m, 1]`` is taken as ``[m]``; one-hot rows are refused)."""
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        m = len(np.asarray(x)) if np.ndim(x) else 0
+        if y.ndim != 1 or len(y) != m:
+            raise ValueError(f"error_rate: y must hold one label per example, shape [{m}]; got shape {y.shape}"
+                             + (" (one-hot rows? pass y.argmax(axis=1))" if y.ndim == 2 else ""))
+        if y.dtype.kind not in "iu" and not (y.dtype.kind == "f" and np.array_equal(y, np.round(y))):
+            raise ValueError(f"error_rate: y must be integer class labels, got {y.dtype}")
+        return float(np.mean(self.predict(x) != y))
 
 
 def _params_of(obj: Any) -> tuple[dict[str, np.ndarray], str]:
@@ -194,26 +227,33 @@ def save(
     m = {**base_meta, **m}
     m["kind"] = kind
 
-    def records():
-        for name in names:
-            a = np.ascontiguousarray(params[name])
-            a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-            yield {"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
-
+    arrays = []
+    for name in names:
+        a = np.ascontiguousarray(params[name])
+        arrays.append((name, a.astype(a.dtype.newbyteorder("<"), copy=False)))
+    m["sha256"] = {name: hashlib.sha256(a.tobytes()).hexdigest() for name, a in arrays}
     header = {META_KEY: json_text(m, sort_keys=True)}  # NaN (no validation set) as null
+    # the same model, the same bytes: fastavro's default sync marker is random
+    sync = hashlib.sha256(header[META_KEY].encode()).digest()[:16]
+
+    def write(f: BinaryIO) -> None:
+        records = ({"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
+                   for name, a in arrays)
+        fastavro.writer(f, _PARSED, records, codec="deflate", metadata=header, sync_marker=sync)
+
     if isinstance(path_or_file, (str, os.PathLike)):
         s = os.fspath(path_or_file)
         if "://" in s:
             import fsspec
             with fsspec.open(s, "wb") as f:
-                fastavro.writer(f, _PARSED, records(), codec="deflate", metadata=header)
+                write(f)
             return
         tmp = s + ".tmp"
         with open(tmp, "wb") as f:
-            fastavro.writer(f, _PARSED, records(), codec="deflate", metadata=header)
+            write(f)
         os.replace(tmp, s)
     else:
-        fastavro.writer(path_or_file, _PARSED, records(), codec="deflate", metadata=header)
+        write(path_or_file)
 
 
 def _read(f: BinaryIO, where: str) -> Model:
@@ -224,16 +264,75 @@ def _read(f: BinaryIO, where: str) -> Model:
         raise ValueError(f"{where}: not a DBN model file (not an Avro container file: {exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != "dbn-model":
         raise ValueError(f"{where}: not a DBN model file (missing '{META_KEY}' header metadata)")
-    params = {}
-    for i, rec in enumerate(r):
-        name = rec.get("name", f"record {i}")
-        try:
-            dt = np.dtype(rec["dtype"])
-            a = np.frombuffer(rec["data"], dtype=dt).reshape(rec["shape"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: array {name!r} (record {i}) is damaged: {exc}") from None
-        params[name] = a.astype(dt.newbyteorder("="), copy=True)
+    version = meta.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{where}: '{META_KEY}' has no valid format version (got {version!r}): the header "
+                         "is damaged")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{where}: model format version {version}; this dbn reads versions 1..{FORMAT_VERSION}: "
+                         "a newer dbn wrote it, upgrade dbn to read it")
+    kind = meta.get("kind", "classifier")
+    if kind not in ("classifier", "stack"):
+        raise ValueError(f"{where}: unknown model kind {kind!r} (expected 'classifier' or 'stack')")
+    params: dict[str, np.ndarray] = {}
+    i, name = 0, None
+    try:
+        for i, rec in enumerate(r):
+            name = rec.get("name", f"record {i}")
+            try:
+                dt = np.dtype(rec["dtype"])
+                a = np.frombuffer(rec["data"], dtype=dt).reshape(rec["shape"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise _Damaged(f"array {name!r} (record {i}) is damaged: {exc}") from None
+            params[name] = a.astype(dt.newbyteorder("="), copy=True)
+            digest = (meta.get("sha256") or {}).get(name)
+            if digest is not None and hashlib.sha256(rec["data"]).hexdigest() != digest:
+                raise _Damaged(f"array {name!r} (record {i}) is damaged: its bytes do not match the "
+                               "checksum in the header")
+    except _Damaged as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - fastavro's EOFError, "sync marker not found", zlib ...
+        after = f" after array {name!r}" if name is not None else ""
+        raise ValueError(f"{where}: the model file is truncated or damaged{after} ({type(exc).__name__}: "
+                         f"{exc})") from None
+    _check_structure(params, meta, kind, where)
     return Model(params, meta)
+
+
+class _Damaged(Exception):
+    pass
+
+
+def _check_structure(params: dict[str, np.ndarray], meta: dict[str, Any], kind: str, where: str) -> None:
+    """Refuse a model whose arrays are missing, do not chain or disagree with ``meta``."""
+    missing = sorted(set((meta.get("sha256") or {})) - set(params))
+    if missing:
+        raise ValueError(f"{where}: the model file lacks the arrays {missing} that its header lists "
+                         "(truncated?)")
+    L = 0
+    while f"W{L}" in params:
+        L += 1
+    if L == 0:
+        raise ValueError(f"{where}: the model file holds no weights (no array 'W0')")
+    extra = sorted(k for k in params if k.lstrip("d")[:1] in "Wb" and k.lstrip("d")[1:].isdigit()
+                   and int(k.lstrip("d")[1:]) >= L)
+    if extra:
+        raise ValueError(f"{where}: arrays {extra} have no W{L} below them: the file is damaged")
+    for j in range(L):
+        W = params[f"W{j}"]
+        b = params.get(f"b{j}")
+        if W.ndim != 2 or W.dtype.kind != "f":
+            raise ValueError(f"{where}: W{j} must be a float matrix, it is {W.dtype} {list(W.shape)}")
+        if b is None:
+            raise ValueError(f"{where}: the model file has W{j} but no b{j}")
+        if b.shape != (W.shape[1],):
+            raise ValueError(f"{where}: b{j} has shape {list(b.shape)}, W{j} {list(W.shape)} needs [{W.shape[1]}]")
+        if j and W.shape[0] != params[f"W{j - 1}"].shape[1]:
+            raise ValueError(f"{where}: W{j} is {list(W.shape)} but W{j - 1} gives {params[f'W{j - 1}'].shape[1]} "
+                             "units: the layers do not chain")
+    sizes = [params["W0"].shape[0]] + [params[f"W{j}"].shape[1] for j in range(L)]
+    if "sizes" in meta and meta["sizes"] != sizes:
+        raise ValueError(f"{where}: the header says the layers are {meta['sizes']}, the arrays are {sizes}")
 
 
 def load(path_or_file: str | os.PathLike | BinaryIO) -> Model:
@@ -262,8 +361,9 @@ def export_features(
     ``inputs``: a directory of ``*.parquet`` shards, a file or a list of files
     with column ``x`` (fixed_size_list<uint8>[d]) and optionally ``y``. For
     each input file an output file of the same name is written to ``out_dir``
-    with columns ``features`` (fixed_size_list<float32>[n_layer]) and ``y``
-    (int64, when present in the input), processed ``batch_size`` rows at a
+    with columns ``features`` (fixed_size_list<float32>[n_layer]), ``y``
+    (int64, when present in the input) and every other column of the input (ids and
+    the like, unchanged, so the features can be joined back), processed ``batch_size`` rows at a
     time; each file appears when it is complete (a bad record leaves none). Returns the
     output paths. Inputs whose names coincide (the
     ``part-00000.parquet`` of two directories) or an ``out_dir`` that holds an input
@@ -289,33 +389,53 @@ def export_features(
             raise ValueError(f"export_features: inputs {by_name[Path(src).name]} and {src} would both be "
                              f"written to {out / Path(src).name}; export them to separate directories")
         by_name[Path(src).name] = Path(src)
+    k = model.layer_index(layer)  # a bad layer is refused before anything is written
+    schemas = {}
+    for src in sources:
+        try:
+            schemas[src] = pq.ParquetFile(src).schema_arrow
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise ValueError(f"export_features: {src}: not a readable Parquet file: {exc}") from None
+        if "x" not in schemas[src].names:
+            raise ValueError(f"export_features: {src}: no column 'x' (the examples); its columns are "
+                             f"{schemas[src].names}")
+        if "features" in schemas[src].names:
+            raise ValueError(f"export_features: {src} already has a column 'features' (features of features?)")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for src in sources:
         pf = pq.ParquetFile(src)
-        has_y = "y" in pf.schema_arrow.names
+        names = schemas[src].names
+        has_y = "y" in names
+        keep = [c for c in names if c not in ("x", "y")]  # ids and the like travel with their rows
         dst = out / Path(src).name
         tmp = out / f".{dst.name}.tmp"  # renamed when complete: a failure leaves no partial file
         writer = None
         row = 0
         try:
-            for batch in pf.iter_batches(batch_size=batch_size, columns=["x", "y"] if has_y else ["x"]):
-                x, y = in_file(str(src), row, lambda: table_to_arrays(pa.Table.from_batches([batch]),
-                                                                  n_features=model.sizes[0]))
+            for batch in pf.iter_batches(batch_size=batch_size):
+                x, y = in_file(str(src), row, lambda: table_to_arrays(
+                    pa.Table.from_batches([batch]).select(["x", "y"] if has_y else ["x"]),
+                    n_features=model.sizes[0]))
                 row += len(x)
-                f = np.ascontiguousarray(model.features(x, layer), dtype=np.float32)
+                f = np.ascontiguousarray(model.features(x, k), dtype=np.float32)
                 cols = {"features": pa.FixedSizeListArray.from_arrays(pa.array(f.reshape(-1)), f.shape[1])}
                 if y is not None:
                     cols["y"] = pa.array(y)
+                for c in keep:
+                    cols[c] = batch.column(c)
                 t = pa.table(cols)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, t.schema)
                 writer.write_table(t)
             if writer is None:  # empty input file
-                n_out = model.sizes[model.layer_index(layer)]
+                n_out = model.sizes[k]
                 fields = [pa.field("features", pa.list_(pa.float32(), n_out))]
                 if has_y:
                     fields.append(pa.field("y", pa.int64()))
+                fields += [schemas[src].field(c) for c in keep]
                 pq.write_table(pa.schema(fields).empty_table(), tmp)
         except BaseException:
             if writer is not None:

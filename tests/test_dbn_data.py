@@ -440,10 +440,120 @@ def test_model_rejects_foreign_avro(tmp_path):
     buf = io.BytesIO()
     fastavro.writer(buf, fastavro.parse_schema(dbn.model.SCHEMA),
                     [{"name": "W0", "dtype": "<f4", "shape": [3, 4], "data": bytes(8)}],
-                    metadata={META_KEY: json.dumps({"format": "dbn-model"})})
+                    metadata={META_KEY: json.dumps({"format": "dbn-model", "version": 1})})
     buf.seek(0)
     with pytest.raises(ValueError, match=r"array 'W0' \(record 0\) is damaged"):
         load(buf)
+
+
+def _rewrite(src, dst, recs=None, meta=None):
+    """``src``'s model file with its records and header changed as given."""
+    import fastavro
+
+    with open(src, "rb") as f:
+        r = fastavro.reader(f)
+        old_meta, old_recs = json.loads(r.metadata[META_KEY]), list(r)
+    meta = {**old_meta, **(meta or {})}
+    with open(dst, "wb") as f:
+        fastavro.writer(f, fastavro.parse_schema(dbn.model.SCHEMA), recs(old_recs) if recs else old_recs,
+                        codec="deflate", metadata={META_KEY: json.dumps(meta)})
+    return dst
+
+
+def test_model_file_damage_is_found(tmp_path):
+    net = _tiny_net()
+    p = tmp_path / "model.avro"
+    save(p, net)
+    raw = p.read_bytes()
+    save(tmp_path / "again.avro", dict(net))
+    assert (tmp_path / "again.avro").read_bytes() == raw  # same model, same bytes (no random sync marker)
+    # one flipped byte anywhere in the arrays: refused (deflate has no checksum; the header's sha256 does)
+    header_end = raw.index(b"NamedArray") + 300
+    found = 0
+    for frac in (0.3, 0.5, 0.8, 0.95):
+        pos = max(header_end, int(len(raw) * frac))
+        bad = bytearray(raw)
+        bad[pos] ^= 0x10
+        (tmp_path / "flip.avro").write_bytes(bytes(bad))
+        with pytest.raises(ValueError, match=r"flip\.avro: ") as e:
+            load(tmp_path / "flip.avro")
+        found += "checksum" in str(e.value)
+    assert found  # at least one flip decodes to other numbers and only the checksum sees it
+    for cut in (len(raw) // 2, len(raw) - 10):
+        (tmp_path / "cut.avro").write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match=r"cut\.avro: the model file is truncated or damaged"):
+            load(tmp_path / "cut.avro")
+
+
+def test_model_structure_is_checked(tmp_path):
+    p = tmp_path / "model.avro"
+    save(p, _tiny_net())
+    drop = lambda *names: (lambda recs: [r for r in recs if r["name"] not in names])  # noqa: E731
+    cases = {
+        "no-w1": (drop("W1"), {"sha256": None}, r"arrays \['b1', 'W2', 'b2'\]|arrays \['W2', 'b1', 'b2'\]"),
+        "listed": (drop("W1"), None, r"lacks the arrays \['W1'\] that its header lists"),
+        "no-b2": (drop("b2"), {"sha256": None}, r"has W2 but no b2"),
+        "reshaped": (lambda recs: [dict(r, shape=[10, 30]) if r["name"] == "W1" else r for r in recs],
+                     {"sha256": None}, r"b1 has shape \[15\], W1 \[10, 30\] needs \[30\]"),
+        "sizes": (None, {"sizes": [1, 2, 3]}, r"the header says the layers are \[1, 2, 3\], the arrays are "
+                                              r"\[784, 20, 15, 10\]"),
+        "v2": (None, {"version": 2}, r"model format version 2; .*upgrade dbn"),
+        "kind": (None, {"kind": "regressor"}, r"unknown model kind 'regressor'"),
+    }
+    for name, (recs, meta, msg) in cases.items():
+        q = _rewrite(p, tmp_path / f"{name}.avro", recs, meta)
+        with pytest.raises(ValueError, match=rf"{name}\.avro: ") as e:
+            load(q)
+        assert __import__("re").search(msg, str(e.value)), (name, str(e.value))
+    assert load(_rewrite(p, tmp_path / "ok.avro")).sizes == [784, 20, 15, 10]  # the rewrite itself is fine
+
+
+def test_model_inputs_labels_and_layers(tmp_path):
+    m = Model(_tiny_net())
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (50, 784), dtype=np.uint8)
+    y = m.predict(x)
+    y[:5] = (y[:5] + 1) % 10
+    np.testing.assert_array_equal(m.predict(x.reshape(50, 28, 28)), m.predict(x))  # images: flattened
+    assert m.error_rate(x, y) == 0.1 and m.error_rate(x, y[:, None]) == 0.1
+    with pytest.raises(ValueError, match=r"one label per example, shape \[50\]; got shape \(50, 10\) \(one-hot"):
+        m.error_rate(x, np.eye(10)[y])
+    with pytest.raises(ValueError, match=r"shape \[50\]; got shape \(49,\)"):
+        m.error_rate(x, y[:49])
+    for bad in (1.0, "1", True):
+        with pytest.raises(ValueError, match="layer must be an integer"):
+            m.features(x, bad)
+    assert m.features(x, np.int64(1)).shape == (50, 20)
+    f = x.astype(np.float32) / 255
+    f[7, 3] = np.nan
+    with pytest.raises(ValueError, match=r"example 7 holds NaN or infinity"):
+        m.predict(f)
+    with pytest.raises(ValueError, match="pre-trained stack without an output layer: it gives features"):
+        Model(m.params, {"kind": "stack"}).predict(x)
+
+
+def test_export_features_columns(tmp_path):
+    net = _tiny_net()
+    save(tmp_path / "m.avro", net)
+    x = np.random.default_rng(4).integers(0, 256, (6, 784), dtype=np.uint8)
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": pa.array([f"r{i}" for i in range(6)]),
+                             "x": pa.array(list(x), pa.list_(pa.uint8(), 784)),
+                             "y": pa.array(np.arange(6), pa.int32())}), tmp_path / "in" / "a.parquet")
+    with pytest.raises(ValueError, match="layer 5 out of range"):
+        export_features(tmp_path / "m.avro", tmp_path / "in", 5, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    export_features(tmp_path / "m.avro", tmp_path / "in", 1, tmp_path / "out", batch_size=4)
+    t = pq.read_table(tmp_path / "out" / "a.parquet")
+    assert t.column_names == ["features", "y", "id"]
+    assert t.column("id").to_pylist() == [f"r{i}" for i in range(6)] and t.column("y").to_pylist() == list(range(6))
+    (tmp_path / "img").mkdir()
+    pq.write_table(pa.table({"image": pa.array(list(x), pa.list_(pa.uint8(), 784)), "label": np.arange(6)}),
+                   tmp_path / "img" / "b.parquet")
+    with pytest.raises(ValueError, match=r"b\.parquet: no column 'x' \(the examples\); its columns are "
+                                         r"\['image', 'label'\]"):
+        export_features(tmp_path / "m.avro", tmp_path / "img", 1, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
 
 
 # --------------------------------------------------------------------- plots
@@ -500,3 +610,47 @@ def test_learning_curves_png(tmp_path):
         assert (img == np.array(c, np.uint8)).all(axis=2).sum() > 20  # each line drawn
     plots.learning_curves_png({}, tmp_path / "empty.png", "")
     _parse_png(tmp_path / "empty.png")
+
+
+def test_dbn_command_uses_a_saved_model(tmp_path):
+    import subprocess
+    import sys
+
+    net = _tiny_net()
+    save(tmp_path / "m.avro", net, {"metrics": {"test_error": 0.5}})
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, (40, 784), dtype=np.uint8)
+    y = rng.integers(0, 10, 40)
+    D.write_parquet_shards(x, y, tmp_path / "pq", 2)
+    # the same examples as IDX files, as MNIST ships them
+    with open(tmp_path / "img-idx3-ubyte", "wb") as f:
+        f.write(struct.pack(">IIII", 0x803, 40, 28, 28) + x.tobytes())
+    with open(tmp_path / "lab-idx1-ubyte", "wb") as f:
+        f.write(struct.pack(">II", 0x801, 40) + y.astype(np.uint8).tobytes())
+
+    def dbn_cmd(*args):
+        return subprocess.run([sys.executable, "-m", "dbn.cli", *map(str, args)], capture_output=True, text=True)
+
+    expect = float(np.mean(N.predict(net, x) != y))
+    r = dbn_cmd("evaluate", tmp_path / "m.avro", tmp_path / "pq")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"examples": 40, "errors": round(expect * 40), "error_rate": expect}
+    r = dbn_cmd("evaluate", tmp_path / "m.avro", tmp_path / "img-idx3-ubyte", "--labels", tmp_path / "lab-idx1-ubyte")
+    assert r.returncode == 0 and json.loads(r.stdout)["error_rate"] == expect, r.stderr
+    r = dbn_cmd("predict", tmp_path / "m.avro", tmp_path / "pq", "-o", tmp_path / "p.csv")
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert r.returncode == 0 and lines[0] == "row,label"
+    assert [int(s.split(",")[1]) for s in lines[1:]] == N.predict(net, x).tolist()
+    r = dbn_cmd("features", tmp_path / "m.avro", tmp_path / "pq", tmp_path / "f", "--layer", "2")
+    assert r.returncode == 0, r.stderr
+    assert pq.read_table(tmp_path / "f").schema.field("features").type == pa.list_(pa.float32(), 15)
+    r = dbn_cmd("info", tmp_path / "m.avro")
+    assert "classifier, layers 784-20-15-10" in r.stdout and "test_error=0.5" in r.stdout
+    # mistakes: one line, no traceback
+    for args, msg in [(("evaluate", tmp_path / "none.avro", tmp_path / "pq"), "none.avro does not exist"),
+                      (("evaluate", tmp_path / "pq" / "part-00000.parquet", tmp_path / "pq"), "not a DBN model"),
+                      (("features", tmp_path / "m.avro", tmp_path / "pq", tmp_path / "g", "--layer", "3"),
+                       "layer 3 out of range"),
+                      (("evaluate", tmp_path / "m.avro", tmp_path / "img-idx3-ubyte"), "has no labels")]:
+        r = dbn_cmd(*args)
+        assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

@@ -198,7 +198,7 @@ class DBNConfig:
             raise ValueError(f"algorithm.params: expected a mapping, got {type(params).__name__}")
         unknown = sorted(set(params) - _TOP_KEYS)
         if unknown:
-            raise ValueError(f"algorithm.params.{unknown[0]}: unknown parameter "
+            raise ValueError(f"algorithm.params.{unknown[0]}: unknown parameter{_did_you_mean(unknown[0], _TOP_KEYS)} "
                              f"(known: {', '.join(sorted(_TOP_KEYS))})")
         train = params.get("train")
         if train is not None and not (isinstance(train, str) or (
@@ -224,8 +224,8 @@ class DBNConfig:
                                ("finetune", fine, ft_fields | _FINETUNE_EXTRA)):
             bad = sorted(set(d) - known)
             if bad:
-                raise ValueError(f"algorithm.params.{name}.{bad[0]}: unknown parameter "
-                                 f"(known: {', '.join(sorted(known))})")
+                raise ValueError(f"algorithm.params.{name}.{bad[0]}: unknown parameter"
+                                 f"{_did_you_mean(bad[0], known)} (known: {', '.join(sorted(known))})")
         given = pre.pop("epochs", 50)
         epochs = [given] * len(layers) if not isinstance(given, list) else given
         if len(epochs) != len(layers) or not all(_is_int(e) and e >= 1 for e in epochs):
@@ -355,6 +355,13 @@ class DBNWorker(Worker):
 
 
 # --------------------------------------------------------------------------- master
+
+
+def _did_you_mean(key: str, known: Any) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class DBNMaster(Master):

@@ -116,6 +116,9 @@ class Update:
             if not isinstance(v, (int, float, np.integer, np.floating, np.bool_)):
                 raise TypeError(f"Update.metrics[{name!r}] must be a number, got {type(v).__name__} {v!r}")
             self.metrics[name] = float(v)
+        if not isinstance(self.meta, dict) or not all(isinstance(k, str) for k in self.meta):
+            raise TypeError(f"Update.meta must be a dict with string keys (JSON object), got "
+                            f"{type(self.meta).__name__} {self.meta!r:.80}")
         try:
             json.dumps(self.meta)
         except (TypeError, ValueError) as exc:

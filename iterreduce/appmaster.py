@@ -79,6 +79,12 @@ def load_class(path: str, kind: type, job_dir: str | None = None) -> type:
         where = " and ".join(dict.fromkeys(places))
         raise AlgorithmImportError(f"algorithm: cannot import module {module_name!r} for {path!r}: {exc} "
                                    f"(looked on sys.path, in {where}; PYTHONPATH adds places)") from None
+    except Exception as exc:  # noqa: BLE001 - a SyntaxError, or the module's own code failing as it loads
+        frames = traceback.extract_tb(exc.__traceback__)
+        at = (f" at {exc.filename}:{exc.lineno}" if isinstance(exc, SyntaxError) and exc.filename
+              else f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else "")
+        raise JobFailed(f"algorithm: importing module {module_name!r} for {path!r} raised "
+                        f"{type(exc).__name__}{at}: {exc}") from None
     if not cls_name:
         raise JobFailed(f"algorithm: {path!r} names no class: write module:ClassName")
     cls = getattr(module, cls_name, None)
@@ -122,13 +128,21 @@ def check_algorithm(job: JobSpec, must_import: bool = True, check_paths: bool = 
                         f"{traceback.format_exc()}") from None
     from .fs import InputError, list_input_files
 
-    for path in master.input_paths(job.algorithm.params) if check_paths else ():
+    params = job.algorithm.params
+
+    def field(path: str) -> str:  # "algorithm.params.test" when the path is that key's value
+        for key, value in (params.items() if isinstance(params, dict) else ()):
+            if value == path or (isinstance(value, list) and path in value):
+                return f"algorithm.params.{key}"
+        return "algorithm.params"
+
+    for path in master.input_paths(params) if check_paths else ():
         try:
             list_input_files([job.resolve(path)])
         except InputError as exc:
-            raise JobFailed(f"{job.source}: algorithm.params: {exc}") from None
+            raise JobFailed(f"{job.source}: {field(path)}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a filesystem that does not answer
-            raise JobFailed(f"{job.source}: algorithm.params: cannot read {path}: {type(exc).__name__}: {exc}") from None
+            raise JobFailed(f"{job.source}: {field(path)}: cannot read {path}: {type(exc).__name__}: {exc}") from None
 
 
 @dataclass
@@ -275,7 +289,10 @@ class AppMaster:
             if exc.transient:
                 raise
             raise JobFailed(f"the master's input: {exc}; fix the input and run the job again") from None
-        restored = self.checkpoints.latest() if self.resume else None
+        try:
+            restored = self.checkpoints.latest() if self.resume else None
+        except InputError as exc:  # every checkpoint there is damaged: resuming cannot work
+            raise JobFailed(f"cannot resume: {exc}; run the job again without resuming") from None
         if restored is not None:
             step, arrays, meta = restored
             _check_same_job(meta, job, self.checkpoints.dir.uri_of(f"ckpt-{step:08d}.npz"))
@@ -355,11 +372,7 @@ class AppMaster:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: len(self._pushes) == len(self._splits) or self._events, timeout=0.2)
-                events, self._events = self._events, []
-            for cid, reason, fatal in events:
-                if fatal:
-                    self._fatal(cid, reason, fatal)
-                self._container_lost(cid, reason)
+            self._handle_events()
             self._check_liveness()
             with self._cond:  # after the losses: a lost worker's push is done again by its replacement
                 if len(self._pushes) != len(self._splits):
@@ -489,10 +502,21 @@ class AppMaster:
                 self.server.stop()
 
     # ------------------------------------------------------------------ faults
+    def _handle_events(self) -> None:
+        with self._cond:
+            events, self._events = self._events, []
+        for cid, reason, fatal in events:
+            if fatal:
+                self._fatal(cid, reason, fatal)
+            self._container_lost(cid, reason)
+
     def _check_liveness(self) -> None:
         now = time.monotonic()
         hb = self.job.heartbeat
-        for cid, code in self.launcher.poll().items():
+        exited = self.launcher.poll()
+        # a worker reports its failure before it exits: that report, not the exit code, is the reason
+        self._handle_events()
+        for cid, code in exited.items():
             self._container_lost(cid, f"exited with code {code}")
         with self._cond:
             silent = [(w.container_id, now - w.last_seen) for w in self._workers.values()
@@ -701,6 +725,11 @@ class AppMaster:
                 why = ("its replacement failed the same way at the same superstep as the worker before it, so a "
                        "further one would too (workers are deterministic given seed, split and superstep); "
                        "this fails the job; fix the algorithm or the input and run the job again")
+            others = [i for i, o in enumerate(self._splits) if i != info.split and o.last_failure == (superstep, error)]
+            if not why and others and error.split(":", 1)[0] in _PROGRAMMING_ERRORS:
+                why = (f"the worker of split {others[0]} failed the same way at the same superstep: an error of "
+                       "the algorithm, not of one machine, which replacements would only repeat; this fails the "
+                       "job; fix the algorithm or the input and run the job again")
             split.last_failure = (superstep, error)
             self._events.append((info.container_id, f"failed at superstep {superstep}: {error}", why))
             self._cond.notify_all()

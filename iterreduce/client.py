@@ -41,6 +41,13 @@ class Progress:
                     handler.setStream(_AboveBar(self))
 
     def __call__(self, status: dict[str, Any]) -> None:
+        try:
+            self._show(status)
+        except OSError:  # the terminal went away (a closed window, SIGHUP ignored): the job goes on
+            self.enabled = self.lines = False
+            self.bar = ""
+
+    def _show(self, status: dict[str, Any]) -> None:
         if self.lines:
             key = (status["superstep"], status["state"])
             if key != self._last_line:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import threading
@@ -21,6 +22,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .api import json_text
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FilePiece", "Output", "Checkpoints", "InputError", "RecordError", "filesystem", "plan_splits",
            "read_split", "concat_tables"]
@@ -135,9 +138,12 @@ def list_input_files(paths: Sequence[str]) -> list[str]:
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"input path {uri}: does not exist")
         if info.type == pafs.FileType.Directory:
+            # as Hadoop's input formats: a name (of the file or a directory under the path) that
+            # starts with _ or . is not data (_SUCCESS, .crc, _temporary/, .staging/)
             found = [
                 i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                if i.type == pafs.FileType.File and not os.path.basename(i.path).startswith(("_", "."))
+                if i.type == pafs.FileType.File
+                and not any(part.startswith(("_", ".")) for part in _below(path, i.path))
             ]
             if not found:
                 raise InputError(f"input path {uri}: the directory holds no data files")
@@ -145,6 +151,12 @@ def list_input_files(paths: Sequence[str]) -> list[str]:
         else:
             files.append(uri)
     return files
+
+
+def _below(root: str, path: str) -> list[str]:
+    """The names of ``path`` below the directory ``root``."""
+    rest = path[len(root):] if path.startswith(root) else os.path.basename(path)
+    return [p for p in rest.split("/") if p]
 
 
 def plan_splits(paths: Sequence[str], num_splits: int) -> list[list[FilePiece]]:
@@ -168,10 +180,11 @@ def plan_splits(paths: Sequence[str], num_splits: int) -> list[list[FilePiece]]:
             raise InputError(f"input file {uri}: not a readable Parquet file: {exc}") from None
         for rg in range(md.num_row_groups):
             g = md.row_group(rg)
-            pieces.append((uri, rg, max(g.total_byte_size, 1), g.num_rows))
+            if g.num_rows:  # an empty row group (Spark's empty partition) would make an empty split
+                pieces.append((uri, rg, max(g.total_byte_size, 1), g.num_rows))
     _check_column_types(schemas)
     if len(pieces) < num_splits:
-        raise InputError(f"input {', '.join(paths)}: {len(pieces)} row group(s) cannot make {num_splits} "
+        raise InputError(f"input {', '.join(paths)}: {len(pieces)} non-empty row group(s) cannot make {num_splits} "
                          "splits; write smaller row groups or use fewer workers")
     total = sum(p[2] for p in pieces)
     splits: list[list[tuple[str, int, int, int]]] = [[] for _ in range(num_splits)]
@@ -417,10 +430,27 @@ class Checkpoints:
         return sorted(int(m.group(1)) for n in self.dir.list() if (m := self.PATTERN.match(n)))
 
     def latest(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]] | None:
+        """The newest checkpoint that can be read; an unreadable one (cut short by a full disk,
+        a crash while a filesystem without atomic rename wrote it) is skipped with a warning
+        for the one before it. None when there is none; :class:`InputError` naming them when
+        none can be read."""
         steps = self.supersteps()
         if not steps:
             return None
-        name = f"ckpt-{steps[-1]:08d}.npz"
-        arrays = self.dir.read_npz(name)
-        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
-        return steps[-1], arrays, meta
+        bad = []
+        for step in reversed(steps):
+            name = f"ckpt-{step:08d}.npz"
+            try:
+                arrays = self.dir.read_npz(name)
+                meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+                if not isinstance(meta, dict):
+                    raise ValueError("its __meta__ is not a JSON object")
+            except Exception as exc:  # noqa: BLE001 - zipfile's, numpy's, json's errors for a damaged file
+                if _transient(exc):
+                    raise
+                bad.append(f"{self.dir.uri_of(name)} ({type(exc).__name__}: {exc})")
+                log.warning("checkpoint %s cannot be read (%s: %s); trying the one before it",
+                            self.dir.uri_of(name), type(exc).__name__, exc)
+                continue
+            return step, arrays, meta
+        raise InputError(f"no checkpoint can be read: {'; '.join(bad)}")

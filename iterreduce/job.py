@@ -317,8 +317,9 @@ class JobSpec:
         try:
             r = _Reader(data, "")
             base_dir = r.get("base_dir", str, None)
-            if base_dir is not None:
-                base = Path(base_dir)
+            if base_dir is not None:  # a relative base_dir is relative to the job file, not the shell
+                base = Path(base_dir) if Path(base_dir).is_absolute() or base is None else (base / base_dir)
+                base = Path(os.path.normpath(base.absolute()))
             name = r.get("name", str)
             if not re.match(r"^[\w.-]{1,100}$", name):
                 raise JobError(f"name: use letters, digits, '.', '_' or '-' (at most 100), got {name!r}")

@@ -69,7 +69,8 @@ class LinRegWorker(Worker):
             xb, yb = self.x[idx], self.y[idx]
             grad = xb.T @ (xb @ w - yb) / len(idx)
             w -= lr * grad
-        if superstep == p.get("raise_at") and ctx.split_index == 1:  # once with raise_marker, else every time
+        if superstep == p.get("raise_at") and (ctx.split_index == 1 or p.get("raise_everywhere")):
+            # once with raise_marker, else every time
             marker = p.get("raise_marker")
             if not marker or not os.path.exists(marker):
                 if marker:

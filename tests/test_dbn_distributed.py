@@ -176,7 +176,13 @@ def test_a_label_outside_the_classes_fails_the_job_naming_its_file_and_row(tmp_p
     spec["algorithm"]["params"]["test"] = str(data / "tset")
     res = cli("validate", str(write_job(tmp_path / "job3.yaml", spec)))
     assert res.returncode != 0
-    assert f"algorithm.params: input path {data / 'tset'}: does not exist" in res.stderr
+    assert f"algorithm.params.test: input path {data / 'tset'}: does not exist" in res.stderr
+    # a misspelt parameter: named, with the likely one
+    spec["algorithm"]["params"]["test"] = str(data / "test")
+    spec["algorithm"]["params"]["finetune"]["epoch"] = 3
+    res = cli("validate", str(write_job(tmp_path / "job4.yaml", spec)))
+    assert res.returncode != 0
+    assert "algorithm.params.finetune.epoch: unknown parameter; did you mean 'epochs'?" in res.stderr, res.stderr
 
 
 def test_tiny_run_learns(tiny_baseline):

@@ -28,7 +28,7 @@ def test_splits_are_balanced_by_row_group_and_cover_everything_once(tmp_path):
 
 def test_more_splits_than_row_groups_is_refused(tmp_path):
     write(tmp_path / "a.parquet", 100, 100)
-    with pytest.raises(InputError, match="1 row group\\(s\\) cannot make 2 splits"):
+    with pytest.raises(InputError, match="1 non-empty row group\\(s\\) cannot make 2 splits"):
         plan_splits([str(tmp_path)], 2)
 
 
@@ -84,3 +84,34 @@ def test_files_whose_columns_cannot_be_read_as_one_are_named_others_are_read(tmp
     pq.write_table(pa.table({"x": pa.array([["a", "b"]]), "y": [1]}), lists / "c.parquet")
     with pytest.raises(InputError, match=r"c\.parquet: column 'x': expected a list of integer pixels"):
         read_parquet_dir([lists / "a.parquet", lists / "c.parquet"])
+
+def test_hidden_directories_and_empty_row_groups_are_not_input(tmp_path):
+    from iterreduce.fs import list_input_files
+
+    write(tmp_path / "a.parquet", 1000, 500)
+    for hidden in ("_temporary/0", ".staging"):
+        (tmp_path / hidden).mkdir(parents=True)
+        write(tmp_path / hidden / "part-0.parquet", 300, 300)  # a failed Spark or Hadoop write's leftovers
+    pq.write_table(pa.table({"v": pa.array([], pa.int64())}), tmp_path / "b.parquet")  # an empty partition
+    assert [f.rsplit("/", 1)[1] for f in list_input_files([str(tmp_path)])] == ["a.parquet", "b.parquet"]
+    splits = plan_splits([str(tmp_path)], 2)
+    assert [sum(p.num_rows for p in s) for s in splits] == [500, 500]
+    with pytest.raises(InputError, match="2 non-empty row group\\(s\\) cannot make 3 splits"):
+        plan_splits([str(tmp_path)], 3)
+
+
+def test_a_damaged_latest_checkpoint_gives_way_to_the_one_before_it(tmp_path, caplog):
+    from iterreduce.fs import Checkpoints
+
+    ck = Checkpoints(str(tmp_path / "ck"), keep=2)
+    for step in (3, 4):
+        ck.save(step, {"w": np.full(1000, step, np.float32)}, {"step": step})
+    newest = tmp_path / "ck" / "ckpt-00000004.npz"
+    newest.write_bytes(newest.read_bytes()[:200])  # cut short
+    step, arrays, meta = ck.latest()
+    assert step == 3 and meta == {"step": 3} and (arrays["w"] == 3).all()
+    assert "ckpt-00000004.npz cannot be read" in caplog.text
+    older = tmp_path / "ck" / "ckpt-00000003.npz"
+    older.write_bytes(b"not a zip")
+    with pytest.raises(InputError, match=r"no checkpoint can be read: .*ckpt-00000004\.npz .*ckpt-00000003\.npz"):
+        ck.latest()

@@ -244,6 +244,18 @@ def test_cli_refuses_bad_algorithm_params_naming_file_and_field_before_running(t
     assert not (tmp_path / "out").exists(), "run started although the job file is bad"
 
 
+def test_an_algorithm_module_that_fails_as_it_loads_is_named_with_its_line(tmp_path):
+    for name, body, words in [("syntaxbad", "def f(:\n", "raised SyntaxError at "),
+                              ("loadbad", "x = 1\nraise RuntimeError('no config here')\n",
+                               "raised RuntimeError at ")]:
+        (tmp_path / f"{name}.py").write_text(body)
+        job = write(tmp_path, GOOD.replace("tests.algos:LinRegMaster", f"{name}:Master"))
+        res = subprocess.run([sys.executable, "-m", "iterreduce.cli", "validate", str(job)],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+        assert f"importing module '{name}' for '{name}:Master' {words}{tmp_path / name}.py:" in res.stderr, res.stderr
+
+
 @pytest.mark.parametrize("path, words", [
     ("nosuch.module:Master", "cannot import module 'nosuch.module'"),
     ("tests.algos:LinRegWorker", "'tests.algos:LinRegWorker' is the class tests.algos.LinRegWorker, not a "
@@ -389,3 +401,17 @@ def test_with_deadline_returns_raises_or_gives_up():
     never = threading.Event()
     with pytest.raises(TimeoutError, match="no answer within 0.5 s"):
         with_deadline(never.wait, 0.5)  # a call that blocks, as skein's on a vanished host
+
+
+def test_a_relative_base_dir_is_taken_from_the_job_file_not_the_working_directory(tmp_path, monkeypatch):
+    from iterreduce.job import load_job
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    job = tmp_path / "sub" / "j.yaml"
+    job.write_text(GOOD.replace("name:", "base_dir: ..\nname:", 1))
+    for cwd in (tmp_path / "sub", tmp_path / "elsewhere"):
+        monkeypatch.chdir(cwd)
+        spec = load_job(job)
+        assert spec.base_dir == str(tmp_path)
+        assert spec.output == str(tmp_path / "out" / "run") and list(spec.input.paths) == [str(tmp_path / "data" / "train")]

@@ -167,6 +167,19 @@ def test_an_error_the_replacement_repeats_ends_the_job_one_that_it_does_not_is_s
     np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])  # a replacement recomputes exactly
 
 
+def test_the_same_error_in_several_splits_ends_the_job_before_the_restarts_run_out(tmp_path, dataset):
+    # 4 splits, max_restarts 3: if each split's first failure counted as a lost machine, the
+    # fourth would end the job as "replaced 3 workers" (retried by YARN) and hide the error
+    job = make_job(tmp_path, dataset, "everywhere", workers=4, max_restarts=3, raise_at=2, raise_everywhere=True)
+    res = cli("run", str(job))
+    assert res.returncode != 0
+    m = metrics(job)
+    assert "RuntimeError: compute broke at superstep 2" in m["message"], m["message"]
+    assert "failed the same way at the same superstep" in res.stderr
+    assert "the limit of workers.max_restarts" not in res.stderr
+    assert m["replacements"] <= 1
+
+
 def test_compute_returning_no_update_fails_the_job_at_once(tmp_path, dataset):
     job = make_job(tmp_path, dataset, "none", max_restarts=3, return_none_at=1)
     res = cli("run", str(job))
@@ -487,3 +500,36 @@ def test_record_error_is_part_of_the_top_level_api_without_importing_pyarrow_up_
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "f.parquet, row 3: bad"
+
+
+def test_update_meta_must_be_a_json_object():
+    from iterreduce.api import Update
+
+    for bad in ([1, 2], "text", {1: "int key"}):
+        with pytest.raises(TypeError, match="Update.meta must be a dict with string keys"):
+            Update(meta=bad)
+    assert Update(meta={"a": [1, 2]}).meta == {"a": [1, 2]}
+
+
+def test_progress_that_loses_its_terminal_stops_drawing_and_the_job_goes_on():
+    import os
+    import signal as _signal
+
+    from iterreduce.client import Progress
+
+    r, w = os.pipe()
+    os.close(r)  # nobody reads any more: every write fails, as on a closed terminal
+    old = _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
+    try:
+        with os.fdopen(w, "w", buffering=1) as stream:
+            p = Progress(stream, lines=True)
+            status = {"superstep": 1, "state": "RUNNING", "total": 4, "phase": "compute", "metrics": {}}
+            p(status)  # BrokenPipeError inside: swallowed
+            assert not p.lines and not p.enabled
+            p({**status, "superstep": 2})  # and nothing is written again
+            try:
+                stream.close()
+            except OSError:
+                pass
+    finally:
+        _signal.signal(_signal.SIGPIPE, old)

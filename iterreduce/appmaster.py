@@ -906,8 +906,14 @@ def main(argv: list[str] | None = None) -> None:
             app.set_progress(min(status["superstep"] / total[0], 1.0))
 
     host = os.environ.get("NM_HOST") or socket.getfqdn()
-    am = AppMaster(job, YarnLauncher(app), token=token, resume=attempt > 1, host=host, status_hook=publish,
-                   application=app.id)
+    try:
+        am = AppMaster(job, YarnLauncher(app), token=token, resume=attempt > 1, host=host, status_hook=publish,
+                       application=app.id)
+    except Exception as exc:  # an output or checkpoint filesystem this container cannot use: say so to YARN
+        log.exception("job %s: the ApplicationMaster cannot start", job.name)
+        app.shutdown("FAILED", diagnostics=f"iterreduce job {job.name} failed: the ApplicationMaster cannot "
+                                           f"start: {type(exc).__name__}: {exc}"[:8000])
+        sys.exit(1)
     log.info("ApplicationMaster attempt %d for job %s", attempt, job.name)
     prior = final_failure_of(am.output, app.id) if attempt > 1 else None
     if prior is not None:  # attempt `prior["attempt"]` failed for good: say so, do not run the job again

@@ -252,14 +252,21 @@ def check_input(job: JobSpec) -> None:
 
 
 def check_output(job: JobSpec) -> None:
-    """The output directory can be made, or :class:`SubmitError`."""
+    """The output directory, and the checkpoint directory when ``checkpoint.path`` puts it
+    elsewhere, can be made and listed, or :class:`SubmitError`."""
     from .fs import Output
 
-    try:
-        Output(job.output).create()
-    except Exception as exc:  # noqa: BLE001 - OSError locally, requests' errors through WebHDFS
-        raise SubmitError(f"{job.source}: output: cannot create {job.output}: "
-                          f"{type(exc).__name__}: {_first_line(exc)}") from None
+    places = [("output", job.output)]
+    if job.checkpoint.path:
+        places.append(("checkpoint.path", job.checkpoint.path))
+    for what, uri in places:
+        try:
+            out = Output(uri)
+            out.create()
+            out.list()
+        except Exception as exc:  # noqa: BLE001 - OSError locally, requests' errors through WebHDFS
+            raise SubmitError(f"{job.source}: {what}: cannot create {uri}: "
+                              f"{type(exc).__name__}: {_first_line(exc)}") from None
 
 
 def cluster_resources() -> dict[str, Any] | None:
@@ -399,8 +406,22 @@ def wait(app_id: str, client: Any, progress: Progress | None = None, poll: float
 
     app = None
     last = None
+    unanswered_since = None
     while True:
-        report = client.application_report(app_id)
+        try:
+            report = client.application_report(app_id)
+        except ValueError:  # skein: unknown application id
+            raise
+        except Exception as exc:  # noqa: BLE001 - the ResourceManager restarting, a network hiccup
+            now = time.monotonic()
+            unanswered_since = unanswered_since or now
+            if now - unanswered_since > 120:
+                raise
+            logging.getLogger("iterreduce").warning("the ResourceManager did not answer (%s: %s); asking again",
+                                                    type(exc).__name__, exc)
+            time.sleep(min(5.0, max(poll, 1.0)))
+            continue
+        unanswered_since = None
         state = str(report.state)
         if state in ("FINISHED", "FAILED", "KILLED"):
             final = str(report.final_status)

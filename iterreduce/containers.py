@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,7 +91,9 @@ class LocalLauncher(Launcher):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.extra_env = dict(extra_env or {})
         self._procs: dict[str, subprocess.Popen] = {}
-        self._counter = 0
+        # a resumed run's workers are numbered after the earlier run's: their logs stay
+        self._counter = max((int(m.group(1)) for f in self.log_dir.glob("local_*.log")
+                             if (m := re.fullmatch(r"local_(\d+)\.log", f.name))), default=0)
         self._lock = threading.Lock()
         self._url: str | None = None
         self._token: str | None = None

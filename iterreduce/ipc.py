@@ -1013,6 +1013,10 @@ def _http_response(status: int, reason: str, body: bytes = b"", close: bool = Tr
 # ----------------------------------------------------------------------------- server
 
 
+MAX_MESSAGE_BYTES = 1 << 30
+"""The largest request body the master takes (a worker's update with its arrays)."""
+
+
 class IPCServer:
     """Serves the IterReduce protocol to workers: one thread per HTTP/1.1 keep-alive connection."""
 
@@ -1022,7 +1026,7 @@ class IPCServer:
         token: str,
         host: str = "127.0.0.1",
         port: int = 0,
-        max_request_bytes: int = 1 << 30,
+        max_request_bytes: int = MAX_MESSAGE_BYTES,
         io_timeout: float = 60.0,
     ):
         if not token:

@@ -342,9 +342,23 @@ class JobSpec:
                 source=source,
             )
             r.done()
+            job._check_not_inside_input()
         except JobError as exc:
             raise JobError(f"{source}: {exc}") from None
         return job
+
+    def _check_not_inside_input(self) -> None:
+        """The job writes nothing below its input: its checkpoints and results would be read
+        as data by the next run (and refused as not Parquet)."""
+        def inside(path: str, root: str) -> bool:
+            root = root.rstrip("/")
+            return path.rstrip("/") == root or path.startswith(root + "/")
+
+        for what, path in (("output", self.output), ("checkpoint.path", self.checkpoint_path)):
+            for src in self.input.paths:
+                if inside(path, src):
+                    raise JobError(f"{what}: {path} is inside the input path {src}: the next run would read "
+                                   "this job's checkpoints and results as input; write them elsewhere")
 
     @property
     def checkpoint_path(self) -> str:

@@ -108,10 +108,16 @@ class WorkerRunner:
                     got = ("a Final (only Master.combine ends the job)" if isinstance(out, Final)
                            else type(out).__name__)
                     raise BadReturn(f"{type(worker).__name__}.compute must return an Update, got {got}")
+                if out.nbytes() > ipc.MAX_MESSAGE_BYTES - (1 << 20):  # the master would refuse it unread
+                    raise RejectedUpdate(
+                        f"the update's arrays hold {out.nbytes()} bytes; a message to the master carries at "
+                        f"most {ipc.MAX_MESSAGE_BYTES >> 20} MiB: send smaller arrays (or aggregate part of "
+                        "them on the worker)")
                 try:
                     self._call("push", worker_id=self.worker_id, update=update_to_avro(out, step))
                 except ipc.RemoteError as exc:
-                    if exc.code == "BAD_UPDATE":  # NaN, say: recomputing gives it again
+                    # NaN, a malformed update: computing it again gives it again (a stale superstep does not)
+                    if exc.code == "BAD_UPDATE" or (exc.code == "BAD_REQUEST" and "malformed" in str(exc)):
                         raise RejectedUpdate(str(exc)) from None
                     raise
                 log.info("superstep %d: computed in %.2f s on %d samples", step, time.monotonic() - t0,

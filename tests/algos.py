@@ -81,6 +81,8 @@ class LinRegWorker(Worker):
         if superstep == p.get("nan_at") and ctx.split_index == 1:
             w[0] = np.nan
         mse = float(np.mean((self.x @ w - self.y) ** 2))
+        if superstep == p.get("huge_at") and ctx.split_index == 0:  # 1 GiB of untouched zero pages
+            return Update({"w": w, "huge": np.zeros(1 << 28, np.float32)}, num_samples=len(self.y))
         if superstep == p.get("wide_at") and ctx.split_index == p.get("wide_split", 0):
             w = np.append(w, np.float32(0))  # one array of another shape than the other splits'
         return Update({"w": w}, num_samples=len(self.y), metrics={"mse": mse})

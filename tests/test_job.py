@@ -170,6 +170,13 @@ def test_cli_run_names_a_bad_output_takes_output_from_the_working_directory_and_
     res = iterreduce("run", str(job), "--output", str(tmp_path / "afile"))
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert f"{job} (with command-line overrides): output: cannot create {tmp_path / 'afile'}" in res.stderr
+    # a checkpoint.path below a file: refused before superstep 0, not after it
+    ck = tmp_path / "ck.yaml"
+    ck.write_text(textwrap.dedent(GOOD.replace("checkpoint: {every: 2}", "checkpoint: {every: 2, path: afile/ck}")))
+    res = iterreduce("run", str(ck))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert f"{ck}: checkpoint.path: cannot create {tmp_path / 'afile' / 'ck'}" in res.stderr, res.stderr
+    assert not (tmp_path / "out" / "run" / "metrics.jsonl").exists()  # no superstep ran
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     res = iterreduce("run", str(job), "--output", "mine", cwd=elsewhere)
@@ -415,3 +422,15 @@ def test_a_relative_base_dir_is_taken_from_the_job_file_not_the_working_director
         spec = load_job(job)
         assert spec.base_dir == str(tmp_path)
         assert spec.output == str(tmp_path / "out" / "run") and list(spec.input.paths) == [str(tmp_path / "data" / "train")]
+
+
+def test_an_output_inside_the_input_is_refused(tmp_path):
+    from iterreduce.job import JobError, load_job
+
+    for change, what in [("output: out/run", "output: data/train/out"),
+                         ("checkpoint: {every: 2}", "checkpoint: {every: 2, path: data/train/ck}")]:
+        job = write(tmp_path, GOOD.replace(change, what))
+        with pytest.raises(JobError, match=r"is inside the input path .*data/train: the next run would read"):
+            load_job(job)
+    assert load_job(write(tmp_path, GOOD.replace("output: out/run", "output: data/train-out"))).output.endswith(
+        "data/train-out")  # a sibling whose name starts alike is not inside

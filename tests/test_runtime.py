@@ -312,9 +312,14 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, dataset, base
     while workers_of(master_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not workers_of(master_pid), "workers outlived their killed master"
+    first_logs = {p.name: p.read_bytes() for p in (out / "logs").glob("local_*.log")}
+    assert sorted(first_logs) == ["local_0001.log", "local_0002.log"]
     res = cli("run", "--resume", str(job))
     assert res.returncode == 0, res.stderr
     assert "resumed from checkpoint" in res.stderr
+    # the killed run's worker logs are kept; the resumed run's workers are numbered after them
+    assert {n: (out / "logs" / n).read_bytes() for n in first_logs} == first_logs
+    assert sorted(p.name for p in (out / "logs").glob("local_*.log"))[2:] == ["local_0003.log", "local_0004.log"]
     np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
     assert [h["superstep"] for h in metrics(job)["history"]] == list(range(6))
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -533,3 +538,12 @@ def test_progress_that_loses_its_terminal_stops_drawing_and_the_job_goes_on():
                 pass
     finally:
         _signal.signal(_signal.SIGPIPE, old)
+
+
+def test_an_update_too_large_for_a_message_fails_the_job_at_once_saying_so(tmp_path, dataset):
+    job = make_job(tmp_path, dataset, "huge", max_restarts=3, huge_at=1)
+    res = cli("run", str(job))
+    assert res.returncode != 0
+    assert "RejectedUpdate: the update's arrays hold 10737418" in res.stderr
+    assert "bytes; a message to the master carries at most 1024 MiB" in res.stderr
+    assert "this fails the job at once" in res.stderr and metrics(job)["replacements"] == 0

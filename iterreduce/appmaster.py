@@ -215,6 +215,7 @@ class AppMaster:
         # (container, reason, fatal) lost containers, from IPC threads; fatal (why no replacement would
         # do better): fail the job at once
         self._events: list[tuple[str, str, str]] = []
+        self._result_files: list[str] = []
         self._metrics_lines: list[str] = []  # metrics.jsonl lines not written yet
         self._metrics_flushed = 0.0
         self._step_started = self._waiting_logged = time.monotonic()
@@ -318,6 +319,7 @@ class AppMaster:
         # metrics.jsonl may hold supersteps after the checkpoint: keep what the checkpoint knows
         self.output.write_bytes("metrics.jsonl", "".join(json_text(h) + "\n" for h in self._history).encode())
         if self.output.exists("metrics.json"):  # an earlier run's result: until this one writes its own
+            self._delete_earlier_results()
             self.output.delete("metrics.json")
         self._started = True  # from here on a failure is this run's and is written to metrics.json
         for i, s in enumerate(self._splits):
@@ -398,7 +400,9 @@ class AppMaster:
             self._flush_metrics(force=isinstance(nxt, Final))
             _log_superstep(record, total)
             if isinstance(nxt, Final):
+                mark = len(self.output.written)
                 self._hook("save", self.master.save, nxt, self.output)
+                self._result_files = [n for n in self.output.written[mark:] if n != "metrics.json"]
                 self._finish(nxt)
                 return
             if step + 1 >= self.job.max_supersteps:
@@ -467,12 +471,25 @@ class AppMaster:
             time.sleep(0.05)
         self._publish()
 
+    def _delete_earlier_results(self) -> None:
+        """Remove the files an earlier run's ``Master.save`` wrote (its metrics.json lists them), so
+        a run that fails leaves no result of another beside its own FAILED metrics.json."""
+        try:
+            files = json.loads(self.output.read_bytes("metrics.json")).get("files") or []
+        except (OSError, ValueError, AttributeError):
+            return
+        for name in files:
+            if isinstance(name, str) and name and ".." not in name.split("/") and not name.startswith("/") \
+                    and self.output.exists(name):
+                self.output.delete(name)
+
     def _write_metrics(self, final: Final | None) -> None:
         self.output.write_json("metrics.json", {
             "job": self.job.name, "state": self._state, "message": self._message,
             "fingerprint": job_fingerprint(self.job), "application": self.application,
             "replacements": self._replacements, "supersteps": len(self._history),
             "final": {"metrics": final.metrics, "meta": final.meta} if final else None,
+            "files": self._result_files if final else [],  # what Master.save wrote: the next run removes it
             "history": self._history,
         })
 

@@ -342,6 +342,7 @@ class Output:
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
         self.fs, self.path = filesystem(self.uri)
+        self.written: list[str] = []  # the names write_bytes wrote, in order, each once
 
     def create(self) -> "Output":
         self.fs.create_dir(self.path, recursive=True)
@@ -368,6 +369,8 @@ class Output:
         self.fs.move(tmp, dest)
         if not self.is_local and self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             raise OSError(f"could not rename {self.uri_of('.' + name + '.tmp')} to {self.uri_of(name)}")
+        if name not in self.written:
+            self.written.append(name)
 
     @property
     def is_local(self) -> bool:

@@ -547,3 +547,17 @@ def test_an_update_too_large_for_a_message_fails_the_job_at_once_saying_so(tmp_p
     assert "RejectedUpdate: the update's arrays hold 10737418" in res.stderr
     assert "bytes; a message to the master carries at most 1024 MiB" in res.stderr
     assert "this fails the job at once" in res.stderr and metrics(job)["replacements"] == 0
+
+
+def test_a_failed_rerun_leaves_no_result_of_the_earlier_run(tmp_path, dataset):
+    job = make_job(tmp_path, dataset, "rerun")
+    assert cli("run", str(job)).returncode == 0
+    out = Path(load_job(job).output)
+    assert metrics(job)["files"] == ["result.npz", "result.json"] and (out / "result.npz").exists()
+    (out / "mine.txt").write_text("the user's own file")
+    again = make_job(tmp_path, dataset, "rerun", raise_at=2, raise_everywhere=True)  # same output
+    assert cli("run", str(again)).returncode != 0
+    m = metrics(again)
+    assert m["state"] == "FAILED" and m["files"] == []
+    assert not (out / "result.npz").exists() and not (out / "result.json").exists()
+    assert (out / "mine.txt").read_text() == "the user's own file"  # only what the job wrote goes

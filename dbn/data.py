@@ -171,6 +171,7 @@ def read_mnist_file(path: str | os.PathLike) -> np.ndarray:
     say) and :class:`ChecksumError` for valid IDX of other content, naming the file."""
     path = Path(path)
     key = path.name if path.name.endswith(".gz") else path.name + ".gz"
+    key = key.replace(".idx", "-idx")  # train-images.idx3-ubyte, as some mirrors name it
     if key not in MNIST_SHA256:
         raise ValueError(f"{path}: not a standard MNIST file name ({', '.join(MNIST_SHA256)})")
     raw = _read_raw(path)
@@ -192,13 +193,14 @@ def load_mnist(data_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.
     d = Path(data_dir)
     out = {}
     for key, fname in MNIST_FILES.items():
-        p = d / fname
-        if not p.exists() and (d / fname[:-3]).exists():
-            p = d / fname[:-3]
+        raw = fname[:-3]  # without .gz; also as some mirrors name them: train-images.idx3-ubyte
+        names = [fname, raw, raw.replace("-idx", ".idx"), raw.replace("-idx", ".idx") + ".gz"]
+        p = next((d / n for n in names if (d / n).exists()), d / fname)
         if not p.exists():
             raise FileNotFoundError(
-                f"MNIST file {p} not found; pass the directory holding the four MNIST "
-                f"files with --data DIR, or download them with download_mnist(DIR)"
+                f"MNIST file {p} not found; pass the directory holding the four MNIST files "
+                f"(--data DIR on the command line), or leave --data out to download them "
+                f"(from Python: dbn.data.download_mnist(DIR))"
             )
         out[key] = read_mnist_file(p)
     x_tr = out["train_images"].reshape(out["train_images"].shape[0], -1)

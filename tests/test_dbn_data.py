@@ -125,8 +125,20 @@ def test_mnist_checksum_mismatch_names_file(tmp_path):
 
 
 def test_load_mnist_missing_dir_mentions_data_option(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--data DIR"):
+    with pytest.raises(FileNotFoundError, match="--data DIR on the command line.*leave --data out to download"):
         D.load_mnist(tmp_path)
+
+
+def test_load_mnist_takes_the_mirrors_other_file_names(tmp_path):
+    import gzip
+
+    for fname in D.MNIST_FILES.values():  # train-images.idx3-ubyte, uncompressed, as some mirrors ship them
+        raw = gzip.decompress((MNIST_DIR / fname).read_bytes())
+        (tmp_path / fname[:-3].replace("-idx", ".idx")).write_bytes(raw)
+    x_tr, y_tr, x_te, y_te = D.load_mnist(tmp_path)
+    ref = D.load_mnist(MNIST_DIR)
+    for a, b in zip((x_tr, y_tr, x_te, y_te), ref):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_mnist_dbn_command_refuses_misplaced_options_and_names_missing_files(tmp_path):

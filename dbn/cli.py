@@ -41,9 +41,7 @@ def _is_idx(path: Path) -> bool:
 
 
 def _data(path: str, labels: str | None, n_features: int) -> tuple[np.ndarray, np.ndarray | None]:
-    from iterreduce.fs import InputError, RecordError
-
-    from .data import IDXError, read_idx, read_parquet_dir
+    from .data import read_idx, read_parquet_dir
 
     p = Path(path)
     if not p.exists():
@@ -59,9 +57,7 @@ def _data(path: str, labels: str | None, n_features: int) -> tuple[np.ndarray, n
             raise click.ClickException("--labels goes with an IDX images file; Parquet data carries its "
                                        "labels in column 'y'")
         return read_parquet_dir(p, n_features=n_features)
-    except (IDXError, InputError, RecordError, OSError, ValueError) as exc:
-        if isinstance(exc, click.ClickException):
-            raise
+    except (OSError, ValueError) as exc:  # IDXError, InputError, RecordError are ValueErrors
         raise click.ClickException(str(exc)) from None
 
 

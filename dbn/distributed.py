@@ -103,6 +103,7 @@ import numpy as np
 
 from iterreduce import Final, Master, Update, Worker, average_metrics, weighted_average
 from iterreduce.fs import FilePiece, InputError, list_input_files, plan_splits, read_split
+from iterreduce.job import closest_match
 
 from . import model as _model
 from . import network as _net
@@ -358,10 +359,8 @@ class DBNWorker(Worker):
 
 
 def _did_you_mean(key: str, known: Any) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(str(key), sorted(known), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = closest_match(key, known)
+    return f"; did you mean {close!r}?" if close else ""
 
 
 class DBNMaster(Master):

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from iterreduce import Final, Master, Update, Worker, weighted_average
-from iterreduce.fs import list_input_files, read_split, FilePiece
+from iterreduce import Final, Master, Update, Worker, closest_match, weighted_average
 
 
 def xy_from_table(table) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +65,9 @@ class LogRegMaster(Master):
     def check_params(cls, params):  # called by `iterreduce validate/run/submit` before anything starts
         for key, value in params.items():
             if key not in cls.PARAMS:
-                raise ValueError(f"algorithm.params.{key}: unknown parameter (known: {', '.join(sorted(cls.PARAMS))})")
+                close = closest_match(key, cls.PARAMS)
+                hint = f"did you mean {close!r}? " if close else ""
+                raise ValueError(f"algorithm.params.{key}: unknown parameter ({hint}known: {', '.join(sorted(cls.PARAMS))})")
             if key == "test":
                 if not isinstance(value, str):
                     raise ValueError(f"algorithm.params.test: expected a path, got {value!r}")
@@ -80,8 +81,7 @@ class LogRegMaster(Master):
         self.epoch = 0
         self.test = None
         if self.p.get("test"):
-            pieces = [FilePiece(f) for f in list_input_files([ctx.resolve(self.p["test"])])]
-            self.test = xy_from_table(read_split(pieces, ["x", "y"]))
+            self.test = xy_from_table(ctx.read_table(self.p["test"], ["x", "y"]))
 
     def _lr(self) -> float:
         return float(self.p.get("learning_rate", 0.5)) * float(self.p.get("decay", 0.8)) ** self.epoch

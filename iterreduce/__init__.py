@@ -5,7 +5,7 @@ An algorithm is a :class:`Master` and a :class:`Worker` (see :mod:`iterreduce.ap
 """
 
 from .api import Final, Master, MasterContext, Update, Worker, WorkerContext, average_metrics, weighted_average
-from .job import JobError, JobSpec, load_job
+from .job import JobError, JobSpec, closest_match, load_job
 
 __all__ = [
     "Final",
@@ -18,6 +18,7 @@ __all__ = [
     "Worker",
     "WorkerContext",
     "average_metrics",
+    "closest_match",
     "load_job",
     "weighted_average",
 ]
@@ -32,3 +33,7 @@ def __getattr__(name: str):
 
         return RecordError
     raise AttributeError(f"module 'iterreduce' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"RecordError"})

@@ -198,6 +198,18 @@ class MasterContext:
 
         return _resolve(path, Path(self.base_dir) if self.base_dir else None)
 
+    def read_table(self, paths: str | Sequence[str], columns: Sequence[str] | None = None,
+                   check: Callable[["pa.Table"], None] | None = None) -> "pa.Table":
+        """Read data of the master's own (a test set, say; not the job's input, which the
+        workers read) as one Arrow table: Parquet files or directories, relative paths taken
+        from the job file's directory. Errors name the file; ``check`` works as in
+        :meth:`WorkerContext.read_table`. In ``setup`` an unreadable file fails the job
+        without a second YARN attempt."""
+        from .fs import FilePiece, list_input_files, read_split
+
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        return read_split([FilePiece(f) for f in list_input_files([self.resolve(p) for p in paths])], columns, check)
+
     def rng(self, superstep: int) -> np.random.Generator:
         """A generator that depends only on (seed, superstep): stable across restarts."""
         return np.random.default_rng([self.seed, 0x6D61, superstep])

@@ -56,6 +56,15 @@ class JobFailed(RuntimeError):
         self.retry = retry
 
 
+class StopRequested(KeyboardInterrupt):
+    """:meth:`AppMaster.request_stop` was called: the job stops as if interrupted (its
+    checkpoints stay, metrics.json says FAILED with ``reason``)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.signal_name = reason
+
+
 class AlgorithmImportError(JobFailed):
     """The algorithm's module cannot be imported here."""
 
@@ -76,6 +85,15 @@ def load_class(path: str, kind: type, job_dir: str | None = None) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        missing = getattr(exc, "name", None)
+        if isinstance(exc, ModuleNotFoundError) and missing and not (
+                module_name == missing or module_name.startswith(missing + ".")):
+            # the module is there, but something it imports is not (here: perhaps on the cluster)
+            frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+            at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+            raise AlgorithmImportError(f"algorithm: importing module {module_name!r} for {path!r} raised "
+                                       f"ModuleNotFoundError{at}: {exc} (a module it imports is not installed "
+                                       "here)") from None
         where = " and ".join(dict.fromkeys(places))
         raise AlgorithmImportError(f"algorithm: cannot import module {module_name!r} for {path!r}: {exc} "
                                    f"(looked on sys.path, in {where}; PYTHONPATH adds places)") from None
@@ -95,7 +113,8 @@ def load_class(path: str, kind: type, job_dir: str | None = None) -> type:
         raise JobFailed(f"algorithm: module {module_name!r} ({getattr(module, '__file__', '?')}) has no "
                         f"{cls_name!r}{hint}")
     if not isinstance(cls, type) or not issubclass(cls, kind):
-        what = f"the class {cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else type(cls).__name__
+        what = (f"the class {cls.__module__}.{cls.__qualname__}" if isinstance(cls, type)
+                else f"a {type(cls).__name__}")
         raise JobFailed(f"algorithm: {path!r} is {what}, not a subclass of iterreduce.{kind.__name__}")
     return cls
 
@@ -186,12 +205,17 @@ class AppMaster:
     """
 
     def __init__(self, job: JobSpec, launcher: Launcher, token: str | None = None, resume: bool = False,
-                 host: str = "127.0.0.1", status_hook: Any = None, application: str | None = None):
+                 host: str = "127.0.0.1", status_hook: Any = None, application: str | None = None,
+                 resume_asked: bool | None = None):
         self.job = job
         self.application = application  # the YARN application id (None for a local run)
         self.launcher = launcher
         self.token = token or secrets.token_urlsafe(32)
         self.resume = resume
+        # the user asked for the resume (`run --resume`, `submit --resume`), not YARN's next attempt:
+        # then another application's finished result of the same job counts as done
+        self.resume_asked = resume if resume_asked is None else resume_asked
+        self._stop_asked: str | None = None  # request_stop's reason
         self.host = host
         self.status_hook = status_hook
         self.output = Output(job.output)
@@ -242,7 +266,8 @@ class AppMaster:
                 saved = bool(self.checkpoints.supersteps())
             except Exception:  # noqa: BLE001 - only for the message
                 saved = True
-            then = ("a run with --resume continues from the last checkpoint" if saved else
+            how_resume = "`iterreduce submit --resume`" if self.application else "a run with --resume"
+            then = (f"{how_resume} continues from the last checkpoint" if saved else
                     "no checkpoint had been written: a new run starts from the beginning")
             self._fail(f"interrupted ({how}); {then}", interrupted=True)
             raise
@@ -255,6 +280,15 @@ class AppMaster:
         finally:
             self._shutdown()
 
+    def request_stop(self, reason: str) -> None:
+        """Stop the job (from any thread) as a Ctrl-C would: at the end of the wait for the
+        current superstep its workers are stopped, metrics.json says why, and ``run()`` raises
+        :class:`StopRequested`; the checkpoints stay for a resume. ``iterreduce kill`` asks
+        a YARN ApplicationMaster for this."""
+        with self._cond:
+            self._stop_asked = reason
+            self._cond.notify_all()
+
     def _finished_before(self) -> bool:
         """A resume of a job that already succeeded (its metrics.json says so, for these
         settings): nothing to do, and its results stay as they are."""
@@ -263,11 +297,11 @@ class AppMaster:
         except (OSError, ValueError):
             return False
         if (done.get("state") != "SUCCEEDED" or done.get("fingerprint") != job_fingerprint(self.job)
-                or done.get("application") != self.application):  # on YARN: this application's own result
-            return False
+                or (done.get("application") != self.application and not self.resume_asked)):
+            return False  # a new YARN attempt: only this application's own result is its result
         with self._cond:
             self._state, self._superstep = "SUCCEEDED", max(int(done.get("supersteps", 1)) - 1, 0)
-            self._message = ("had already succeeded: nothing to resume" if self.application else
+            self._message = ("had already succeeded: nothing to resume" if not self.resume_asked else
                              "had already succeeded: nothing to resume (run without --resume to run it again)")
             self._replacements = int(done.get("replacements", 0))
         log.info("job %s %s; results in %s", self.job.name, self._message, self.job.output)
@@ -373,7 +407,10 @@ class AppMaster:
         total = self._hook("total_supersteps", self.master.total_supersteps)
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: len(self._pushes) == len(self._splits) or self._events, timeout=0.2)
+                self._cond.wait_for(lambda: len(self._pushes) == len(self._splits) or self._events
+                                    or self._stop_asked, timeout=0.2)
+                if self._stop_asked:
+                    raise StopRequested(self._stop_asked)
             self._handle_events()
             self._check_liveness()
             with self._cond:  # after the losses: a lost worker's push is done again by its replacement
@@ -686,7 +723,7 @@ class AppMaster:
                     info.working_since = time.monotonic()
                     return {"status": "READY", "update": self._broadcast, "message": ""}
                 if superstep < self._superstep:
-                    raise ipc.RemoteError("BAD_REQUEST", f"superstep {superstep} is over: the job is at superstep "
+                    raise ipc.RemoteError("STALE_SUPERSTEP", f"superstep {superstep} is over: the job is at superstep "
                                           f"{self._superstep}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -699,7 +736,7 @@ class AppMaster:
         try:
             u = update_from_avro(update)
         except ValueError as exc:
-            raise ipc.RemoteError("BAD_REQUEST", f"malformed update from worker {worker_id!r}: {exc}") from None
+            raise ipc.RemoteError("BAD_UPDATE", f"malformed update from worker {worker_id!r}: {exc}") from None
         step = update["superstep"]
         bad = _non_finite(u)
         with self._cond:
@@ -708,7 +745,7 @@ class AppMaster:
             if self._state != "RUNNING":
                 raise ipc.RemoteError("REJECTED", f"the job is {self._state}")
             if step != self._superstep:
-                raise ipc.RemoteError("BAD_REQUEST", f"update from {where}: the job is at superstep {self._superstep}")
+                raise ipc.RemoteError("STALE_SUPERSTEP", f"update from {where}: the job is at superstep {self._superstep}")
             if bad:  # the message only: the worker itself, told so, fails the job (fail, fatal)
                 log.error("rejected the update from %s: %s", where, bad)
                 raise ipc.RemoteError("BAD_UPDATE", f"update from {where} rejected: {bad}")
@@ -847,9 +884,8 @@ def _log_superstep(rec: dict[str, Any], total: int | None) -> None:
     metrics = {**rec["workers"], **rec["master"]}
     shown = " ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:6])
     mb = (rec["bytes_in"] + rec["bytes_out"]) / 1e6
-    log.info("%s | %s | %.2f s | %.1f MB exchanged | %s", superstep_text(rec["superstep"] + 1, total,
-                                                                        rec["superstep"]),
-             rec["phase"], rec["seconds"], mb, shown)
+    log.info("%s | %s | %.2f s | %.1f MB exchanged%s", superstep_text(rec["superstep"] + 1, total, rec["superstep"]),
+             rec["phase"], rec["seconds"], mb, f" | {shown}" if shown else "")
 
 
 def superstep_text(done: int, total: int | None, current: int) -> str:
@@ -863,9 +899,11 @@ FAILURE_MARKER = "final-failure.json"
 """In the output directory: the failure of an attempt that a new attempt would only repeat."""
 
 
-def record_final_failure(output: Output, app_id: str, attempt: int, reason: str) -> None:
-    """Leave ``reason`` for the next attempts of ``app_id`` (see :class:`JobFailed`)."""
-    output.write_json(FAILURE_MARKER, {"application": app_id, "attempt": attempt, "reason": reason})
+def record_final_failure(output: Output, app_id: str, attempt: int, reason: str, stopped: bool = False) -> None:
+    """Leave ``reason`` for the next attempts of ``app_id`` (see :class:`JobFailed`);
+    ``stopped``: the job was stopped on request (``iterreduce kill``), not failed."""
+    output.write_json(FAILURE_MARKER, {"application": app_id, "attempt": attempt, "reason": reason,
+                                       "stopped": stopped})
 
 
 def final_failure_of(output: Output, app_id: str) -> dict[str, Any] | None:
@@ -899,11 +937,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import skein
 
-    from .containers import KV_STATUS, YarnLauncher
+    from .containers import KV_STATUS, KV_STOP, YarnLauncher
 
     parser = argparse.ArgumentParser(prog="iterreduce-appmaster")
     parser.add_argument("--job", required=True)
     parser.add_argument("--token-file", required=True)
+    parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint (submit --resume)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -924,8 +963,8 @@ def main(argv: list[str] | None = None) -> None:
 
     host = os.environ.get("NM_HOST") or socket.getfqdn()
     try:
-        am = AppMaster(job, YarnLauncher(app), token=token, resume=attempt > 1, host=host, status_hook=publish,
-                       application=app.id)
+        am = AppMaster(job, YarnLauncher(app), token=token, resume=args.resume or attempt > 1, host=host,
+                       status_hook=publish, application=app.id, resume_asked=args.resume)
     except Exception as exc:  # an output or checkpoint filesystem this container cannot use: say so to YARN
         log.exception("job %s: the ApplicationMaster cannot start", job.name)
         app.shutdown("FAILED", diagnostics=f"iterreduce job {job.name} failed: the ApplicationMaster cannot "
@@ -933,15 +972,41 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     log.info("ApplicationMaster attempt %d for job %s", attempt, job.name)
     prior = final_failure_of(am.output, app.id) if attempt > 1 else None
-    if prior is not None:  # attempt `prior["attempt"]` failed for good: say so, do not run the job again
-        reason = (f"attempt {prior['attempt']} failed for a reason a new attempt would only repeat, "
-                  f"so attempt {attempt} did not run the job again: {prior['reason']}")
+    if prior is not None:  # attempt `prior["attempt"]` failed for good or was stopped: do not run the job again
+        if prior.get("stopped"):  # skein starts the next attempt after any end but SUCCEEDED
+            reason = f"attempt {prior['attempt']} was stopped, so attempt {attempt} did not run the job again: " \
+                     f"{prior['reason']}"
+        else:
+            reason = (f"attempt {prior['attempt']} failed for a reason a new attempt would only repeat, "
+                      f"so attempt {attempt} did not run the job again: {prior['reason']}")
         log.error("job %s: %s", job.name, reason)
         publish({**am.status(), "state": "FAILED", "message": reason.splitlines()[0]})
-        app.shutdown("FAILED", diagnostics=f"iterreduce job {job.name} failed: {reason}"[:8000])
+        app.shutdown("KILLED" if prior.get("stopped") else "FAILED",
+                     diagnostics=f"iterreduce job {job.name} {'stopped' if prior.get('stopped') else 'failed'}: "
+                                 f"{reason}"[:8000])
         sys.exit(1)
+
+    def watch_stop() -> None:  # `iterreduce kill` sets KV_STOP: stop as Ctrl-C stops a local run
+        try:
+            reason = app.kv.wait(KV_STOP)
+        except Exception:  # noqa: BLE001 - the application is ending: nothing to watch
+            return
+        log.warning("stop requested: %s", reason.decode(errors="replace"))
+        am.request_stop(reason.decode(errors="replace") or "iterreduce kill")
+
+    threading.Thread(target=watch_stop, name="stop-watch", daemon=True).start()
     try:
         am.run()
+    except StopRequested:
+        status = am.status()
+        try:  # else YARN's next attempt would resume the job (`iterreduce kill` ends the application sooner)
+            record_final_failure(am.output, app.id, attempt, status["message"], stopped=True)
+        except Exception:  # noqa: BLE001
+            log.exception("could not write %s", am.output.uri_of(FAILURE_MARKER))
+        publish(status)  # state FAILED: `iterreduce kill` waits for this, then ends the application
+        time.sleep(2.0)  # time to read it: else skein's next attempt, seeing the marker, ends the application
+        app.shutdown("KILLED", diagnostics=f"iterreduce job {job.name} stopped: {status['message']}"[:8000])
+        sys.exit(1)
     except JobFailed as exc:
         publish(am.status())
         if not exc.retry:

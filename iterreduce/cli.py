@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import time
 
 import click
 
@@ -64,7 +65,8 @@ def validate(job_file: str) -> None:
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of this job.")
 @click.option("--workers", type=int, default=None, help="Override workers.count.")
-@click.option("--output", default=None, help="Override the output path.")
+@click.option("--output", default=None,
+              help="Override the output path (a relative one is taken from the current directory).")
 @click.option("-v", "--verbose", is_flag=True)
 def run(job_file: str, resume: bool, workers: int | None, output: str | None, verbose: bool) -> None:
     """Run JOB_FILE here: the master in this process, the workers as local processes."""
@@ -102,7 +104,8 @@ def _run(job_file: str, resume: bool, workers: int | None, output: str | None, v
                                    ("\n(the traceback is in the log above)" if rest.strip() else "")) from None
     except KeyboardInterrupt as exc:
         how = f" by {exc.signal_name}" if isinstance(exc, Interrupted) else ""
-        click.echo(f"\nError: job {job.name} interrupted{how}. {_resume_hint(job, job_file)}", err=True)
+        click.echo(f"\nError: job {job.name} interrupted{how}. {_resume_hint(job, job_file, workers, output)}",
+                   err=True)
         sys.exit(128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT))
     status = am.status()
     steps = f"{status['superstep'] + 1} supersteps"
@@ -110,12 +113,34 @@ def _run(job_file: str, resume: bool, workers: int | None, output: str | None, v
         click.echo(f"job {job.name} had already succeeded after {steps}: nothing to resume (run without --resume "
                    f"to run it again); results in {job.output}")
     else:
-        click.echo(f"job {job.name}: {status['message']} after {steps}; results in {job.output}")
+        n = status.get("replacements", 0)
+        replaced = f" and {n} worker replacement{'s' if n > 1 else ''}" if n else ""
+        click.echo(f"job {job.name} succeeded after {steps}{replaced}; results in {job.output}")
 
 
-def _resume_hint(job, job_file: str) -> str:
+def _say_what_resumes(job) -> None:
     from .fs import Checkpoints
 
+    try:
+        steps = Checkpoints(job.checkpoint_path).supersteps()
+    except Exception as exc:  # noqa: BLE001 - the ApplicationMaster reads them again and says
+        click.echo(f"could not list the checkpoints under {job.checkpoint_path}: {exc}", err=True)
+        return
+    if steps:
+        click.echo(f"resuming from the checkpoint at superstep {max(steps)} under {job.checkpoint_path}", err=True)
+    else:
+        click.echo(f"no checkpoint under {job.checkpoint_path}: the job starts from the beginning", err=True)
+
+
+def _resume_hint(job, job_file: str, workers: int | None = None, output: str | None = None) -> str:
+    """The command that continues (or restarts) this run: with the overrides it was given."""
+    import shlex
+
+    from .fs import Checkpoints
+
+    given = ([f"--workers {workers}"] if workers is not None else []) + \
+            ([f"--output {shlex.quote(output)}"] if output is not None else [])
+    job_file = shlex.join([job_file]) + "".join(f" {g}" for g in given)
     try:
         steps = Checkpoints(job.checkpoint_path).supersteps()
     except Exception:  # noqa: BLE001 - only a hint
@@ -180,10 +205,13 @@ def _skein_client():
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--wait/--no-wait", default=False, help="Follow the application until it ends.")
+@click.option("--resume", is_flag=True,
+              help="Continue from the last checkpoint of this job (left by a killed or failed application).")
 @click.option("--skip-resource-check", is_flag=True,
-              help="Submit even when the ResourceManager's limits and nodes say the containers cannot all run.")
+              help="Submit even when the ResourceManager says the queue does not exist or the containers "
+                   "cannot all run.")
 @click.option("-v", "--verbose", is_flag=True)
-def submit(job_file: str, wait: bool, skip_resource_check: bool, verbose: bool) -> None:
+def submit(job_file: str, wait: bool, resume: bool, skip_resource_check: bool, verbose: bool) -> None:
     """Submit JOB_FILE to YARN; print the application id."""
     from .client import Progress, SubmitError, logs_command
     from .client import submit as submit_job
@@ -199,7 +227,9 @@ def submit(job_file: str, wait: bool, skip_resource_check: bool, verbose: bool) 
         raise click.ClickException(str(exc)) from None
     client = _skein_client()
     try:
-        app_id = submit_job(job, client, check=False)
+        if resume:
+            _say_what_resumes(job)
+        app_id = submit_job(job, client, check=False, resume=resume)
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(app_id)
@@ -255,15 +285,72 @@ def status(app_id: str) -> None:
 
 @main.command()
 @click.argument("app_id")
-def kill(app_id: str) -> None:
-    """Kill application APP_ID."""
+@click.option("--now", is_flag=True,
+              help="Kill it through the ResourceManager at once: no final metrics.json is written.")
+@click.option("--grace", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for the ApplicationMaster to stop the job before killing it.")
+def kill(app_id: str, now: bool, grace: float) -> None:
+    """Stop application APP_ID: its master stops the workers, writes metrics.json (FAILED,
+    saying so) and ends the application KILLED; the checkpoints stay, and `iterreduce
+    submit --resume` continues from the last. Killed through the ResourceManager when the
+    master does not answer (or with --now)."""
     _known(app_id)
     client = _skein_client()
     r = _report(client, app_id)
     if str(r.state) in ("FINISHED", "FAILED", "KILLED"):
         raise click.ClickException(f"{app_id} has already ended: {r.state} / {r.final_status}")
+    if not now and str(r.state) == "RUNNING":
+        stopped = _ask_to_stop(client, app_id, grace)
+        if stopped is not None:
+            click.echo(f"{app_id} stopped: {stopped}")
+            return
     client.kill_application(app_id)
     click.echo(f"{app_id} killed")
+
+
+def _ask_to_stop(client, app_id: str, grace: float) -> str | None:
+    """Ask the ApplicationMaster of ``app_id`` to stop its job (KV_STOP), wait up to ``grace`` s
+    until it says it has (its live status FAILED: metrics.json written), then end the
+    application (else skein would start its next attempt, which only ends it). Returns the
+    master's message, or None when it did not take the request or did not stop in time."""
+    import json
+
+    from .client import with_deadline
+    from .containers import KV_STATUS, KV_STOP
+
+    try:
+        app = with_deadline(lambda: client.connect(app_id, wait=False), 10.0)
+        with_deadline(lambda: app.kv.__setitem__(KV_STOP, f"iterreduce kill by {_user()}".encode()), 10.0)
+    except Exception as exc:  # noqa: BLE001 - not an iterreduce master, or it does not answer
+        click.echo(f"the ApplicationMaster did not take the stop request ({exc}): killing {app_id}", err=True)
+        return None
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        try:
+            raw = with_deadline(lambda: app.kv.get(KV_STATUS), 10.0)
+            st = json.loads(raw) if raw else {}
+        except Exception:  # noqa: BLE001 - the master is going: the ResourceManager says how it ended
+            r = _report(client, app_id)
+            if str(r.state) in ("FINISHED", "FAILED", "KILLED"):
+                return f"{r.state} / {r.final_status}: {(r.diagnostics or '').strip()}"
+            continue
+        if st.get("state") == "FAILED":  # stopped (or failed just now): no next attempt
+            with contextlib.suppress(Exception):
+                client.kill_application(app_id)
+            return f"{st.get('message', '')}"
+        # SUCCEEDED: it ended before it saw the request, and unregisters by itself
+    click.echo(f"{app_id} did not stop within {grace:g} s: killing it", err=True)
+    return None
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name in this environment
+        return "an unknown user"
 
 
 def _known(app_id: str) -> None:

@@ -59,8 +59,8 @@ class Progress:
         if not self.enabled:
             return
         step, total = status["superstep"], status.get("total")
-        if status["state"] == "SUCCEEDED" and total:
-            step = total
+        if status["state"] == "SUCCEEDED" and total:  # ended: the last superstep is done, however
+            step = total = status["superstep"] + 1  # far short of its total_supersteps() it converged
         if total:
             filled = int(min(step / total, 1.0) * self.width)
             head = f"[{'#' * filled}{'.' * (self.width - filled)}] {step}/{total}"
@@ -182,9 +182,10 @@ def _check_file_names(job: JobSpec, reserved: set[str] = _OWN_FILES) -> None:
         seen[name] = path
 
 
-def build_spec(job: JobSpec, token_file: str, job_file: str) -> Any:
-    """The skein ApplicationSpec for ``job``. The token travels as a private file, never
-    on a command line or in the environment."""
+def build_spec(job: JobSpec, token_file: str, job_file: str, resume: bool = False) -> Any:
+    """The skein ApplicationSpec for ``job`` (its ApplicationMaster resuming from the last
+    checkpoint with ``resume``). The token travels as a private file, never on a command
+    line or in the environment."""
     import skein
 
     python, files = python_command(job.yarn.environment)
@@ -206,7 +207,8 @@ def build_spec(job: JobSpec, token_file: str, job_file: str) -> Any:
     master = skein.Master(
         resources=skein.Resources(memory=job.master.memory_mb, vcores=job.master.vcores),
         files=files, env=env,
-        script=f"{python} -m iterreduce.appmaster --job job.json --token-file iterreduce.token",
+        script=f"{python} -m iterreduce.appmaster --job job.json --token-file iterreduce.token"
+               + (" --resume" if resume else ""),
     )
     worker = skein.Service(
         instances=0, max_restarts=0, allow_failures=True,  # the master replaces workers itself
@@ -230,9 +232,13 @@ def check_submission(job: JobSpec, resources: bool = True) -> None:
         check_algorithm(job, must_import=False)
     except JobFailed as exc:
         raise SubmitError(str(exc)) from None
-    python_command(job.yarn.environment)
+    try:
+        python_command(job.yarn.environment)
+    except SubmitError as exc:
+        raise SubmitError(f"{job.source}: {exc}") from None
     _check_file_names(job)
     if resources:
+        check_queue(job)
         check_resources(job)
     check_input(job)
     check_output(job)
@@ -299,6 +305,49 @@ def cluster_resources() -> dict[str, Any] | None:
         return None
 
 
+def yarn_queues() -> dict[str, str] | None:
+    """The leaf queues of the ResourceManager's scheduler (its REST API): ``{name: state}``,
+    each queue under its short and its full name (``default``, ``root.default``); None when
+    the API does not answer."""
+    rm = "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
+    try:
+        info = _get_json(f"{rm}/ws/v1/cluster/scheduler")["scheduler"]["schedulerInfo"]
+    except Exception:  # noqa: BLE001 - only a check before submitting; YARN itself still decides
+        return None
+    leaves: dict[str, str] = {}
+
+    def walk(q: dict[str, Any]) -> None:
+        kids = (q.get("queues") or q.get("childQueues") or {})  # CapacityScheduler, FairScheduler
+        kids = kids.get("queue", []) if isinstance(kids, dict) else kids
+        kids = [kids] if isinstance(kids, dict) else kids
+        if not kids:
+            for name in (q.get("queueName"), q.get("queuePath")):
+                if name:
+                    leaves[str(name)] = str(q.get("state", "RUNNING"))
+                    leaves.setdefault(str(name).rpartition(".")[2], str(q.get("state", "RUNNING")))
+        for kid in kids:
+            if isinstance(kid, dict):
+                walk(kid)
+
+    walk(info.get("rootQueue", info))  # the FairScheduler nests its tree under rootQueue
+    return leaves or None
+
+
+def check_queue(job: JobSpec, queues: dict[str, str] | None = None) -> None:
+    """Refuse a job for a queue this cluster's scheduler does not have (or has stopped)."""
+    queues = queues if queues is not None else yarn_queues()
+    if queues is None:
+        return
+    queue = job.yarn.queue
+    if queue not in queues:
+        known = sorted(q for q in queues if "." not in q) or sorted(queues)
+        raise SubmitError(f"{job.source}: yarn.queue: this cluster has no queue {queue!r} to submit to "
+                          f"(its leaf queues: {', '.join(known)})")
+    if queues[queue] != "RUNNING":
+        raise SubmitError(f"{job.source}: yarn.queue: the queue {queue!r} is {queues[queue]}: it takes no "
+                          "applications")
+
+
 def check_resources(job: JobSpec, cluster: dict[str, Any] | None = None) -> None:
     """Refuse a job whose containers this YARN cluster can never run together: a worker or
     the master larger than its largest container (``yarn.scheduler.maximum-allocation-*``),
@@ -344,9 +393,10 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else ""
 
 
-def submit(job: JobSpec, client: Any = None, check: bool = True) -> str:
+def submit(job: JobSpec, client: Any = None, check: bool = True, resume: bool = False) -> str:
     """Submit ``job`` to YARN through skein (after :func:`check_submission`, unless the
-    caller did it); returns the application id."""
+    caller did it); returns the application id. With ``resume`` the job continues from its
+    last checkpoint (one a killed or failed earlier application left), as ``run --resume``."""
     import secrets
 
     import skein
@@ -361,9 +411,13 @@ def submit(job: JobSpec, client: Any = None, check: bool = True) -> str:
         job_file = os.path.join(tmp, "job.json")
         with open(job_file, "w") as f:
             f.write(job.to_json())
-        spec = build_spec(job, token_file, job_file)
+        spec = build_spec(job, token_file, job_file, resume=resume)
         client = client or skein.Client()
-        return client.submit(spec)
+        try:
+            return client.submit(spec)
+        except skein.exceptions.DriverError as exc:  # YARN refused it: a queue, an ACL, a limit
+            text = " ".join(str(exc).split())
+            raise SubmitError(f"{job.source}: YARN refused the application: {text}") from None
 
 
 def logs_command(app_id: str) -> str:

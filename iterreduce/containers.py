@@ -17,13 +17,14 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["Launcher", "LocalLauncher", "YarnLauncher", "KV_MASTER_URL", "KV_STATUS", "ENV_MASTER", "ENV_CONTAINER", "ENV_SPLIT", "ENV_TOKEN_FILE"]
+__all__ = ["Launcher", "LocalLauncher", "YarnLauncher", "KV_MASTER_URL", "KV_STATUS", "KV_STOP", "ENV_MASTER", "ENV_CONTAINER", "ENV_SPLIT", "ENV_TOKEN_FILE"]
 
 ENV_MASTER = "ITERREDUCE_MASTER_URL"
 ENV_CONTAINER = "ITERREDUCE_CONTAINER_ID"
 ENV_SPLIT = "ITERREDUCE_SPLIT"
 ENV_TOKEN_FILE = "ITERREDUCE_TOKEN_FILE"  # a file holding the token; '-' means: read one line from stdin
 KV_MASTER_URL = "iterreduce.master_url"  # where, on YARN, the master publishes its endpoint
+KV_STOP = "iterreduce.stop"  # set by `iterreduce kill` (its value: who asked): the master stops the job
 KV_STATUS = "iterreduce.status"  # the live view: JSON of the master's status after every superstep
 
 
@@ -117,7 +118,7 @@ class LocalLauncher(Launcher):
             env.setdefault(var, str(self.threads))
         log = open(self.log_dir / f"{cid}.log", "wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "iterreduce.worker"],
+            [sys.executable, "-m", "iterreduce.worker", f"--container={cid}", f"--split={split_index}"],  # for ps
             stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True, close_fds=True,
         )

@@ -61,6 +61,13 @@ def parse_memory(value: Any, where: str) -> int:
     return mb
 
 
+def closest_match(word: str, candidates: Any) -> str | None:
+    """The candidate ``word`` is most likely a misspelling of (difflib, ratio >= 0.6), or None.
+    Used for every did-you-mean hint, the job file's and algorithms' parameters alike."""
+    close = difflib.get_close_matches(str(word), sorted(str(c) for c in candidates), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 class _Reader:
     """Reads one mapping of the job file strictly: unknown keys, wrong types and
     missing fields raise :class:`JobError` naming ``where.field``."""
@@ -77,8 +84,8 @@ class _Reader:
 
     def _misspelt(self, key: str) -> str:
         """`` (is 'cont' a misspelling of it?)`` when a key here that is not a field looks like ``key``."""
-        close = difflib.get_close_matches(key, [str(k) for k in self.data if k not in self.used], n=1, cutoff=0.6)
-        return f" (is {close[0]!r} a misspelling of it?)" if close else ""
+        close = closest_match(key, [k for k in self.data if k not in self.used])
+        return f" (is {close!r} a misspelling of it?)" if close else ""
 
     def path(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
@@ -126,8 +133,8 @@ class _Reader:
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.used, key=str)
         if unknown:
-            close = difflib.get_close_matches(str(unknown[0]), sorted(self.used), n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            close = closest_match(unknown[0], self.used)
+            hint = f"did you mean {close!r}? " if close else ""
             known = ", ".join(sorted(self.used))
             raise JobError(f"{self.path(str(unknown[0]))}: unknown field ({hint}known fields here: {known})")
 

@@ -116,8 +116,9 @@ class WorkerRunner:
                 try:
                     self._call("push", worker_id=self.worker_id, update=update_to_avro(out, step))
                 except ipc.RemoteError as exc:
-                    # NaN, a malformed update: computing it again gives it again (a stale superstep does not)
-                    if exc.code == "BAD_UPDATE" or (exc.code == "BAD_REQUEST" and "malformed" in str(exc)):
+                    # NaN, a malformed update, a push the master cannot decode: computing it again gives
+                    # it again (STALE_SUPERSTEP, NOT_REGISTERED: this worker was overtaken or replaced)
+                    if exc.code in ("BAD_UPDATE", "BAD_REQUEST"):
                         raise RejectedUpdate(str(exc)) from None
                     raise
                 log.info("superstep %d: computed in %.2f s on %d samples", step, time.monotonic() - t0,
@@ -127,20 +128,30 @@ class WorkerRunner:
             return EXIT_ABORTED
         except MasterLost:
             raise
+        except ipc.RemoteError as exc:
+            if exc.code != "REJECTED":
+                return self._failed(exc, step)
+            log.warning("the job has ended (%s): exiting", exc)  # stopped or failed elsewhere: nothing to report
+            return EXIT_ABORTED
         except Exception as exc:  # report, then exit non-zero: the master replaces this worker
-            tb = traceback.format_exc()
-            log.error("worker failed at superstep %d: %s\n%s", step, exc, tb)
-            # bad input (a record, a missing column, a corrupt file) fails the job: the
-            # replacement would read the same input
-            fatal = isinstance(exc, (RejectedUpdate, BadReturn)) or (isinstance(exc, InputError) and not exc.transient)
-            try:
-                self.client.call("fail", worker_id=self.worker_id, superstep=step,
-                                 error=f"{type(exc).__name__}: {exc}", traceback=tb, fatal=fatal)
-            except Exception:  # noqa: BLE001 - the master may be gone too
-                pass
-            return EXIT_FAILED
+            return self._failed(exc, step)
         finally:
             self._stop.set()
+
+    def _failed(self, exc: Exception, step: int) -> int:
+        """Report ``exc`` to the master (which replaces this worker, or fails the job at once when
+        ``exc`` would only happen again) and return the exit code."""
+        tb = traceback.format_exc()
+        log.error("worker failed at superstep %d: %s\n%s", step, exc, tb)
+        # bad input (a record, a missing column, a corrupt file) fails the job: the
+        # replacement would read the same input
+        fatal = isinstance(exc, (RejectedUpdate, BadReturn)) or (isinstance(exc, InputError) and not exc.transient)
+        try:
+            self.client.call("fail", worker_id=self.worker_id, superstep=step,
+                             error=f"{type(exc).__name__}: {exc}", traceback=tb, fatal=fatal)
+        except Exception:  # noqa: BLE001 - the master may be gone too
+            pass
+        return EXIT_FAILED
 
     def _set_progress(self, fraction: float, message: str) -> None:
         self._progress = (float(fraction), str(message))
@@ -202,14 +213,22 @@ def _master_url() -> str:
                      "workers are started by the master")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
     die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    container = os.environ.get(ENV_CONTAINER) or os.environ.get("SKEIN_CONTAINER_ID")
+    # --container and --split repeat the environment's, so that `ps` shows which worker is which
+    parser = argparse.ArgumentParser(prog="iterreduce-worker")
+    parser.add_argument("--container", default=None)
+    parser.add_argument("--split", type=int, default=None)
+    args = parser.parse_args(argv)
+    container = args.container or os.environ.get(ENV_CONTAINER) or os.environ.get("SKEIN_CONTAINER_ID")
     if not container:
         raise SystemExit(f"iterreduce worker: {ENV_CONTAINER} is not set; workers are started by the master")
     token = read_token(os.environ.get(ENV_TOKEN_FILE))
-    runner = WorkerRunner(_master_url(), token, container, int(os.environ.get(ENV_SPLIT, "-1")))
+    split = args.split if args.split is not None else int(os.environ.get(ENV_SPLIT, "-1"))
+    runner = WorkerRunner(_master_url(), token, container, split)
     try:
         code = runner.run()
     except MasterLost as exc:

@@ -115,3 +115,28 @@ def test_a_damaged_latest_checkpoint_gives_way_to_the_one_before_it(tmp_path, ca
     older.write_bytes(b"not a zip")
     with pytest.raises(InputError, match=r"no checkpoint can be read: .*ckpt-00000004\.npz .*ckpt-00000003\.npz"):
         ck.latest()
+
+
+def test_master_context_reads_its_own_data_relative_to_the_job_file(tmp_path):
+    import logging
+
+    from iterreduce import MasterContext, RecordError
+    from iterreduce.fs import Output
+    from tests.algos import write_dataset
+
+    data = write_dataset(tmp_path / "jobs" / "test", rows=400, files=2)
+    ctx = MasterContext(params={}, seed=1, num_workers=1, output=Output(str(tmp_path / "out")),
+                        log=logging.getLogger("t"), base_dir=str(tmp_path / "jobs"))
+    table = ctx.read_table("test", ["y"])
+    expected = np.concatenate([pq.read_table(f).column("y").to_numpy() for f in sorted(data.iterdir())])
+    assert table.column_names == ["y"] and np.array_equal(table.column("y").to_numpy(), expected)
+    with pytest.raises(InputError, match=r"tset.*does not exist"):
+        ctx.read_table(["test", "tset"])
+
+    def no_negatives(t):
+        bad = np.flatnonzero(t.column("y").to_numpy() < 0)
+        if len(bad):
+            raise RecordError(int(bad[0]), "y is negative")
+
+    with pytest.raises(InputError, match=r"part-00000\.parquet, row \d+: y is negative"):
+        ctx.read_table("test", check=no_negatives)

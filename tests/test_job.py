@@ -254,13 +254,17 @@ def test_cli_refuses_bad_algorithm_params_naming_file_and_field_before_running(t
 def test_an_algorithm_module_that_fails_as_it_loads_is_named_with_its_line(tmp_path):
     for name, body, words in [("syntaxbad", "def f(:\n", "raised SyntaxError at "),
                               ("loadbad", "x = 1\nraise RuntimeError('no config here')\n",
-                               "raised RuntimeError at ")]:
+                               "raised RuntimeError at "),
+                              ("depbad", "import os\nimport no_such_dependency_here\n",  # the module is there
+                               "raised ModuleNotFoundError at ")]:
         (tmp_path / f"{name}.py").write_text(body)
         job = write(tmp_path, GOOD.replace("tests.algos:LinRegMaster", f"{name}:Master"))
         res = subprocess.run([sys.executable, "-m", "iterreduce.cli", "validate", str(job)],
                              capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
         assert f"importing module '{name}' for '{name}:Master' {words}{tmp_path / name}.py:" in res.stderr, res.stderr
+        if name == "depbad":
+            assert f"{name}.py:2: No module named 'no_such_dependency_here' (a module it imports" in res.stderr
 
 
 @pytest.mark.parametrize("path, words", [
@@ -268,7 +272,7 @@ def test_an_algorithm_module_that_fails_as_it_loads_is_named_with_its_line(tmp_p
     ("tests.algos:LinRegWorker", "'tests.algos:LinRegWorker' is the class tests.algos.LinRegWorker, not a "
                                  "subclass of iterreduce.Master"),
     ("tests.algos:LinRegMastr", "module 'tests.algos' ("),  # misspelt: the module's Master classes are listed
-    ("tests.algos:np", "'tests.algos:np' is module, not a subclass of iterreduce.Master"),
+    ("tests.algos:np", "'tests.algos:np' is a module, not a subclass of iterreduce.Master"),
     ("tests.algos", "algorithm.master: expected 'package.module:ClassName', got 'tests.algos'"),
 ])
 def test_cli_validate_refuses_a_bad_algorithm_class(tmp_path, path, words):
@@ -323,7 +327,8 @@ def test_submit_leaves_an_algorithm_it_cannot_import_to_the_cluster(tmp_path, ca
     job = load_job(write(tmp_path, GOOD.replace("tests.algos:LinRegMaster", "cluster_only.algo:Master")))
     with pytest.raises(SubmitError) as err:  # the next check: GOOD names no yarn.environment
         check_submission(job)
-    assert "cannot import" not in str(err.value) and "environment" in str(err.value)
+    assert "cannot import" not in str(err.value)
+    assert str(err.value).startswith(f"{job.source}: yarn.environment is not set.")  # names the file
     assert "cannot import module 'cluster_only.algo'" in caplog.text
 
 

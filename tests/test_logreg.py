@@ -27,3 +27,16 @@ def test_logreg_with_two_workers_reaches_under_9_percent_test_error(tmp_path, mn
     test_error = metrics["final"]["metrics"]["test_error"]
     assert test_error < 0.09, f"test error {test_error:.4f}"
     assert len(metrics["history"]) == spec["algorithm"]["params"]["epochs"]
+
+
+def test_logreg_misspelt_parameter_is_refused_before_anything_runs_with_a_hint(tmp_path):
+    spec = yaml.safe_load((ROOT / "examples" / "logreg.yaml").read_text())
+    spec["algorithm"]["params"]["learning_rat"] = spec["algorithm"]["params"].pop("learning_rate", 0.1)
+    spec["output"] = str(tmp_path / "out")
+    job = tmp_path / "logreg.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    res = subprocess.run([sys.executable, "-m", "iterreduce.cli", "validate", str(job)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "algorithm.params.learning_rat: unknown parameter (did you mean 'learning_rate'?" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()

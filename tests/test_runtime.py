@@ -241,7 +241,7 @@ def test_failures_a_new_attempt_would_only_repeat_are_final(tmp_path, dataset, m
     assert final_failure_of(out, "application_1_0001") is None
     record_final_failure(out, "application_1_0001", 1, str(bad_input))
     seen = final_failure_of(out, "application_1_0001")
-    assert seen == {"application": "application_1_0001", "attempt": 1, "reason": str(bad_input)}
+    assert seen == {"application": "application_1_0001", "attempt": 1, "reason": str(bad_input), "stopped": False}
     assert final_failure_of(out, "application_1_0002") is None  # a later submission runs
     out.write_bytes(FAILURE_MARKER, b"{not json")
     assert final_failure_of(out, "application_1_0001") is None  # unreadable: the attempt runs
@@ -443,10 +443,14 @@ def test_bad_messages_are_rejected_without_harming_the_job(tmp_path, dataset, ba
         wid = next(iter(j.am._workers))
         with pytest.raises(ipc.RemoteError) as err:
             right.call("push", worker_id=wid, update=nan)
-        assert err.value.code in ("BAD_UPDATE", "BAD_REQUEST")
+        assert err.value.code == "BAD_UPDATE" and "NaN" in str(err.value)
+        malformed = dict(nan, arrays=[{"name": "w", "dtype": "<f4", "shape": [9], "data": b"\0" * 32}])
+        with pytest.raises(ipc.RemoteError) as err:
+            right.call("push", worker_id=wid, update=malformed)
+        assert err.value.code == "BAD_UPDATE" and "malformed update" in str(err.value)
         with pytest.raises(ipc.RemoteError) as err:
             right.call("fetch", worker_id=wid, superstep=-5, wait_ms=0)
-        assert err.value.code == "BAD_REQUEST"
+        assert err.value.code == "STALE_SUPERSTEP"
     assert j.error is None
     np.testing.assert_array_equal(result(tmp_path / "badmsg.yaml")["w"], result(baseline)["w"])
 
@@ -561,3 +565,26 @@ def test_a_failed_rerun_leaves_no_result_of_the_earlier_run(tmp_path, dataset):
     assert m["state"] == "FAILED" and m["files"] == []
     assert not (out / "result.npz").exists() and not (out / "result.json").exists()
     assert (out / "mine.txt").read_text() == "the user's own file"  # only what the job wrote goes
+
+
+def test_a_requested_stop_ends_the_job_saying_so_and_resume_finishes_it(tmp_path, dataset, baseline):
+    job = make_job(tmp_path, dataset, "stopped", sleep=0.3)
+    with InProcessJob(job) as j:
+        deadline = time.monotonic() + 60
+        while j.am.status()["superstep"] < 2:  # checkpoints of supersteps 1 and 2 written
+            assert time.monotonic() < deadline, "the job did not reach superstep 2"
+            time.sleep(0.05)
+        # `ps` tells the workers apart: container and split are on their command lines
+        argv = [Path(f"/proc/{j.launcher.pid(c)}/cmdline").read_bytes().split(b"\0") for c in list(j.launcher._procs)]
+        assert sorted(a[a.index(b"iterreduce.worker") + 2] for a in argv) == [b"--split=0", b"--split=1"], argv
+        j.am.request_stop("iterreduce kill by tester")
+    assert isinstance(j.error, KeyboardInterrupt), j.error
+    assert all(p.poll() is not None for p in j.launcher._procs.values()), "a worker outlived the stop"
+    m = metrics(job)
+    assert m["state"] == "FAILED", m
+    assert m["message"] == "interrupted (iterreduce kill by tester); a run with --resume continues from the last checkpoint"
+    assert not Output(load_job(job).output).exists("result.npz")
+    res = cli("run", "--resume", str(job))
+    assert res.returncode == 0, res.stderr
+    assert "resumed from checkpoint" in res.stderr
+    np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])

@@ -365,6 +365,24 @@ def test_containers_the_cluster_can_never_hold_together_are_refused_before_submi
     assert app_ids(hadoop_cluster) == before  # nothing was submitted
 
 
+def test_a_queue_the_scheduler_does_not_have_is_refused_before_submitting(hadoop_cluster, hdfs_base,
+                                                                         linreg_on_hdfs, tmp_path):
+    _, uri = linreg_on_hdfs
+    job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{hdfs_base}/noqueue")
+    spec = yaml.safe_load(job.read_text())
+    spec["yarn"]["queue"] = "nosuch"
+    job.write_text(yaml.safe_dump(spec))
+    before = app_ids(hadoop_cluster)
+    res = cli("submit", str(job), timeout=120)
+    assert res.returncode != 0, res.stdout
+    assert "yarn.queue: this cluster has no queue 'nosuch' to submit to (its leaf queues: default)" in res.stderr
+    assert app_ids(hadoop_cluster) == before  # nothing was submitted
+    # past the check, YARN itself refuses it: said in one line naming the job file, no traceback
+    res = cli("submit", "--skip-resource-check", str(job), timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert f"{job}: YARN refused the application: " in res.stderr and "unknown queue: nosuch" in res.stderr
+
+
 def test_a_worker_yarn_cannot_place_ends_the_application_with_the_reason(hadoop_cluster, hdfs_base, linreg_on_hdfs,
                                                                          tmp_path):
     # submitted without the check above (--skip-resource-check), as when the cluster shrinks or fills
@@ -395,14 +413,14 @@ def test_an_environment_the_containers_cannot_use_is_quoted_from_the_driver_log(
     assert "application.driver.log:" in res.stderr and "no-such-venv/bin/activate" in res.stderr
 
 
-def test_kill_ends_the_application_and_its_containers(hadoop_cluster, hdfs_base, linreg_on_hdfs, skein_client,
+def test_kill_now_ends_the_application_and_its_containers(hadoop_cluster, hdfs_base, linreg_on_hdfs, skein_client,
                                                       tmp_path):
     _, uri = linreg_on_hdfs
     job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{hdfs_base}/killed-app",
                      sleep=1.0, supersteps=100)
     app_id = submit(job)
     wait_superstep(skein_client, app_id, 1)
-    res = cli("kill", app_id)
+    res = cli("kill", "--now", app_id)
     assert res.returncode == 0 and f"{app_id} killed" in res.stdout
     final = wait_final(hadoop_cluster, app_id, timeout=120)
     assert final["state"] == "KILLED", final
@@ -410,3 +428,35 @@ def test_kill_ends_the_application_and_its_containers(hadoop_cluster, hdfs_base,
     while _am_jvm_pid(app_id) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _am_jvm_pid(app_id) is None, "the ApplicationMaster outlived the kill"
+
+
+
+def test_kill_stops_the_job_saying_so_and_submit_resume_finishes_it(hadoop_cluster, hdfs_base, linreg_on_hdfs,
+                                                                    skein_client, tmp_path):
+    local_data, uri = linreg_on_hdfs
+    out = f"{hdfs_base}/stopped-app"
+    job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{out}", sleep=1.0, supersteps=30)
+    app_id = submit(job)
+    wait_superstep(skein_client, app_id, 3)
+    res = cli("kill", app_id)
+    assert res.returncode == 0, res.stderr
+    assert f"{app_id} stopped: interrupted (iterreduce kill by" in res.stdout, res.stdout + res.stderr
+    final = wait_final(hadoop_cluster, app_id, timeout=60)
+    assert final["finalStatus"] == "KILLED", final
+    deadline = time.monotonic() + 60
+    while _am_jvm_pid(app_id) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _am_jvm_pid(app_id) is None, "the ApplicationMaster outlived the stop"
+    attempts = hadoop_cluster.rm_get(f"/ws/v1/cluster/apps/{app_id}/appattempts")["appAttempts"]["appAttempt"]
+    assert len(attempts) == 1  # a stop is not a failure: no second attempt
+    metrics = json.loads(read_hdfs(hadoop_cluster, f"{out}/metrics.json"))
+    assert metrics["state"] == "FAILED" and "`iterreduce submit --resume` continues" in metrics["message"], metrics
+    stopped_at = len(metrics["history"])
+    assert 3 <= stopped_at < 30
+    res = cli("submit", "--resume", "--wait", str(job))
+    assert res.returncode == 0, res.stderr
+    assert "resuming from the checkpoint at superstep" in res.stderr and "SUCCEEDED" in res.stdout
+    metrics = json.loads(read_hdfs(hadoop_cluster, f"{out}/metrics.json"))
+    assert metrics["state"] == "SUCCEEDED" and [h["superstep"] for h in metrics["history"]] == list(range(30))
+    np.testing.assert_array_equal(hdfs_result(hadoop_cluster, f"{out}/result.npz"),
+                                  local_result(tmp_path, local_data, sleep=1.0, supersteps=30))

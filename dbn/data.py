@@ -333,14 +333,16 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def check_examples(table: pa.Table, n_features: int | None = None, classes: int | None = None) -> None:
+def check_examples(table: pa.Table, n_features: int | None = None, classes: int | None = None,
+                   classes_from: str = "") -> None:
     """Refuse a table of examples that :func:`table_to_arrays` cannot turn into pixels
     and labels without losing something.
 
     Raises :class:`iterreduce.fs.RecordError` (``row`` counted in ``table``) for the
     first bad example: a null example, a null pixel, a pixel outside 0..255, an example
     with another number of values than the others (or than ``n_features``), a null
-    label, a label outside ``0..classes-1`` (with ``classes``). Raises
+    label, a label outside ``0..classes-1`` (with ``classes``; ``classes_from`` says where
+    that number was set, for the message). Raises
     :class:`iterreduce.fs.InputError` when the columns themselves are wrong: no ``x``,
     an ``x`` that is not a list of integers, a ``y`` that is not an integer, every
     example of a fixed width other than ``n_features``. Given as the ``check`` of
@@ -387,7 +389,8 @@ def check_examples(table: pa.Table, n_features: int | None = None, classes: int 
         bad = (yv < 0) | (yv >= classes)
         if bad.any():
             row = _first(bad)
-            raise RecordError(row, f"label {yv[row]} is not a class of 0..{classes - 1}")
+            said = f" ({classes_from} is {classes})" if classes_from else ""
+            raise RecordError(row, f"label {yv[row]} is not a class of 0..{classes - 1}{said}")
 
 
 def table_to_arrays(table: pa.Table, n_features: int | None = None,

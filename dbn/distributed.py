@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import math
 import os
 import tempfile
@@ -271,7 +272,7 @@ def _read_xy(pieces: list[FilePiece], cfg: DBNConfig) -> tuple[np.ndarray, np.nd
     def check(table):
         if "y" not in table.column_names:
             raise InputError("needs a label column 'y'")
-        check_examples(table, cfg.n_visible, cfg.classes)
+        check_examples(table, cfg.n_visible, cfg.classes, classes_from="algorithm.params.classes")
 
     return _to_arrays(read_split(pieces, ["x", "y"], check=check), cfg.n_visible)
 
@@ -377,6 +378,13 @@ class DBNMaster(Master):
         if cfg.where == "master" and cfg.finetune.epochs > 0 and not cfg.train:
             raise ValueError("algorithm.params.train: the path of the labelled training data is needed for "
                              "finetune.where: master (or fine-tune on the workers: finetune.where: workers)")
+        train = {os.path.normpath(p) for p in cfg.train or []}
+        for key in ("validation", "test"):
+            path = getattr(cfg, key)
+            if path and os.path.normpath(path) in train:  # allowed, but its error says nothing of new data
+                logging.getLogger("dbn").warning(
+                    "algorithm.params.%s: %s is also training data (algorithm.params.train): its error will not "
+                    "measure how the model does on data it has not seen", key, path)
 
     def setup(self, ctx):
         super().setup(ctx)

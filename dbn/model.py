@@ -127,8 +127,8 @@ class Model:
         if x.dtype.kind != "f":
             raise ValueError(f"the model takes uint8 pixels or floats in [0, 1], got {x.dtype}")
         if x.size and not np.isfinite(x).all():
-            raise ValueError(f"float inputs must be in [0, 1] (pixels / 255); example {int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])} "
-                             "holds NaN or infinity")
+            first = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+            raise ValueError(f"float inputs must be in [0, 1] (pixels / 255); example {first} holds NaN or infinity")
         if x.size and not (x.min() >= 0 and x.max() <= 1):
             raise ValueError(f"float inputs must be in [0, 1] (pixels / 255); these are {x.min()!r} .. "
                              f"{x.max()!r}: pass uint8 pixels, or divide by 255")

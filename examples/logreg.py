@@ -67,7 +67,8 @@ class LogRegMaster(Master):
             if key not in cls.PARAMS:
                 close = closest_match(key, cls.PARAMS)
                 hint = f"did you mean {close!r}? " if close else ""
-                raise ValueError(f"algorithm.params.{key}: unknown parameter ({hint}known: {', '.join(sorted(cls.PARAMS))})")
+                raise ValueError(f"algorithm.params.{key}: unknown parameter "
+                                 f"({hint}known: {', '.join(sorted(cls.PARAMS))})")
             if key == "test":
                 if not isinstance(value, str):
                     raise ValueError(f"algorithm.params.test: expected a path, got {value!r}")

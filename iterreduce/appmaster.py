@@ -745,7 +745,8 @@ class AppMaster:
             if self._state != "RUNNING":
                 raise ipc.RemoteError("REJECTED", f"the job is {self._state}")
             if step != self._superstep:
-                raise ipc.RemoteError("STALE_SUPERSTEP", f"update from {where}: the job is at superstep {self._superstep}")
+                raise ipc.RemoteError("STALE_SUPERSTEP",
+                                      f"update from {where}: the job is at superstep {self._superstep}")
             if bad:  # the message only: the worker itself, told so, fails the job (fail, fatal)
                 log.error("rejected the update from %s: %s", where, bad)
                 raise ipc.RemoteError("BAD_UPDATE", f"update from {where} rejected: {bad}")

@@ -162,8 +162,8 @@ def test_a_label_outside_the_classes_fails_the_job_naming_its_file_and_row(tmp_p
     spec["algorithm"]["params"]["test"] = str(data / "test")
     res = cli("run", str(write_job(tmp_path / "job2.yaml", spec)))
     assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert (f"the master's input: input file {test_shard}, row 123: label 10 is not a class of 0..9; fix the "
-            "input and run the job again") in res.stderr
+    assert (f"the master's input: input file {test_shard}, row 123: label 10 is not a class of 0..9 "
+            "(algorithm.params.classes is 10); fix the input and run the job again") in res.stderr
     from iterreduce.appmaster import AppMaster, JobFailed
     from iterreduce.containers import LocalLauncher
     from iterreduce.job import load_job

@@ -439,3 +439,16 @@ def test_an_output_inside_the_input_is_refused(tmp_path):
             load_job(job)
     assert load_job(write(tmp_path, GOOD.replace("output: out/run", "output: data/train-out"))).output.endswith(
         "data/train-out")  # a sibling whose name starts alike is not inside
+
+
+def test_dbn_test_set_that_is_training_data_is_accepted_with_a_warning(tmp_path):
+    write_dataset(tmp_path / "data" / "train")
+    write_dataset(tmp_path / "data" / "test", seed=1)
+    params = "params: {layers: [20], train: data/train, test: %s}"
+    for test, warned in (("data/train", True), ("data/./train/", True), ("data/test", False)):
+        job = write(tmp_path, DBN_BAD.replace("params: {layers: [20], finetune: {dropout_hidden: 1.5}}",
+                                              params % test))
+        res = iterreduce("validate", str(job))
+        assert res.returncode == 0, res.stderr
+        said = f"algorithm.params.test: {test} is also training data (algorithm.params.train)" in res.stderr
+        assert said is warned, res.stderr

@@ -18,12 +18,13 @@ import logging
 import math
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -32,7 +33,7 @@ from .api import (Final, Master, MasterContext, Update, Worker, average_metrics,
                   update_to_avro)
 from .containers import Launcher
 from .fs import Checkpoints, FilePiece, InputError, Output, plan_splits
-from .job import JobSpec
+from .job import JobSpec, is_uri
 
 log = logging.getLogger("iterreduce.appmaster")
 
@@ -69,16 +70,16 @@ class AlgorithmImportError(JobFailed):
     """The algorithm's module cannot be imported here."""
 
 
-def load_class(path: str, kind: type, job_dir: str | None = None) -> type:
+def load_class(path: str, kind: type, job_dir: str | None = None, extra: Sequence[str] = ()) -> type:
     """Import ``package.module:ClassName`` and check it subclasses ``kind``. Modules are
-    found on ``sys.path``, in the working directory (as ``python -m`` does) and in
-    ``job_dir``, the job file's directory."""
+    found on ``sys.path``, in the working directory (as ``python -m`` does), in
+    ``job_dir``, the job file's directory, and in the ``extra`` directories."""
     module_name, _, cls_name = path.partition(":")
-    places = [os.getcwd()] + ([job_dir] if job_dir and os.path.isdir(job_dir) else [])
+    places = [os.getcwd()] + [d for d in [job_dir, *extra] if d and os.path.isdir(d)]
     for place in places:
         if place in sys.path:
             continue
-        if place == job_dir:
+        if place != places[0]:
             sys.path.append(place)
         else:
             sys.path.insert(0, place)
@@ -96,7 +97,8 @@ def load_class(path: str, kind: type, job_dir: str | None = None) -> type:
                                        "here)") from None
         where = " and ".join(dict.fromkeys(places))
         raise AlgorithmImportError(f"algorithm: cannot import module {module_name!r} for {path!r}: {exc} "
-                                   f"(looked on sys.path, in {where}; PYTHONPATH adds places)") from None
+                                   f"(looked on sys.path, in {where}; PYTHONPATH adds places; on YARN, "
+                                   "yarn.files ships modules into the containers)") from None
     except Exception as exc:  # noqa: BLE001 - a SyntaxError, or the module's own code failing as it loads
         frames = traceback.extract_tb(exc.__traceback__)
         at = (f" at {exc.filename}:{exc.lineno}" if isinstance(exc, SyntaxError) and exc.filename
@@ -126,9 +128,11 @@ def check_algorithm(job: JobSpec, must_import: bool = True, check_paths: bool = 
     algorithm may exist only in the cluster's environment) a module that cannot be imported
     here is logged and its params are left to the ApplicationMaster. With ``check_paths``
     the paths the master reads (:meth:`Master.input_paths`) must exist."""
+    # what yarn.files ships lands in each container's directory: here, its parent directory
+    shipped = [os.path.dirname(os.path.abspath(p.rstrip("/"))) for p in job.yarn.files if not is_uri(p)]
     try:
-        master = load_class(job.algorithm.master, Master, job.base_dir)
-        load_class(job.algorithm.worker, Worker, job.base_dir)
+        master = load_class(job.algorithm.master, Master, job.base_dir, shipped)
+        load_class(job.algorithm.worker, Worker, job.base_dir, shipped)
     except JobFailed as exc:
         if not must_import and isinstance(exc, AlgorithmImportError):
             log.warning("%s: %s; its params will be checked by the ApplicationMaster", job.source, exc)
@@ -244,6 +248,7 @@ class AppMaster:
         self._metrics_flushed = 0.0
         self._step_started = self._waiting_logged = time.monotonic()
         self._started = False
+        self._owner = False  # OWNER_FILE written: removed at the end
         self._waiting_published = 0.0
         self.server: ipc.IPCServer | None = None
         self.master: Master | None = None
@@ -355,6 +360,11 @@ class AppMaster:
         if self.output.exists("metrics.json"):  # an earlier run's result: until this one writes its own
             self._delete_earlier_results()
             self.output.delete("metrics.json")
+        if self.output.exists(FAILURE_MARKER):  # an earlier application's, or a retry=True attempt's
+            self.output.delete(FAILURE_MARKER)
+        self.output.write_json(OWNER_FILE, {"application": self.application, "job": self.job.name,
+                                            "host": socket.gethostname(), "pid": os.getpid()})
+        self._owner = True
         self._started = True  # from here on a failure is this run's and is written to metrics.json
         for i, s in enumerate(self._splits):
             log.info("split %d: %d rows, %d bytes in %d file(s)", i, sum(p.num_rows for p in s.pieces),
@@ -497,7 +507,8 @@ class AppMaster:
                              f"succeeded after {replaced} worker replacement{'s' if replaced > 1 else ''}")
             self._cond.notify_all()
         self._write_metrics(final)
-        log.info("job %s %s after %d supersteps", self.job.name, self._message, self._superstep + 1)
+        log.info("job %s succeeded after %d supersteps%s", self.job.name, self._superstep + 1,
+                 f" and {replaced} worker replacement{'s' if replaced > 1 else ''}" if replaced else "")
         # let workers learn DONE and exit by themselves
         deadline = time.monotonic() + max(3 * self.job.heartbeat.interval, 3.0)
         while time.monotonic() < deadline:
@@ -554,6 +565,11 @@ class AppMaster:
         finally:
             if self.server is not None:
                 self.server.stop()
+            if self._owner:
+                try:
+                    self.output.delete(OWNER_FILE)
+                except Exception:  # noqa: BLE001 - a later run ignores a marker of a run that ended
+                    log.warning("could not remove %s", self.output.uri_of(OWNER_FILE))
 
     # ------------------------------------------------------------------ faults
     def _handle_events(self) -> None:
@@ -896,6 +912,14 @@ def superstep_text(done: int, total: int | None, current: int) -> str:
     return f"superstep {current} ({done}{f'/{total}' if total else ''} done)"
 
 
+_LAST_LOOK = 2.0
+"""Seconds a YARN ApplicationMaster keeps its last live status readable before it ends the
+application: ``submit --wait`` (polling every second) and ``kill`` see how it ended."""
+
+OWNER_FILE = "running.json"
+"""In the output directory while a run writes there: which (application, or host and process);
+``submit`` and ``run`` refuse a second job into the same output while that run lives."""
+
 FAILURE_MARKER = "final-failure.json"
 """In the output directory: the failure of an attempt that a new attempt would only repeat."""
 
@@ -934,7 +958,6 @@ def main(argv: list[str] | None = None) -> None:
     """The YARN ApplicationMaster: ``python -m iterreduce.appmaster --job job.json --token-file F``
     (skein's ``master.script``). A second attempt resumes from the last checkpoint."""
     import argparse
-    import socket
 
     import skein
 
@@ -944,11 +967,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--job", required=True)
     parser.add_argument("--token-file", required=True)
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint (submit --resume)")
+    parser.add_argument("--source", default=None, help="the job file's name, for messages")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with open(args.job) as f:
-        job = JobSpec.from_json(f.read(), source=args.job)
+        job = JobSpec.from_json(f.read(), source=args.source or args.job)
     with open(args.token_file) as f:
         token = f.read().strip()
     app = skein.ApplicationClient.from_current()
@@ -1005,11 +1029,12 @@ def main(argv: list[str] | None = None) -> None:
         except Exception:  # noqa: BLE001
             log.exception("could not write %s", am.output.uri_of(FAILURE_MARKER))
         publish(status)  # state FAILED: `iterreduce kill` waits for this, then ends the application
-        time.sleep(2.0)  # time to read it: else skein's next attempt, seeing the marker, ends the application
+        time.sleep(_LAST_LOOK)  # time to read it: else skein's next attempt, seeing the marker, ends it
         app.shutdown("KILLED", diagnostics=f"iterreduce job {job.name} stopped: {status['message']}"[:8000])
         sys.exit(1)
     except JobFailed as exc:
         publish(am.status())
+        time.sleep(_LAST_LOOK)
         if not exc.retry:
             try:
                 record_final_failure(am.output, app.id, attempt, str(exc))
@@ -1018,6 +1043,7 @@ def main(argv: list[str] | None = None) -> None:
         app.shutdown("FAILED", diagnostics=f"iterreduce job {job.name} failed: {exc}"[:8000])
         sys.exit(1)
     status = am.status()
+    time.sleep(_LAST_LOOK)  # the final status, published as the job ended: `submit --wait` shows it
     app.shutdown("SUCCEEDED", diagnostics=f"iterreduce job {job.name} {status['message']}")
 
 

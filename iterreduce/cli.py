@@ -58,7 +58,16 @@ def validate(job_file: str) -> None:
     """Check JOB_FILE without running it: fields, algorithm and its params, input splits."""
     job = _load(job_file)
     _check(job)
-    click.echo(f"{job_file}: OK ({job.name}: {job.workers.count} workers, algorithm {job.algorithm.master})")
+    yarn = ""
+    if job.yarn.environment:  # meant for YARN too: what can be checked without the cluster
+        from .client import SubmitError, check_yarn_section
+
+        try:
+            check_yarn_section(job)
+        except SubmitError as exc:
+            raise click.ClickException(str(exc)) from None
+        yarn = "; its yarn section is OK too (submit checks the cluster)"
+    click.echo(f"{job_file}: OK ({job.name}: {job.workers.count} workers, algorithm {job.algorithm.master}){yarn}")
 
 
 @main.command()
@@ -118,20 +127,6 @@ def _run(job_file: str, resume: bool, workers: int | None, output: str | None, v
         click.echo(f"job {job.name} succeeded after {steps}{replaced}; results in {job.output}")
 
 
-def _say_what_resumes(job) -> None:
-    from .fs import Checkpoints
-
-    try:
-        steps = Checkpoints(job.checkpoint_path).supersteps()
-    except Exception as exc:  # noqa: BLE001 - the ApplicationMaster reads them again and says
-        click.echo(f"could not list the checkpoints under {job.checkpoint_path}: {exc}", err=True)
-        return
-    if steps:
-        click.echo(f"resuming from the checkpoint at superstep {max(steps)} under {job.checkpoint_path}", err=True)
-    else:
-        click.echo(f"no checkpoint under {job.checkpoint_path}: the job starts from the beginning", err=True)
-
-
 def _resume_hint(job, job_file: str, workers: int | None = None, output: str | None = None) -> str:
     """The command that continues (or restarts) this run: with the overrides it was given."""
     import shlex
@@ -181,7 +176,7 @@ def _signals_interrupt():
             signal.signal(s, h)
 
 
-def _skein_client():
+def _skein_client(verbose: bool = False):
     import gc
 
     import skein
@@ -190,7 +185,11 @@ def _skein_client():
     sys.unraisablehook = lambda _: None  # a half-made skein.Client complains in __del__
     try:
         try:
-            return skein.Client()
+            if verbose:
+                return skein.Client()
+            # the driver's (Java) log, skein's and Hadoop's: errors only, unless -v
+            quiet = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j-quiet.properties")
+            return skein.Client(log_level="ERROR", java_options=[f"-Dlog4j.configuration=file:{quiet}"])
         except Exception as exc:  # noqa: BLE001 - skein raises several kinds when no cluster answers
             message = str(exc)
         gc.collect()
@@ -223,12 +222,20 @@ def submit(job_file: str, wait: bool, resume: bool, skip_resource_check: bool, v
         from .client import check_submission
 
         check_submission(job, resources=not skip_resource_check)  # before the skein driver starts
+        if resume:
+            from .client import check_resume
+
+            what, step = check_resume(job)
+            if what == "done":
+                click.echo(f"job {job.name} had already succeeded after {step} supersteps: nothing to resume "
+                           f"(submit without --resume to run it again); results in {job.output}")
+                return
+            click.echo(f"resuming from the checkpoint at superstep {step} under {job.checkpoint_path}" if step
+                       else f"no checkpoint under {job.checkpoint_path}: the job starts from the beginning", err=True)
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from None
-    client = _skein_client()
+    client = _skein_client(verbose)
     try:
-        if resume:
-            _say_what_resumes(job)
         app_id = submit_job(job, client, check=False, resume=resume)
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from None
@@ -305,7 +312,7 @@ def kill(app_id: str, now: bool, grace: float) -> None:
             click.echo(f"{app_id} stopped: {stopped}")
             return
     client.kill_application(app_id)
-    click.echo(f"{app_id} killed")
+    click.echo(f"{app_id} killed; its checkpoints stay: `iterreduce submit JOB_FILE --resume` continues from the last")
 
 
 def _ask_to_stop(client, app_id: str, grace: float) -> str | None:
@@ -340,7 +347,8 @@ def _ask_to_stop(client, app_id: str, grace: float) -> str | None:
                 client.kill_application(app_id)
             return f"{st.get('message', '')}"
         # SUCCEEDED: it ended before it saw the request, and unregisters by itself
-    click.echo(f"{app_id} did not stop within {grace:g} s: killing it", err=True)
+    click.echo(f"{app_id} did not say it had stopped within {grace:g} s: killing it through the ResourceManager "
+               "(its metrics.json may or may not say why)", err=True)
     return None
 
 

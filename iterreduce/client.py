@@ -52,8 +52,13 @@ class Progress:
             key = (status["superstep"], status["state"])
             if key != self._last_line:
                 self._last_line = key
-                self.stream.write(f"{time.strftime('%H:%M:%S')} {status['state']} {status_text(status)} | "
-                                  f"{status['phase']} | {_metrics_text(status['metrics'])}\n")
+                parts = [f"{status['state']} {status_text(status)}", status["phase"],
+                         _metrics_text(status["metrics"])]
+                if status.get("replacements"):
+                    parts.append(f"{status['replacements']} worker(s) replaced")
+                if (status.get("attempt") or 1) > 1:  # YARN's next ApplicationMaster attempt, resumed
+                    parts.append(f"attempt {status['attempt']}")
+                self.stream.write(f"{time.strftime('%H:%M:%S')} {' | '.join(p for p in parts if p)}\n")
                 self.stream.flush()
             return
         if not self.enabled:
@@ -66,8 +71,8 @@ class Progress:
             head = f"[{'#' * filled}{'.' * (self.width - filled)}] {step}/{total}"
         else:
             head = f"superstep {step}"
-        self.bar = (f"{head} | {status['phase']} | {_metrics_text(status['metrics'])} | "
-                    f"{time.monotonic() - self.started:.0f}s")[:150]
+        parts = [head, status["phase"], _metrics_text(status["metrics"]), f"{time.monotonic() - self.started:.0f}s"]
+        self.bar = " | ".join(p for p in parts if p)[:150]
         self.stream.write("\r\x1b[K" + self.bar)
         if status["state"] in ("SUCCEEDED", "FAILED", "KILLED"):
             self.stream.write("\n")
@@ -182,6 +187,19 @@ def _check_file_names(job: JobSpec, reserved: set[str] = _OWN_FILES) -> None:
         seen[name] = path
 
 
+def check_yarn_section(job: JobSpec) -> None:
+    """What needs no cluster to check in ``yarn:``: an environment of an accepted form (an
+    archive that exists), ``yarn.files`` that exist under names that do not clash."""
+    try:
+        python_command(job.yarn.environment)
+    except SubmitError as exc:
+        raise SubmitError(f"{job.source}: {exc}") from None
+    _check_file_names(job)
+    for i, path in enumerate(job.yarn.files):
+        if not is_uri(path) and not os.path.exists(path):
+            raise SubmitError(f"{job.source}: yarn.files[{i}]: {path} does not exist")
+
+
 def build_spec(job: JobSpec, token_file: str, job_file: str, resume: bool = False) -> Any:
     """The skein ApplicationSpec for ``job`` (its ApplicationMaster resuming from the last
     checkpoint with ``resume``). The token travels as a private file, never on a command
@@ -208,7 +226,7 @@ def build_spec(job: JobSpec, token_file: str, job_file: str, resume: bool = Fals
         resources=skein.Resources(memory=job.master.memory_mb, vcores=job.master.vcores),
         files=files, env=env,
         script=f"{python} -m iterreduce.appmaster --job job.json --token-file iterreduce.token"
-               + (" --resume" if resume else ""),
+               f" --source {_quote(os.path.basename(job.source))}" + (" --resume" if resume else ""),
     )
     worker = skein.Service(
         instances=0, max_restarts=0, allow_failures=True,  # the master replaces workers itself
@@ -232,11 +250,14 @@ def check_submission(job: JobSpec, resources: bool = True) -> None:
         check_algorithm(job, must_import=False)
     except JobFailed as exc:
         raise SubmitError(str(exc)) from None
-    try:
-        python_command(job.yarn.environment)
-    except SubmitError as exc:
-        raise SubmitError(f"{job.source}: {exc}") from None
-    _check_file_names(job)
+    check_yarn_section(job)
+    local = [f"{what} {path}" for what, path in [("output", job.output), ("checkpoint.path", job.checkpoint.path),
+                                                 *(("input", p) for p in job.input.paths)] if path and not is_uri(path)]
+    if local:  # right on a one-node cluster; on more, each container sees its own node's disk
+        logging.getLogger("iterreduce").warning(
+            "%s: %s: local path(s): every container reads and writes them on the node it runs on; use "
+            "URIs every node reaches (webhdfs://, hdfs://) on a cluster of more than one node",
+            job.source, "; ".join(local))
     if resources:
         check_queue(job)
         check_resources(job)
@@ -251,7 +272,8 @@ def check_input(job: JobSpec) -> None:
     try:
         plan_splits(job.input.paths, job.workers.count)
     except InputError as exc:
-        raise SubmitError(f"{job.source}: input: {exc}") from None
+        raise SubmitError(f"{job.source}: input: {str(exc).removeprefix('input ')}"  # not "input: input path"
+                          if str(exc).startswith("input path ") else f"{job.source}: input: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a filesystem that does not answer
         raise SubmitError(f"{job.source}: input: cannot read {', '.join(job.input.paths)}: "
                           f"{type(exc).__name__}: {_first_line(exc)}") from None
@@ -273,6 +295,91 @@ def check_output(job: JobSpec) -> None:
         except Exception as exc:  # noqa: BLE001 - OSError locally, requests' errors through WebHDFS
             raise SubmitError(f"{job.source}: {what}: cannot create {uri}: "
                               f"{type(exc).__name__}: {_first_line(exc)}") from None
+    check_not_in_use(job)
+
+
+def check_not_in_use(job: JobSpec) -> None:
+    """Refuse a job whose output another run is writing now (its ApplicationMaster left
+    :data:`~iterreduce.appmaster.OWNER_FILE` there): a YARN application the
+    ResourceManager lists as running, or a local run whose process is alive on this host.
+    A marker a run that died left behind is ignored."""
+    import json
+    import socket
+
+    from .appmaster import OWNER_FILE
+    from .fs import Output
+
+    try:
+        out = Output(job.output)
+        owner = json.loads(out.read_bytes(OWNER_FILE)) if out.exists(OWNER_FILE) else None
+    except Exception:  # noqa: BLE001 - unreadable: written as it was read, or a run that died
+        return
+    if not isinstance(owner, dict):
+        return
+    app = owner.get("application")
+    if app:
+        rm = "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
+        try:
+            state = _get_json(f"{rm}/ws/v1/cluster/apps/{app}")["app"]["state"]
+        except Exception:  # noqa: BLE001 - no ResourceManager to ask: YARN's own checks still apply
+            return
+        if state in ("NEW", "NEW_SAVING", "SUBMITTED", "ACCEPTED", "RUNNING"):
+            raise SubmitError(f"{job.source}: output: application {app} (job {owner.get('job')}) is running with "
+                              f"{job.output} as its output: `iterreduce kill {app}` stops it, or give this job "
+                              "another output")
+        return
+    pid, host = owner.get("pid"), owner.get("host")
+    if isinstance(pid, int) and host == socket.gethostname() and pid != os.getpid() and _alive(pid):
+        raise SubmitError(f"{job.source}: output: a local run of job {owner.get('job')} (process {pid}) is "
+                          f"writing to {job.output}: stop it, or give this job another output")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:  # a pid reused by another program is not a run
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"iterreduce" in f.read()
+    except OSError:
+        return True
+
+
+def check_resume(job: JobSpec) -> tuple[str, int | None]:
+    """What ``submit --resume`` would do, found before anything is submitted:
+    ``("done", supersteps)`` when the output holds this job's SUCCEEDED result (nothing to
+    resume), ``("resume", step)`` from the checkpoint of superstep ``step``, ``("start",
+    None)`` when there is none. A checkpoint another job (other settings) wrote, or none that
+    can be read, is a :class:`SubmitError` naming the difference."""
+    import json
+
+    from .appmaster import _check_same_job, job_fingerprint
+    from .fs import Checkpoints, InputError, Output
+
+    out = Output(job.output)
+    try:
+        done = json.loads(out.read_bytes("metrics.json")) if out.exists("metrics.json") else {}
+    except (OSError, ValueError):
+        done = {}
+    if isinstance(done, dict) and done.get("state") == "SUCCEEDED" and \
+            done.get("fingerprint") == job_fingerprint(job):
+        return "done", int(done.get("supersteps") or 0)
+    checkpoints = Checkpoints(job.checkpoint_path, keep=job.checkpoint.keep)
+    try:
+        restored = checkpoints.latest()
+    except InputError as exc:
+        raise SubmitError(f"{job.source}: cannot resume: {exc}; submit without --resume to start again") from None
+    if restored is None:
+        return "start", None
+    step, _, meta = restored
+    try:
+        _check_same_job(meta, job, checkpoints.dir.uri_of(f"ckpt-{step:08d}.npz"))
+    except JobFailed as exc:
+        raise SubmitError(str(exc)) from None
+    return "resume", step
 
 
 def cluster_resources() -> dict[str, Any] | None:
@@ -480,7 +587,7 @@ def wait(app_id: str, client: Any, progress: Progress | None = None, poll: float
         if state in ("FINISHED", "FAILED", "KILLED"):
             final = str(report.final_status)
             if progress is not None and last is not None:
-                progress({**last, "state": "SUCCEEDED" if final == "SUCCEEDED" else "FAILED"})
+                progress({**last, "state": final if final in ("SUCCEEDED", "KILLED") else "FAILED"})
             return final, report.diagnostics or ""
         if state == "RUNNING":
             try:

@@ -148,7 +148,7 @@ def test_cli_validate_accepts_good_and_refuses_bad(tmp_path):
     good = write(tmp_path, GOOD)
     missing = iterreduce("validate", str(good))  # as submit does: the input must exist
     assert missing.returncode != 0
-    assert f"{good}: input: input path {tmp_path / 'data' / 'train'}: does not exist" in missing.stderr
+    assert f"{good}: input: path {tmp_path / 'data' / 'train'}: does not exist" in missing.stderr
     write_dataset(tmp_path / "data" / "train")  # 4 files, 8 row groups
     ok = iterreduce("validate", str(good))
     assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
@@ -452,3 +452,24 @@ def test_dbn_test_set_that_is_training_data_is_accepted_with_a_warning(tmp_path)
         assert res.returncode == 0, res.stderr
         said = f"algorithm.params.test: {test} is also training data (algorithm.params.train)" in res.stderr
         assert said is warned, res.stderr
+
+
+def test_validate_imports_what_yarn_files_ships_and_checks_the_yarn_section(tmp_path):
+    write_dataset(tmp_path / "data" / "train")
+    (tmp_path / "pkgs").mkdir()
+    (tmp_path / "pkgs" / "shippedalgo.py").write_text(
+        "from tests.algos import LinRegMaster, LinRegWorker\n\n\nclass M(LinRegMaster):\n    pass\n\n\n"
+        "class W(LinRegWorker):\n    pass\n")
+    algo = GOOD.replace("tests.algos:LinRegMaster", "shippedalgo:M").replace("tests.algos:LinRegWorker",
+                                                                               "shippedalgo:W")
+    res = iterreduce("validate", str(write(tmp_path, algo)))
+    assert res.returncode != 0 and "cannot import module 'shippedalgo'" in res.stderr
+    assert "on YARN, yarn.files ships modules into the containers" in res.stderr
+    yarn = "yarn: {environment: 'python:///usr/bin/python3', files: [%s]}\n"
+    res = iterreduce("validate", str(write(tmp_path, algo + yarn % "pkgs/shippedalgo.py")))
+    assert res.returncode == 0, res.stderr  # in the containers it lands beside the job: importable
+    assert "its yarn section is OK too" in res.stdout
+    res = iterreduce("validate", str(write(tmp_path, GOOD + yarn % "pkgs/nosuch.py")))
+    assert res.returncode != 0 and f"yarn.files[0]: {tmp_path / 'pkgs' / 'nosuch.py'} does not exist" in res.stderr
+    res = iterreduce("validate", str(write(tmp_path, GOOD + "yarn: {environment: /nowhere/env.tar.gz}\n")))
+    assert res.returncode != 0 and "yarn.environment: the archive /nowhere/env.tar.gz does not exist" in res.stderr

@@ -91,12 +91,15 @@ def test_submit_wait_writes_a_line_per_superstep_counting_those_done():
     status = {"state": "RUNNING", "superstep": 0, "total": 3, "phase": "epoch 1", "metrics": {}}
     for s in (0, 0, 1, 2):  # the same status twice gives one line
         progress({**status, "superstep": s, "phase": f"epoch {s + 1}", "metrics": {"mse": 1.0 / (s + 1)}})
-    progress({**status, "superstep": 2, "state": "SUCCEEDED", "phase": "epoch 3", "metrics": {"mse": 0.25}})
+    progress({**status, "superstep": 2, "state": "SUCCEEDED", "phase": "epoch 3", "metrics": {"mse": 0.25},
+              "replacements": 1, "attempt": 2})
+    progress({**status, "state": "FAILED", "phase": "starting"})  # no metrics yet: no empty field
     lines = [line.split(" ", 1)[1] for line in out.getvalue().splitlines()]
     assert lines == ["RUNNING superstep 0 (0/3 done) | epoch 1 | mse=1",
                      "RUNNING superstep 1 (1/3 done) | epoch 2 | mse=0.5",
                      "RUNNING superstep 2 (2/3 done) | epoch 3 | mse=0.3333",
-                     "SUCCEEDED superstep 2 (3/3 done) | epoch 3 | mse=0.25"]
+                     "SUCCEEDED superstep 2 (3/3 done) | epoch 3 | mse=0.25 | 1 worker(s) replaced | attempt 2",
+                     "FAILED superstep 0 (0/3 done) | starting"]
 
 
 def test_same_job_gives_the_same_model(tmp_path, dataset, baseline):
@@ -496,7 +499,7 @@ def test_missing_input_path_is_named(tmp_path):
     job = make_job(tmp_path, tmp_path / "nowhere", "missing")
     res = cli("run", str(job))
     assert res.returncode != 0
-    assert f"input path {tmp_path / 'nowhere'}: does not exist" in res.stderr
+    assert f"input: path {tmp_path / 'nowhere'}: does not exist" in res.stderr
 
 
 def test_record_error_is_part_of_the_top_level_api_without_importing_pyarrow_up_front():
@@ -588,3 +591,30 @@ def test_a_requested_stop_ends_the_job_saying_so_and_resume_finishes_it(tmp_path
     assert res.returncode == 0, res.stderr
     assert "resumed from checkpoint" in res.stderr
     np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
+
+
+def test_a_second_run_into_an_output_another_run_is_writing_is_refused(tmp_path, dataset):
+    import subprocess
+    import sys
+
+    job = make_job(tmp_path, dataset, "busy", sleep=0.3, supersteps=40)
+    out = Path(load_job(job).output)
+    proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", str(job)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "running.json").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the first run did not start"
+            time.sleep(0.05)
+        res = cli("run", str(job))
+        assert res.returncode != 0
+        assert f"output: a local run of job linreg-test (process {proc.pid}) is writing to {out}" in res.stderr
+        assert proc.poll() is None  # the first run goes on
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert not (out / "running.json").exists()  # the stopped run took its marker away
+    killed = run_and_kill_after_checkpoint(job, out / "checkpoints", 1)  # SIGKILL: the marker stays, dead
+    assert json.loads((out / "running.json").read_text())["pid"] == killed
+    res = cli("run", "--resume", str(job))
+    assert res.returncode == 0, res.stderr

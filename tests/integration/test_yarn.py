@@ -438,6 +438,10 @@ def test_kill_stops_the_job_saying_so_and_submit_resume_finishes_it(hadoop_clust
     job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{out}", sleep=1.0, supersteps=30)
     app_id = submit(job)
     wait_superstep(skein_client, app_id, 3)
+    before = app_ids(hadoop_cluster)
+    res = cli("submit", str(job))  # a second application into the same output: refused while this one runs
+    assert res.returncode != 0 and f"application {app_id} (job yarn-linreg) is running with" in res.stderr, res.stderr
+    assert app_ids(hadoop_cluster) == before
     res = cli("kill", app_id)
     assert res.returncode == 0, res.stderr
     assert f"{app_id} stopped: interrupted (iterreduce kill by" in res.stdout, res.stdout + res.stderr
@@ -453,9 +457,18 @@ def test_kill_stops_the_job_saying_so_and_submit_resume_finishes_it(hadoop_clust
     assert metrics["state"] == "FAILED" and "`iterreduce submit --resume` continues" in metrics["message"], metrics
     stopped_at = len(metrics["history"])
     assert 3 <= stopped_at < 30
+    other = tmp_path / "other-seed.yaml"  # a resume with other settings: refused before submitting
+    other.write_text(job.read_text().replace("seed: 11", "seed: 12"))
+    res = cli("submit", "--resume", str(other))
+    assert res.returncode != 0 and "a job with other settings wrote it (seed: 11 there, 12 here)" in res.stderr
+    assert str(other) in res.stderr and app_ids(hadoop_cluster) == before | {app_id}
     res = cli("submit", "--resume", "--wait", str(job))
     assert res.returncode == 0, res.stderr
     assert "resuming from the checkpoint at superstep" in res.stderr and "SUCCEEDED" in res.stdout
+    done = app_ids(hadoop_cluster)
+    res = cli("submit", "--resume", str(job))  # finished: nothing to resume, nothing submitted
+    assert res.returncode == 0 and "had already succeeded after 30 supersteps: nothing to resume" in res.stdout
+    assert app_ids(hadoop_cluster) == done
     metrics = json.loads(read_hdfs(hadoop_cluster, f"{out}/metrics.json"))
     assert metrics["state"] == "SUCCEEDED" and [h["superstep"] for h in metrics["history"]] == list(range(30))
     np.testing.assert_array_equal(hdfs_result(hadoop_cluster, f"{out}/result.npz"),

@@ -73,6 +73,11 @@ def _json_ok(v: Any) -> bool:
         return False
 
 
+def failed_when(stage: str, superstep: int) -> str:
+    """Where a worker failed, for messages: ``in setup (before superstep 3)`` or ``at superstep 3``."""
+    return f"in setup (before superstep {superstep})" if stage == "setup" else f"at superstep {superstep}"
+
+
 def json_text(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` for files others read: NaN and infinities (a validation error where
     there is no validation set, say) become ``null``, since JSON has no such numbers and

@@ -29,8 +29,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import ipc
-from .api import (Final, Master, MasterContext, Update, Worker, average_metrics, json_text, update_from_avro,
-                  update_to_avro)
+from .api import (Final, Master, MasterContext, Update, Worker, average_metrics, failed_when, json_text,
+                  update_from_avro, update_to_avro)
 from .containers import Launcher
 from .fs import Checkpoints, FilePiece, InputError, Output, plan_splits
 from .job import JobSpec, is_uri
@@ -198,7 +198,7 @@ class _Split:
     container: str | None = None  # the container started for this split
     owner: str | None = None  # worker id currently holding it
     launched_at: float = 0.0
-    last_failure: tuple[int, str] | None = None  # (superstep, error) its last worker reported
+    last_failure: tuple[str, str] | None = None  # (failed_when, error) its last worker reported
 
 
 class AppMaster:
@@ -297,12 +297,8 @@ class AppMaster:
     def _finished_before(self) -> bool:
         """A resume of a job that already succeeded (its metrics.json says so, for these
         settings): nothing to do, and its results stay as they are."""
-        try:
-            done = json.loads(self.output.read_bytes("metrics.json")) if self.output.exists("metrics.json") else {}
-        except (OSError, ValueError):
-            return False
-        if (done.get("state") != "SUCCEEDED" or done.get("fingerprint") != job_fingerprint(self.job)
-                or (done.get("application") != self.application and not self.resume_asked)):
+        done = earlier_success(self.output, self.job)
+        if done is None or (done.get("application") != self.application and not self.resume_asked):
             return False  # a new YARN attempt: only this application's own result is its result
         with self._cond:
             self._state, self._superstep = "SUCCEEDED", max(int(done.get("supersteps", 1)) - 1, 0)
@@ -329,13 +325,9 @@ class AppMaster:
             if exc.transient:
                 raise
             raise JobFailed(f"the master's input: {exc}; fix the input and run the job again") from None
-        try:
-            restored = self.checkpoints.latest() if self.resume else None
-        except InputError as exc:  # every checkpoint there is damaged: resuming cannot work
-            raise JobFailed(f"cannot resume: {exc}; run the job again without resuming") from None
+        restored = resumable_checkpoint(self.checkpoints, job) if self.resume else None
         if restored is not None:
             step, arrays, meta = restored
-            _check_same_job(meta, job, self.checkpoints.dir.uri_of(f"ckpt-{step:08d}.npz"))
             self._hook("restore", self.master.restore, _unpack(arrays, meta, "state"))
             broadcast = _unpack(arrays, meta, "broadcast")
             self._superstep = step
@@ -587,7 +579,7 @@ class AppMaster:
         # a worker reports its failure before it exits: that report, not the exit code, is the reason
         self._handle_events()
         for cid, code in exited.items():
-            self._container_lost(cid, f"exited with code {code}")
+            self._container_lost(cid, self.launcher.exit_reason(code))
         with self._cond:
             silent = [(w.container_id, now - w.last_seen) for w in self._workers.values()
                       if now - w.last_seen > hb.timeout]
@@ -781,28 +773,30 @@ class AppMaster:
             stop = self._state not in ("RUNNING", "STARTING")
         return {"accepted": True, "message": self._message if stop else "", "stop": stop}
 
-    def fail(self, worker_id: str, superstep: int, error: str, traceback: str, fatal: bool = False) -> dict[str, Any]:
+    def fail(self, worker_id: str, superstep: int, error: str, traceback: str, fatal: bool = False,
+             stage: str = "compute") -> dict[str, Any]:
+        when = failed_when(stage, superstep)
         with self._cond:
             info = self._workers.get(worker_id)
             if info is None:
                 return {"accepted": False, "message": "not registered", "stop": True}
-            log.error("worker %s (container %s, split %d) failed at superstep %d: %s\n%s", worker_id,
-                      info.container_id, info.split, superstep, error, traceback)
+            log.error("worker %s (container %s, split %d) failed %s: %s\n%s", worker_id,
+                      info.container_id, info.split, when, error, traceback)
             why = ("this fails the job at once: a replacement worker would fail the same way (it reads the same "
                    "input with the same seed); fix the input or the algorithm and run the job again") if fatal else ""
             split = self._splits[info.split]
-            if (not why and split.last_failure == (superstep, error)
+            if (not why and split.last_failure == (when, error)
                     and error.split(":", 1)[0] in _PROGRAMMING_ERRORS):
                 why = ("its replacement failed the same way at the same superstep as the worker before it, so a "
                        "further one would too (workers are deterministic given seed, split and superstep); "
                        "this fails the job; fix the algorithm or the input and run the job again")
-            others = [i for i, o in enumerate(self._splits) if i != info.split and o.last_failure == (superstep, error)]
+            others = [i for i, o in enumerate(self._splits) if i != info.split and o.last_failure == (when, error)]
             if not why and others and error.split(":", 1)[0] in _PROGRAMMING_ERRORS:
                 why = (f"the worker of split {others[0]} failed the same way at the same superstep: an error of "
                        "the algorithm, not of one machine, which replacements would only repeat; this fails the "
                        "job; fix the algorithm or the input and run the job again")
-            split.last_failure = (superstep, error)
-            self._events.append((info.container_id, f"failed at superstep {superstep}: {error}", why))
+            split.last_failure = (when, error)
+            self._events.append((info.container_id, f"failed {when}: {error}", why))
             self._cond.notify_all()
         return {"accepted": True, "message": "", "stop": True}
 
@@ -832,6 +826,34 @@ def job_fingerprint(job: JobSpec) -> dict[str, Any]:
     return {"seed": job.seed, "workers.count": job.workers.count, "input.paths": list(job.input.paths),
             "algorithm.master": job.algorithm.master, "algorithm.worker": job.algorithm.worker,
             "algorithm.params": json.loads(json.dumps(job.algorithm.params))}
+
+
+def earlier_success(output: Output, job: JobSpec) -> dict[str, Any] | None:
+    """The metrics.json of a run of ``job`` (same settings: :func:`job_fingerprint`) that
+    SUCCEEDED into ``output``; None when there is none (or it cannot be read)."""
+    try:
+        done = json.loads(output.read_bytes("metrics.json")) if output.exists("metrics.json") else None
+    except (OSError, ValueError):
+        return None
+    if isinstance(done, dict) and done.get("state") == "SUCCEEDED" and \
+            done.get("fingerprint") == job_fingerprint(job):
+        return done
+    return None
+
+
+def resumable_checkpoint(checkpoints: Checkpoints, job: JobSpec
+                         ) -> tuple[int, dict[str, np.ndarray], dict[str, Any]] | None:
+    """The newest readable checkpoint ``job`` can resume from (:meth:`Checkpoints.latest`),
+    None when there is none. :class:`JobFailed` when none can be read, or when a job with other
+    settings wrote it (naming what differs): resuming it would not give this job's model."""
+    try:
+        restored = checkpoints.latest()
+    except InputError as exc:  # every checkpoint there is damaged: resuming cannot work
+        raise JobFailed(f"{job.source}: cannot resume: {exc}; run without --resume to start again") from None
+    if restored is not None:
+        step, _, meta = restored
+        _check_same_job(meta, job, checkpoints.dir.uri_of(f"ckpt-{step:08d}.npz"))
+    return restored
 
 
 def _flat(prefix: str, v: Any) -> dict[str, Any]:

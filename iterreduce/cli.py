@@ -322,7 +322,7 @@ def _ask_to_stop(client, app_id: str, grace: float) -> str | None:
     master's message, or None when it did not take the request or did not stop in time."""
     import json
 
-    from .client import with_deadline
+    from .client import kill_application, with_deadline
     from .containers import KV_STATUS, KV_STOP
 
     try:
@@ -343,8 +343,10 @@ def _ask_to_stop(client, app_id: str, grace: float) -> str | None:
                 return f"{r.state} / {r.final_status}: {(r.diagnostics or '').strip()}"
             continue
         if st.get("state") == "FAILED":  # stopped (or failed just now): no next attempt
+            # ended here, with the master's reason (YARN would give "killed by user")
             with contextlib.suppress(Exception):
-                client.kill_application(app_id)
+                kill_application(client, app_id, f"iterreduce job {_report(client, app_id).name} stopped: "
+                                                 f"{st.get('message', '')}")
             return f"{st.get('message', '')}"
         # SUCCEEDED: it ended before it saw the request, and unregisters by itself
     click.echo(f"{app_id} did not say it had stopped within {grace:g} s: killing it through the ResourceManager "

@@ -18,6 +18,8 @@ from .appmaster import AppMaster, JobFailed
 from .containers import LocalLauncher
 from .job import JobSpec, is_uri
 
+log = logging.getLogger(__name__)
+
 __all__ = ["run_local", "Progress", "JobFailed"]
 
 
@@ -222,16 +224,28 @@ def build_spec(job: JobSpec, token_file: str, job_file: str, resume: bool = Fals
     env = {**dict(job.yarn.env), "ITERREDUCE_TOKEN_FILE": "iterreduce.token", "PYTHONUNBUFFERED": "1"}
     if os.environ.get("HADOOP_USER_NAME"):
         env["HADOOP_USER_NAME"] = os.environ["HADOOP_USER_NAME"]
+
+    def threads(vcores: int) -> dict[str, str]:
+        # a BLAS uses as many threads as the container has vcores, not every core of its node
+        # (the others are other containers'); as locally, where the cores are shared among the
+        # workers, and then a worker computes the same floats on YARN as in `iterreduce run`
+        return {var: str(vcores) for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                if var not in job.yarn.env}
+
     master = skein.Master(
         resources=skein.Resources(memory=job.master.memory_mb, vcores=job.master.vcores),
-        files=files, env=env,
+        files=files, env={**env, **threads(job.master.vcores)},
         script=f"{python} -m iterreduce.appmaster --job job.json --token-file iterreduce.token"
                f" --source {_quote(os.path.basename(job.source))}" + (" --resume" if resume else ""),
     )
     worker = skein.Service(
         instances=0, max_restarts=0, allow_failures=True,  # the master replaces workers itself
         resources=skein.Resources(memory=job.workers.resources.memory_mb, vcores=job.workers.resources.vcores),
-        files=files, env=env, script=f"{python} -m iterreduce.worker",
+        # skein tells a container's exit code to no one ("Container failed during execution"): a
+        # worker killed by a signal (or exiting with a code of its own) has it recorded for the master
+        files=files, env={**env, **threads(job.workers.resources.vcores)},
+        script=f"{python} -m iterreduce.worker\nrc=$?\n"
+               f"if [ $rc -gt 3 ]; then {python} -m iterreduce.worker --exited $rc; fi\nexit $rc",
     )
     return skein.ApplicationSpec(
         name=job.name, queue=job.yarn.queue, tags=set(job.yarn.tags) | {"iterreduce"},
@@ -354,32 +368,17 @@ def check_resume(job: JobSpec) -> tuple[str, int | None]:
     resume), ``("resume", step)`` from the checkpoint of superstep ``step``, ``("start",
     None)`` when there is none. A checkpoint another job (other settings) wrote, or none that
     can be read, is a :class:`SubmitError` naming the difference."""
-    import json
+    from .appmaster import earlier_success, resumable_checkpoint
+    from .fs import Checkpoints, Output
 
-    from .appmaster import _check_same_job, job_fingerprint
-    from .fs import Checkpoints, InputError, Output
-
-    out = Output(job.output)
-    try:
-        done = json.loads(out.read_bytes("metrics.json")) if out.exists("metrics.json") else {}
-    except (OSError, ValueError):
-        done = {}
-    if isinstance(done, dict) and done.get("state") == "SUCCEEDED" and \
-            done.get("fingerprint") == job_fingerprint(job):
+    done = earlier_success(Output(job.output), job)
+    if done is not None:
         return "done", int(done.get("supersteps") or 0)
-    checkpoints = Checkpoints(job.checkpoint_path, keep=job.checkpoint.keep)
     try:
-        restored = checkpoints.latest()
-    except InputError as exc:
-        raise SubmitError(f"{job.source}: cannot resume: {exc}; submit without --resume to start again") from None
-    if restored is None:
-        return "start", None
-    step, _, meta = restored
-    try:
-        _check_same_job(meta, job, checkpoints.dir.uri_of(f"ckpt-{step:08d}.npz"))
+        restored = resumable_checkpoint(Checkpoints(job.checkpoint_path, keep=job.checkpoint.keep), job)
     except JobFailed as exc:
         raise SubmitError(str(exc)) from None
-    return "resume", step
+    return ("start", None) if restored is None else ("resume", restored[0])
 
 
 def cluster_resources() -> dict[str, Any] | None:
@@ -521,10 +520,25 @@ def submit(job: JobSpec, client: Any = None, check: bool = True, resume: bool = 
         spec = build_spec(job, token_file, job_file, resume=resume)
         client = client or skein.Client()
         try:
-            return client.submit(spec)
+            app_id = client.submit(spec)
         except skein.exceptions.DriverError as exc:  # YARN refused it: a queue, an ACL, a limit
             text = " ".join(str(exc).split())
             raise SubmitError(f"{job.source}: YARN refused the application: {text}") from None
+    claim_output(job, app_id)
+    return app_id
+
+
+def claim_output(job: JobSpec, app_id: str) -> None:
+    """Mark ``job.output`` as the output of the application just submitted, before its
+    ApplicationMaster starts (which may take a while on a busy cluster) and writes the same:
+    a second submission into that output meanwhile is refused by :func:`check_not_in_use`."""
+    from .appmaster import OWNER_FILE
+    from .fs import Output
+
+    try:
+        Output(job.output).write_json(OWNER_FILE, {"application": app_id, "job": job.name, "submitted": True})
+    except Exception as exc:  # noqa: BLE001 - the application runs all the same; its master writes it
+        log.warning("could not mark %s as %s's output: %s", job.output, app_id, _first_line(exc))
 
 
 def logs_command(app_id: str) -> str:
@@ -646,6 +660,39 @@ def _get_json(url: str) -> Any:
     with urllib.request.urlopen(urllib.request.Request(url, headers={"Accept": "application/json"}),
                                 timeout=30) as r:
         return json.loads(r.read())
+
+
+def kill_application(client: Any, app_id: str, diagnostics: str) -> None:
+    """Kill ``app_id`` through the ResourceManager, leaving ``diagnostics`` as the reason YARN
+    (and `iterreduce status`, and the web UI) shows for it: its REST API takes one (Hadoop 3),
+    skein's kill does not ("Application killed by user."), so that is the fallback (a secured
+    web UI, an older ResourceManager)."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    rm = "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
+    user = os.environ.get("HADOOP_USER_NAME") or _login()
+    url = f"{rm}/ws/v1/cluster/apps/{app_id}/state?" + urllib.parse.urlencode({"user.name": user})
+    body = json.dumps({"state": "KILLED", "diagnostics": diagnostics[:4000]}).encode()
+    try:
+        req = urllib.request.Request(url, data=body, method="PUT",
+                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+        return
+    except Exception as exc:  # noqa: BLE001 - refused (ACLs, SPNEGO) or not there: skein kills it
+        log.debug("the ResourceManager's REST API did not kill %s (%s): killing it through skein", app_id, exc)
+    client.kill_application(app_id)
+
+
+def _login() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name in this environment
+        return "dr.who"
 
 
 def container_logs(app_id: str, max_gap: int = 5) -> list[tuple[str, str, str]]:

@@ -17,7 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["Launcher", "LocalLauncher", "YarnLauncher", "KV_MASTER_URL", "KV_STATUS", "KV_STOP", "ENV_MASTER", "ENV_CONTAINER", "ENV_SPLIT", "ENV_TOKEN_FILE"]
+__all__ = ["Launcher", "LocalLauncher", "YarnLauncher", "exit_reason", "yarn_exit_code", "KV_MASTER_URL",
+           "KV_STATUS", "KV_EXIT", "KV_STOP", "ENV_MASTER", "ENV_CONTAINER", "ENV_SPLIT", "ENV_TOKEN_FILE"]
 
 ENV_MASTER = "ITERREDUCE_MASTER_URL"
 ENV_CONTAINER = "ITERREDUCE_CONTAINER_ID"
@@ -26,6 +27,53 @@ ENV_TOKEN_FILE = "ITERREDUCE_TOKEN_FILE"  # a file holding the token; '-' means:
 KV_MASTER_URL = "iterreduce.master_url"  # where, on YARN, the master publishes its endpoint
 KV_STOP = "iterreduce.stop"  # set by `iterreduce kill` (its value: who asked): the master stops the job
 KV_STATUS = "iterreduce.status"  # the live view: JSON of the master's status after every superstep
+KV_EXIT = "iterreduce.exit."  # + skein's container id: the exit code of a worker process that died (YARN)
+
+
+# ContainerExitStatus: YARN's own codes for a container it ended (negative, not signals)
+YARN_EXIT_STATUS = {-100: "YARN aborted it (its node was lost, or the application released it)",
+                    -101: "its node's disks failed", -102: "YARN preempted it for another queue",
+                    -103: "YARN killed it for using more virtual memory than workers.memory allows",
+                    -104: "YARN killed it for using more physical memory than workers.memory allows",
+                    -105: "the ApplicationMaster killed it", -106: "the ResourceManager killed it",
+                    -107: "YARN killed it when the application finished",
+                    -108: "its node's NodeManager was stopped or restarted"}
+
+
+def exit_reason(code: int, yarn: bool = False) -> str:
+    """How a worker container ended, in words: ``exited with code 3``; a signal named (a
+    negative code from a local process, 128 + the signal from a shell on YARN: 137 is SIGKILL,
+    the kernel's out-of-memory killer among others); YARN's own negative codes explained."""
+    if yarn and code in YARN_EXIT_STATUS:
+        return f"ended with YARN exit status {code}: {YARN_EXIT_STATUS[code]}"
+    sig = -code if code < 0 and not yarn else code - 128 if yarn and 128 < code < 128 + 65 else None
+    if sig is not None:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        how = f"exited with code {code} (killed by {name})" if code > 0 else f"was killed by {name}"
+        return how + (": out of memory (the kernel's OOM killer), or killed by hand"
+                      if sig == signal.SIGKILL else "")
+    return f"exited with code {code}"
+
+
+# YARN's (ContainersMonitorImpl) and skein's words for the same
+_YARN_PHRASES = [("beyond the 'PHYSICAL' memory limit", -104), ("beyond the 'VIRTUAL' memory limit", -103),
+                 ("physical memory used", -104), ("virtual memory used", -103), ("preempted", -102)]
+_EXIT_CODE = re.compile(r"[Ee]xit (?:code|status)(?: is|:|=)?\s*(-?\d+)")
+
+
+def yarn_exit_code(state: str, message: str) -> int:
+    """A YARN container's exit code, as its diagnostics (skein's ``exit_message``) give it:
+    0 for SUCCEEDED, otherwise the last code they name, 1 when they name none."""
+    if state == "SUCCEEDED":
+        return 0
+    for phrase, code in _YARN_PHRASES:  # YARN's reason, which its code alone (143) does not give
+        if phrase in (message or ""):
+            return code
+    codes = _EXIT_CODE.findall(message or "")
+    return int(codes[-1]) if codes else 1
 
 
 class Launcher:
@@ -54,6 +102,10 @@ class Launcher:
     def describe(self, container_id: str) -> str:
         """Where to read a container's logs, for error messages."""
         return container_id
+
+    def exit_reason(self, code: int) -> str:
+        """How a container that :meth:`poll` reported with ``code`` ended, in words."""
+        return exit_reason(code)
 
     def unallocated(self) -> set[str]:
         """Containers asked for that the cluster has not given yet (none for local processes)."""
@@ -203,8 +255,19 @@ class YarnLauncher(Launcher):
                 self._running.discard(c.id)
                 self._messages[c.id] = (f"{c.yarn_container_id}, {c.state} on {c.yarn_node_http_address}: "
                                         f"{c.exit_message or ''}").strip().rstrip(":")
-                ended[c.id] = 0 if str(c.state) == "SUCCEEDED" else 1
+                ended[c.id] = self._exit_code(c)
         return ended
+
+    def _exit_code(self, c) -> int:
+        code = yarn_exit_code(str(c.state), c.exit_message or "")
+        if code == 1 and str(c.state) == "FAILED":  # skein's words for any code > 0: the container said its own
+            try:
+                recorded = self.app.kv.get(KV_EXIT + c.id)
+                if recorded:
+                    return int(recorded)
+            except Exception:  # noqa: BLE001 - not recorded (killed with its shell), or no answer: 1 it is
+                pass
+        return code
 
     def kill(self, container_id: str) -> None:
         try:
@@ -219,6 +282,9 @@ class YarnLauncher(Launcher):
             time.sleep(0.2)
         for cid in list(self._running):
             self.kill(cid)
+
+    def exit_reason(self, code: int) -> str:
+        return exit_reason(code, yarn=True)
 
     def unallocated(self) -> set[str]:
         try:

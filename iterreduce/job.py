@@ -30,7 +30,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -321,37 +321,56 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>", base: Path | None = None) -> "JobSpec":
         """Validate a mapping; relative local paths are taken relative to ``base``."""
+        errors: list[str] = []
+
+        def part(read: Callable[[], Any]) -> Any:  # every section is checked: all errors at once
+            try:
+                return read()
+            except JobError as exc:
+                errors.append(str(exc))
+                return None
+
+        def master_section() -> Resources:
+            m = r.sub("master")
+            master = Resources.read(m)
+            m.done()
+            return master
+
+        def job_name() -> str:
+            name = r.get("name", str)
+            if not re.match(r"^[\w.-]{1,100}$", name):
+                raise JobError(f"name: use letters, digits, '.', '_' or '-' (at most 100), got {name!r}")
+            return name
+
         try:
             r = _Reader(data, "")
             base_dir = r.get("base_dir", str, None)
             if base_dir is not None:  # a relative base_dir is relative to the job file, not the shell
                 base = Path(base_dir) if Path(base_dir).is_absolute() or base is None else (base / base_dir)
                 base = Path(os.path.normpath(base.absolute()))
-            name = r.get("name", str)
-            if not re.match(r"^[\w.-]{1,100}$", name):
-                raise JobError(f"name: use letters, digits, '.', '_' or '-' (at most 100), got {name!r}")
-            m = r.sub("master")
-            master = Resources.read(m)
-            m.done()
-            job = cls(
-                name=name,
-                seed=r.int_at_least("seed", 0),
-                workers=WorkersSpec.read(r.sub("workers")),
-                input=InputSpec.read(r.sub("input"), base),
-                output=_resolve(r.get("output", str), base),
-                algorithm=AlgorithmSpec.read(r.sub("algorithm")),
-                master=master,
-                checkpoint=CheckpointSpec.read(r.sub("checkpoint"), base),
-                heartbeat=HeartbeatSpec.read(r.sub("heartbeat")),
-                yarn=YarnSpec.read(r.sub("yarn"), base),
-                max_supersteps=r.int_at_least("max_supersteps", 1, 100_000),
-                base_dir=str(base) if base is not None else None,
-                source=source,
-            )
-            r.done()
-            job._check_not_inside_input()
         except JobError as exc:
             raise JobError(f"{source}: {exc}") from None
+        fields = dict(
+            name=part(job_name),
+            seed=part(lambda: r.int_at_least("seed", 0)),
+            workers=part(lambda: WorkersSpec.read(r.sub("workers"))),
+            input=part(lambda: InputSpec.read(r.sub("input"), base)),
+            output=part(lambda: _resolve(r.get("output", str), base)),
+            algorithm=part(lambda: AlgorithmSpec.read(r.sub("algorithm"))),
+            master=part(master_section),
+            checkpoint=part(lambda: CheckpointSpec.read(r.sub("checkpoint"), base)),
+            heartbeat=part(lambda: HeartbeatSpec.read(r.sub("heartbeat"))),
+            yarn=part(lambda: YarnSpec.read(r.sub("yarn"), base)),
+            max_supersteps=part(lambda: r.int_at_least("max_supersteps", 1, 100_000)),
+        )
+        part(r.done)
+        if not errors:
+            job = cls(**fields, base_dir=str(base) if base is not None else None, source=source)
+            part(job._check_not_inside_input)
+        if len(errors) == 1:
+            raise JobError(f"{source}: {errors[0]}")
+        if errors:
+            raise JobError(f"{source}: {len(errors)} errors:\n" + "\n".join(f"  {e}" for e in errors))
         return job
 
     def _check_not_inside_input(self) -> None:

@@ -22,7 +22,7 @@ import uuid
 from typing import Any
 
 from . import ipc
-from .api import Final, Update, Worker, WorkerContext, update_from_avro, update_to_avro
+from .api import Final, Update, Worker, WorkerContext, failed_when, update_from_avro, update_to_avro
 from .containers import ENV_CONTAINER, ENV_MASTER, ENV_SPLIT, ENV_TOKEN_FILE, KV_MASTER_URL, die_with_parent
 from .fs import FilePiece, InputError
 from .job import JobSpec
@@ -87,7 +87,10 @@ class WorkerRunner:
                                 log=logging.getLogger("iterreduce.algorithm"), _progress=self._set_progress)
             log.info("registered as %s for split %d of %d, starting at superstep %d", self.worker_id,
                      ctx.split_index, ctx.num_splits, step)
-            worker.setup(ctx)
+            try:
+                worker.setup(ctx)
+            except Exception as exc:  # noqa: BLE001 - reported, as below, but as a failure of setup
+                return self._failed(exc, step, stage="setup")
             while not self._stop_requested:
                 r = self._call("fetch", worker_id=self.worker_id, superstep=step, wait_ms=2000)
                 status = r["status"]
@@ -138,17 +141,18 @@ class WorkerRunner:
         finally:
             self._stop.set()
 
-    def _failed(self, exc: Exception, step: int) -> int:
+    def _failed(self, exc: Exception, step: int, stage: str = "compute") -> int:
         """Report ``exc`` to the master (which replaces this worker, or fails the job at once when
-        ``exc`` would only happen again) and return the exit code."""
+        ``exc`` would only happen again) and return the exit code. ``stage``: ``setup`` (before
+        superstep ``step``) or ``compute``."""
         tb = traceback.format_exc()
-        log.error("worker failed at superstep %d: %s\n%s", step, exc, tb)
+        log.error("worker failed %s: %s\n%s", failed_when(stage, step), exc, tb)
         # bad input (a record, a missing column, a corrupt file) fails the job: the
         # replacement would read the same input
         fatal = isinstance(exc, (RejectedUpdate, BadReturn)) or (isinstance(exc, InputError) and not exc.transient)
         try:
             self.client.call("fail", worker_id=self.worker_id, superstep=step,
-                             error=f"{type(exc).__name__}: {exc}", traceback=tb, fatal=fatal)
+                             error=f"{type(exc).__name__}: {exc}", traceback=tb, fatal=fatal, stage=stage)
         except Exception:  # noqa: BLE001 - the master may be gone too
             pass
         return EXIT_FAILED
@@ -213,6 +217,20 @@ def _master_url() -> str:
                      "workers are started by the master")
 
 
+def _record_exit(code: int) -> None:
+    """The worker process of this YARN container died with ``code`` (a signal, most often):
+    say so in its log and tell the master, which skein would only tell that it failed."""
+    from .containers import KV_EXIT, exit_reason
+
+    log.error("the worker process %s", exit_reason(code, yarn=True))
+    try:
+        import skein
+
+        skein.ApplicationClient.from_current().kv[KV_EXIT + os.environ["SKEIN_CONTAINER_ID"]] = str(code).encode()
+    except Exception as exc:  # noqa: BLE001 - then the master says "exited with code 1"
+        log.warning("could not tell the master the exit code: %s", exc)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -222,7 +240,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="iterreduce-worker")
     parser.add_argument("--container", default=None)
     parser.add_argument("--split", type=int, default=None)
+    parser.add_argument("--exited", type=int, default=None, metavar="CODE",
+                        help="(YARN) record that this container's worker process exited with CODE, for the master")
     args = parser.parse_args(argv)
+    if args.exited is not None:
+        _record_exit(args.exited)
+        return
     container = args.container or os.environ.get(ENV_CONTAINER) or os.environ.get("SKEIN_CONTAINER_ID")
     if not container:
         raise SystemExit(f"iterreduce worker: {ENV_CONTAINER} is not set; workers are started by the master")

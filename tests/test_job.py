@@ -157,6 +157,14 @@ def test_cli_validate_accepts_good_and_refuses_bad(tmp_path):
     res = iterreduce("validate", str(bad))
     assert res.returncode != 0
     assert "workers.count: must be at least 1, got 0" in res.stderr
+    several = tmp_path / "several.yaml"  # every section is checked: one run of validate names all
+    several.write_text(GOOD.replace("count: 2", "count: 0").replace("seed: 3", "seed: -1")
+                       .replace("checkpoint: {every: 2}", "checkpoint: {evry: 2}") + "extra: 1\n")
+    res = iterreduce("validate", str(several))
+    assert res.returncode != 0
+    assert f"{several}: 4 errors:\n  seed: must be at least 0, got -1\n  workers.count: must be at least 1, got 0\n" \
+           "  checkpoint.evry: unknown field" in res.stderr, res.stderr
+    assert "\n  extra: unknown field" in res.stderr, res.stderr
     many = tmp_path / "many.yaml"
     many.write_text(GOOD.replace("count: 2", "count: 9"))
     res = iterreduce("validate", str(many))

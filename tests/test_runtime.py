@@ -15,7 +15,7 @@ import yaml
 
 from iterreduce import ipc
 from iterreduce.appmaster import FAILURE_MARKER, AppMaster, JobFailed, final_failure_of, record_final_failure
-from iterreduce.containers import LocalLauncher
+from iterreduce.containers import LocalLauncher, exit_reason, yarn_exit_code
 from iterreduce.fs import Output
 from iterreduce.job import load_job
 
@@ -118,7 +118,26 @@ def test_worker_killed_mid_superstep_is_replaced(tmp_path, dataset, baseline):
     assert m["replacements"] == 1
     assert m["message"] == "succeeded after 1 worker replacement"
     np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
-    assert "exited with code -9" in res.stderr
+    assert "was killed by SIGKILL: out of memory (the kernel's OOM killer), or killed by hand" in res.stderr
+
+
+def test_exit_codes_are_told_in_words_as_yarn_and_local_processes_give_them():
+    # diagnostics as the NodeManager writes them (ContainerExecutor, ContainersMonitorImpl)
+    launch = "Exception from container-launch.\nContainer id: container_1_0001_01_000002\nExit code: 137\n"
+    assert yarn_exit_code("FAILED", launch) == 137
+    assert exit_reason(137, yarn=True) == ("exited with code 137 (killed by SIGKILL): out of memory (the "
+                                           "kernel's OOM killer), or killed by hand")
+    pmem = ("Container [pid=4242,containerID=container_1_0001_01_000003] is running 41943040B beyond the "
+            "'PHYSICAL' memory limit. Current usage: 553 MB of 512 MB physical memory used.\nContainer killed "
+            "on request. Exit code is 143\nContainer exited with a non-zero exit code 143. ")
+    assert yarn_exit_code("FAILED", pmem) == -104
+    assert "more physical memory than workers.memory allows" in exit_reason(-104, yarn=True)
+    assert yarn_exit_code("KILLED", "Container killed on request. Exit code is 143") == 143
+    assert exit_reason(143, yarn=True) == "exited with code 143 (killed by SIGTERM)"
+    assert yarn_exit_code("FAILED", "") == 1 and yarn_exit_code("SUCCEEDED", "Exit code: 3") == 0
+    assert exit_reason(1, yarn=True) == exit_reason(1) == "exited with code 1"
+    assert exit_reason(-15) == "was killed by SIGTERM" and exit_reason(-9).startswith("was killed by SIGKILL")
+    assert exit_reason(-100, yarn=True).startswith("ended with YARN exit status -100: YARN aborted it")
 
 
 def test_replacement_limit_fails_the_job_with_the_reason(tmp_path, dataset):
@@ -152,6 +171,7 @@ def test_a_file_without_a_column_fails_the_job_at_once_naming_it(tmp_path):
     res = cli("run", str(job))
     assert res.returncode != 0
     assert f"input file {odd}: no column 'y' (its columns: x, label)" in res.stderr
+    assert "failed in setup (before superstep 0): InputError: " in res.stderr  # reading its split
     assert metrics(job)["replacements"] == 0
 
 
@@ -356,6 +376,22 @@ def test_resume_refuses_a_checkpoint_of_other_settings_and_a_new_run_starts_clea
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["superstep"] for line in lines] == list(range(6))
     np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
+
+
+def test_resume_refuses_when_no_checkpoint_can_be_read_and_loses_nothing(tmp_path, dataset):
+    job = make_job(tmp_path, dataset, "damaged")
+    assert cli("run", str(job)).returncode == 0
+    out = Path(load_job(job).output)
+    (out / "metrics.json").unlink()  # not a finished job: a resume would read the checkpoints
+    for ckpt in (out / "checkpoints").iterdir():
+        ckpt.write_bytes(ckpt.read_bytes()[:100])  # cut short
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    assert before
+    res = cli("run", "--resume", str(job))
+    assert res.returncode != 0
+    assert f"{job}: cannot resume: no checkpoint can be read: " in res.stderr
+    assert "run without --resume to start again" in res.stderr
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before
 
 
 def test_a_rerun_killed_midway_resumes_itself_not_the_earlier_success(tmp_path, dataset, baseline):

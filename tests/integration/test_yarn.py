@@ -86,6 +86,14 @@ def linreg_on_hdfs(hadoop_cluster, hdfs_base, tmp_path_factory):
     return local, upload(hadoop_cluster, local, f"{hdfs_base}/linreg")
 
 
+def container_env(cluster) -> dict[str, str]:
+    """The containers' environment: the cluster's user, and this process's BLAS settings (an
+    OPENBLAS_CORETYPE, say), which the NodeManager does not pass on: with another kernel a
+    worker's floats differ in the last bit from the local run the tests compare with."""
+    blas = {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "MKL_", "OMP_", "NPY_"))}
+    return {**blas, "HADOOP_USER_NAME": cluster.user}
+
+
 def linreg_job(tmp_path: Path, cluster, input_uri: str, output: str, **params) -> Path:
     spec = {
         "name": "yarn-linreg", "seed": 11,
@@ -98,7 +106,7 @@ def linreg_job(tmp_path: Path, cluster, input_uri: str, output: str, **params) -
         "algorithm": {"master": "tests.algos:LinRegMaster", "worker": "tests.algos:LinRegWorker",
                       "params": {"supersteps": params.pop("supersteps", 6), **params}},
         "yarn": {"environment": PYTHON, "files": [str(ROOT / "tests")], "max_attempts": 2,
-                 "env": {"HADOOP_USER_NAME": cluster.user}},
+                 "env": container_env(cluster)},
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -176,7 +184,7 @@ def test_quick_dbn_on_hdfs_with_a_packed_environment_succeeds(hadoop_cluster, hd
         spec["algorithm"]["params"][name] = mnist_on_hdfs[name]
     out = f"{hdfs_base}/dbn-quick-out"
     spec["output"] = f"{hadoop_cluster.webhdfs_url}{out}"
-    spec["yarn"] = {"environment": str(packed_env), "env": {"HADOOP_USER_NAME": hadoop_cluster.user}}
+    spec["yarn"] = {"environment": str(packed_env), "env": container_env(hadoop_cluster)}
     assert spec["workers"]["count"] == 2
     job = tmp_path / "dbn-quick.yaml"
     job.write_text(yaml.safe_dump(spec))
@@ -209,7 +217,7 @@ def test_logreg_reads_and_writes_hdfs_and_reaches_its_accuracy(hadoop_cluster, h
     spec["algorithm"]["params"]["test"] = mnist_on_hdfs["test"]
     spec["output"] = f"{hadoop_cluster.webhdfs_url}{hdfs_base}/logreg-out"
     spec["yarn"] = {"environment": PYTHON, "files": [str(ROOT / "examples")],
-                    "env": {"HADOOP_USER_NAME": hadoop_cluster.user}}
+                    "env": container_env(hadoop_cluster)}
     job = tmp_path / "logreg.yaml"
     job.write_text(yaml.safe_dump(spec))
     res = cli("submit", str(job), "--wait", timeout=600)
@@ -319,6 +327,7 @@ def test_failing_application_is_reported_at_once_with_the_logs_command(hadoop_cl
     res = cli("submit", str(job), "--wait", timeout=600)
     assert res.returncode != 0
     assert "ended FAILED" in res.stderr and "workers.max_restarts (1)" in res.stderr
+    assert "exited with code 137 (killed by SIGKILL" in res.stderr  # the code YARN gives, not just FAILED
     app_id = res.stdout.strip().splitlines()[0]
     assert f"iterreduce logs {app_id}" in res.stderr
     assert time.monotonic() - t0 < 300
@@ -437,6 +446,9 @@ def test_kill_stops_the_job_saying_so_and_submit_resume_finishes_it(hadoop_clust
     out = f"{hdfs_base}/stopped-app"
     job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{out}", sleep=1.0, supersteps=30)
     app_id = submit(job)
+    # the output is this application's from its submission, not only once its master starts
+    owner = json.loads(read_hdfs(hadoop_cluster, f"{out}/running.json"))
+    assert owner["application"] == app_id, owner
     wait_superstep(skein_client, app_id, 3)
     before = app_ids(hadoop_cluster)
     res = cli("submit", str(job))  # a second application into the same output: refused while this one runs
@@ -451,6 +463,13 @@ def test_kill_stops_the_job_saying_so_and_submit_resume_finishes_it(hadoop_clust
     while _am_jvm_pid(app_id) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _am_jvm_pid(app_id) is None, "the ApplicationMaster outlived the stop"
+    res = cli("status", app_id)
+    assert res.returncode == 0 and res.stdout.startswith(f"{app_id} yarn-linreg: KILLED / KILLED"), res.stdout
+    version = hadoop_cluster.rm_get("/ws/v1/cluster/info")["clusterInfo"]["hadoopVersion"]
+    if int(version.split(".")[0]) >= 3:  # the master's reason, not only "killed by user"
+        assert "iterreduce job yarn-linreg stopped: interrupted (iterreduce kill by" in res.stdout, res.stdout
+    else:  # Hadoop 2's REST kill takes no diagnostics
+        assert "killed by user" in res.stdout, res.stdout
     attempts = hadoop_cluster.rm_get(f"/ws/v1/cluster/apps/{app_id}/appattempts")["appAttempts"]["appAttempt"]
     assert len(attempts) == 1  # a stop is not a failure: no second attempt
     metrics = json.loads(read_hdfs(hadoop_cluster, f"{out}/metrics.json"))

@@ -204,16 +204,17 @@ class MasterContext:
         return _resolve(path, Path(self.base_dir) if self.base_dir else None)
 
     def read_table(self, paths: str | Sequence[str], columns: Sequence[str] | None = None,
-                   check: Callable[["pa.Table"], None] | None = None) -> "pa.Table":
+                   check: Callable[["pa.Table"], None] | None = None, nulls: bool = False) -> "pa.Table":
         """Read data of the master's own (a test set, say; not the job's input, which the
         workers read) as one Arrow table: Parquet files or directories, relative paths taken
-        from the job file's directory. Errors name the file; ``check`` works as in
-        :meth:`WorkerContext.read_table`. In ``setup`` an unreadable file fails the job
+        from the job file's directory. Errors name the file; ``check`` and ``nulls`` work as
+        in :meth:`WorkerContext.read_table`. In ``setup`` an unreadable file fails the job
         without a second YARN attempt."""
         from .fs import FilePiece, list_input_files, read_split
 
         paths = [paths] if isinstance(paths, str) else list(paths)
-        return read_split([FilePiece(f) for f in list_input_files([self.resolve(p) for p in paths])], columns, check)
+        return read_split([FilePiece(f) for f in list_input_files([self.resolve(p) for p in paths])], columns, check,
+                          nulls)
 
     def rng(self, superstep: int) -> np.random.Generator:
         """A generator that depends only on (seed, superstep): stable across restarts."""
@@ -236,16 +237,18 @@ class WorkerContext:
     _progress: Any = None
 
     def read_table(self, columns: Sequence[str] | None = None,
-                   check: Callable[["pa.Table"], None] | None = None) -> "pa.Table":
+                   check: Callable[["pa.Table"], None] | None = None, nulls: bool = False) -> "pa.Table":
         """Read this worker's split (Parquet files or row groups) as one Arrow table.
 
         ``check`` sees each row group and raises :class:`iterreduce.RecordError` for a
         bad record; the error then names the file and the record's row in it, and the
-        job fails at once with it (a replacement worker would read the same record).
+        job fails at once with it (a replacement worker would read the same record). A
+        null in the columns read is such a bad record too (numpy would turn it into a NaN
+        without a word), unless ``nulls=True``: for an algorithm that handles them.
         """
         from .fs import read_split
 
-        return read_split(self.split, columns, check)
+        return read_split(self.split, columns, check, nulls)
 
     def rng(self, superstep: int) -> np.random.Generator:
         """A generator that depends only on (seed, split_index, superstep), so a replacement

@@ -273,8 +273,9 @@ def check_submission(job: JobSpec, resources: bool = True) -> None:
             "URIs every node reaches (webhdfs://, hdfs://) on a cluster of more than one node",
             job.source, "; ".join(local))
     if resources:
-        check_queue(job)
-        check_resources(job)
+        queue = check_queue(job)
+        cluster = cluster_resources()
+        check_resources(job, cluster, queue)
     check_input(job)
     check_output(job)
 
@@ -411,16 +412,32 @@ def cluster_resources() -> dict[str, Any] | None:
         return None
 
 
-def yarn_queues() -> dict[str, str] | None:
-    """The leaf queues of the ResourceManager's scheduler (its REST API): ``{name: state}``,
-    each queue under its short and its full name (``default``, ``root.default``); None when
-    the API does not answer."""
+def yarn_queues() -> dict[str, dict[str, Any]] | None:
+    """The leaf queues of the ResourceManager's scheduler (its REST API), each under its short
+    and its full name (``default``, ``root.default``): ``{name: {"state": ..., ...}}`` with,
+    where the CapacityScheduler says them, ``max_share`` (the fraction of the cluster the
+    queue may ever use: its absolute maximum capacity), ``am_limit_mb`` and ``am_used_mb``
+    (its limit for ApplicationMasters, and what its running ones take) and ``active`` (its
+    running applications). None when the API does not answer."""
     rm = "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
     try:
         info = _get_json(f"{rm}/ws/v1/cluster/scheduler")["scheduler"]["schedulerInfo"]
     except Exception:  # noqa: BLE001 - only a check before submitting; YARN itself still decides
         return None
-    leaves: dict[str, str] = {}
+    leaves: dict[str, dict[str, Any]] = {}
+
+    def limits(q: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": str(q.get("state", "RUNNING"))}
+        try:
+            if "absoluteMaxCapacity" in q:
+                out["max_share"] = float(q["absoluteMaxCapacity"]) / 100
+            if isinstance(q.get("AMResourceLimit"), dict):
+                out["am_limit_mb"] = int(q["AMResourceLimit"]["memory"])
+                out["am_used_mb"] = int((q.get("usedAMResource") or {}).get("memory", 0))
+                out["active"] = int(q.get("numActiveApplications", 0))
+        except (TypeError, ValueError, KeyError):  # another scheduler's or version's fields: state only
+            pass
+        return out
 
     def walk(q: dict[str, Any]) -> None:
         kids = (q.get("queues") or q.get("childQueues") or {})  # CapacityScheduler, FairScheduler
@@ -429,8 +446,8 @@ def yarn_queues() -> dict[str, str] | None:
         if not kids:
             for name in (q.get("queueName"), q.get("queuePath")):
                 if name:
-                    leaves[str(name)] = str(q.get("state", "RUNNING"))
-                    leaves.setdefault(str(name).rpartition(".")[2], str(q.get("state", "RUNNING")))
+                    leaves[str(name)] = limits(q)
+                    leaves.setdefault(str(name).rpartition(".")[2], limits(q))
         for kid in kids:
             if isinstance(kid, dict):
                 walk(kid)
@@ -439,30 +456,34 @@ def yarn_queues() -> dict[str, str] | None:
     return leaves or None
 
 
-def check_queue(job: JobSpec, queues: dict[str, str] | None = None) -> None:
-    """Refuse a job for a queue this cluster's scheduler does not have (or has stopped)."""
+def check_queue(job: JobSpec, queues: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """Refuse a job for a queue this cluster's scheduler does not have (or has stopped);
+    returns what :func:`yarn_queues` says of its queue (None when it cannot tell)."""
     queues = queues if queues is not None else yarn_queues()
     if queues is None:
-        return
+        return None
     queue = job.yarn.queue
     if queue not in queues:
         known = sorted(q for q in queues if "." not in q) or sorted(queues)
         raise SubmitError(f"{job.source}: yarn.queue: this cluster has no queue {queue!r} to submit to "
                           f"(its leaf queues: {', '.join(known)})")
-    if queues[queue] != "RUNNING":
-        raise SubmitError(f"{job.source}: yarn.queue: the queue {queue!r} is {queues[queue]}: it takes no "
-                          "applications")
+    state = queues[queue]["state"]
+    if state != "RUNNING":
+        raise SubmitError(f"{job.source}: yarn.queue: the queue {queue!r} is {state}: it takes no applications")
+    return queues[queue]
 
 
-def check_resources(job: JobSpec, cluster: dict[str, Any] | None = None) -> None:
+def check_resources(job: JobSpec, cluster: dict[str, Any] | None = None,
+                    queue: dict[str, Any] | None = None) -> None:
     """Refuse a job whose containers this YARN cluster can never run together: a worker or
     the master larger than its largest container (``yarn.scheduler.maximum-allocation-*``),
-    or more workers than its running nodes hold beside the master (every superstep waits
-    for all of them, so a part is no use). Memory is rounded up as the scheduler rounds it
-    (see :func:`cluster_resources`). Vcores are checked against the maximum only: the
-    default resource calculator schedules by memory. Queue limits and node labels are not
-    known here: YARN may still refuse what passes."""
-    cluster = cluster if cluster is not None else cluster_resources()
+    more workers than its running nodes hold beside the master, or more than its queue may
+    ever use (``queue``: see :func:`yarn_queues`) — every superstep waits for all of them,
+    so a part is no use. Memory is rounded up as the scheduler rounds it (see
+    :func:`cluster_resources`). Vcores are checked against the maximum only: the default
+    resource calculator schedules by memory. A queue whose limit for ApplicationMasters its
+    running applications take is warned of (the application waits in ACCEPTED). User limits
+    and node labels are not known here: YARN may still refuse what passes."""
     if cluster is None:
         return
     w, m = job.workers.resources, job.master
@@ -492,6 +513,20 @@ def check_resources(job: JobSpec, cluster: dict[str, Any] | None = None) -> None
             f"node(s) of {', '.join(f'{c} MiB' for c in nodes)}; the master takes {mmb} MiB, each worker "
             f"{wmb} MiB (requests are rounded up to multiples of {step} MiB), and {held}. Every superstep "
             "waits for all workers: ask for fewer or smaller workers (workers.count, workers.memory).")
+    if not queue:
+        return
+    need, total = mmb + job.workers.count * wmb, sum(nodes)
+    if "max_share" in queue and need > queue["max_share"] * total:
+        raise SubmitError(
+            f"{job.source}: yarn.queue: the queue {job.yarn.queue!r} may use at most "
+            f"{queue['max_share']:.0%} of this cluster's {total} MiB ({int(queue['max_share'] * total)} MiB: its "
+            f"maximum capacity); the master and {job.workers.count} workers take {need} MiB at once, and every "
+            "superstep waits for all workers: ask for fewer or smaller workers, or another queue")
+    if "am_limit_mb" in queue and queue.get("active") and queue["am_used_mb"] + mmb > queue["am_limit_mb"]:
+        logging.getLogger("iterreduce").warning(
+            "queue %r: its ApplicationMasters may take %d MiB (yarn.scheduler.capacity.maximum-am-resource-"
+            "percent) and its %d running application(s) take %d: this one waits in ACCEPTED until one ends",
+            job.yarn.queue, queue["am_limit_mb"], queue["active"], queue["am_used_mb"])
 
 
 def _first_line(exc: BaseException) -> str:

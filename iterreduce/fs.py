@@ -267,7 +267,7 @@ def _transient(exc: BaseException) -> bool:
 
 
 def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None,
-               check: Callable[[pa.Table], None] | None = None) -> pa.Table:
+               check: Callable[[pa.Table], None] | None = None, nulls: bool = False) -> pa.Table:
     """Read the pieces of a split into one table; errors name the file and row group.
 
     ``check(table)``, when given, sees each row group as it is read and raises
@@ -276,6 +276,10 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
     file, counted from 0 (``input file data/part-3.parquet, row 10017: label 12 is not a
     class of 0..9``). An :class:`InputError` it raises (columns that are wrong as a
     whole) is raised again naming the file.
+
+    A null (a missing value in a column, or in a list of values) is a bad record too,
+    reported the same way after ``check`` has seen the row group (numpy would make it a NaN,
+    or a 0, without a word), unless ``nulls`` is true.
     """
     tables, sources = [], []
     for piece in pieces:
@@ -298,6 +302,8 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
                         raise _input_error(f"input file {piece.path}, row group {rg}: {exc}", exc) from None
                     if check is not None:
                         in_file(f"input file {piece.path}", int(starts[rg]), lambda: check(table))
+                    if not nulls:
+                        in_file(f"input file {piece.path}", int(starts[rg]), lambda: refuse_nulls(table))
                     tables.append(table)
                     sources.append(piece.path)
         except (pa.ArrowInvalid, OSError) as exc:
@@ -305,6 +311,28 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
     if not tables:
         raise InputError("empty split: no pieces to read")
     return concat_tables(tables, sources)
+
+
+def refuse_nulls(table: pa.Table) -> None:
+    """:class:`RecordError` for the first row of ``table`` with a null in a column (or in the
+    values of a list column), naming the column."""
+    import pyarrow.compute as pc
+
+    found: list[tuple[int, str]] = []
+    for name in table.column_names:
+        col = table.column(name)
+        if col.null_count:
+            found.append((int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]),
+                          f"column {name!r} is null"))
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
+            arr = col.combine_chunks()
+            values = pc.list_flatten(arr)
+            if values.null_count:
+                at = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+                found.append((int(pc.list_parent_indices(arr)[at].as_py()), f"column {name!r} holds a null value"))
+    if found:
+        row, what = min(found, key=lambda f: f[0])
+        raise RecordError(row, what + " (an algorithm that handles nulls reads with nulls=True)")
 
 
 def in_file(where: str, first_row: int, fn: Callable[[], Any]) -> Any:

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from iterreduce.fs import InputError, filesystem, plan_splits, read_split
+from iterreduce.fs import FilePiece, InputError, filesystem, plan_splits, read_split
 
 
 def write(path, rows, row_group):
@@ -140,3 +140,26 @@ def test_master_context_reads_its_own_data_relative_to_the_job_file(tmp_path):
 
     with pytest.raises(InputError, match=r"part-00000\.parquet, row \d+: y is negative"):
         ctx.read_table("test", check=no_negatives)
+
+
+def test_a_null_is_a_bad_record_named_with_its_file_row_and_column_unless_nulls_are_asked_for(tmp_path):
+    from iterreduce import RecordError
+
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"v": pa.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+                             "x": pa.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, None], [9.0, 1.0], None])}),
+                   path, row_group_size=3)
+    with pytest.raises(RecordError, match=rf"input file {path}, row 3: column 'x' holds a null value \(an algorithm"):
+        read_split([FilePiece(str(path))])
+    assert read_split([FilePiece(str(path))], ["v"]).num_rows == 6  # the columns read are what counts
+    table = read_split([FilePiece(str(path))], nulls=True)
+    assert table.column("x").null_count == 1 and table.num_rows == 6
+    pq.write_table(pa.table({"v": pa.array([1.0, None, 3.0])}), path)
+    with pytest.raises(RecordError, match=rf"input file {path}, row 1: column 'v' is null"):
+        read_split([FilePiece(str(path))])
+
+    def check(t):  # the algorithm's own check speaks first
+        raise RecordError(0, "mine")
+
+    with pytest.raises(RecordError, match=r"row 0: mine"):
+        read_split([FilePiece(str(path))], check=check)

@@ -369,6 +369,18 @@ def test_submit_refuses_containers_the_cluster_can_never_run_together(tmp_path, 
         check_resources(job({"count": 4, "memory": "5 GiB"}), {**one, "nodes": [2048, 5120, 5120, 5120]})
     check_resources(job({}), {**one, "nodes": []})  # none registered yet (the RM restarted): YARN waits
     assert "lists no RUNNING NodeManager now; the application waits" in caplog.text
+    # a queue that may use a tenth of the cluster: the master and two workers of 1 GiB do not fit in it
+    small = {"state": "RUNNING", "max_share": 0.1, "am_limit_mb": 4096, "am_used_mb": 0, "active": 0}
+    with pytest.raises(SubmitError, match=r"job\.yaml: yarn\.queue: the queue 'default' may use at most 10% of "
+                                          r"this cluster's 32768 MiB \(3276 MiB: its maximum capacity\); the "
+                                          r"master and 3 workers take 4096 MiB at once"):
+        check_resources(job({"count": 3, "memory": 1024}), {**one, "nodes": [8192] * 4}, small)
+    check_resources(job({"count": 2, "memory": 1024}), {**one, "nodes": [8192] * 4}, small)
+    assert "waits in ACCEPTED" not in caplog.text
+    busy = {"state": "RUNNING", "max_share": 1.0, "am_limit_mb": 2048, "am_used_mb": 2048, "active": 2}
+    check_resources(job({}), one, busy)  # its AM share is taken: it waits, which is not refused
+    assert "queue 'default': its ApplicationMasters may take 2048 MiB" in caplog.text
+    assert "its 2 running application(s) take 2048: this one waits in ACCEPTED until one ends" in caplog.text
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 

@@ -384,12 +384,35 @@ def test_a_queue_the_scheduler_does_not_have_is_refused_before_submitting(hadoop
     before = app_ids(hadoop_cluster)
     res = cli("submit", str(job), timeout=120)
     assert res.returncode != 0, res.stdout
-    assert "yarn.queue: this cluster has no queue 'nosuch' to submit to (its leaf queues: default)" in res.stderr
+    assert "yarn.queue: this cluster has no queue 'nosuch' to submit to (its leaf queues: default, small)" \
+        in res.stderr
     assert app_ids(hadoop_cluster) == before  # nothing was submitted
     # past the check, YARN itself refuses it: said in one line naming the job file, no traceback
     res = cli("submit", "--skip-resource-check", str(job), timeout=120)
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
     assert f"{job}: YARN refused the application: " in res.stderr and "unknown queue: nosuch" in res.stderr
+
+
+def test_a_job_larger_than_its_queue_may_ever_use_is_refused_before_submitting(hadoop_cluster, hdfs_base,
+                                                                            linreg_on_hdfs, tmp_path):
+    _, uri = linreg_on_hdfs  # the queue "small" may use 10% of the one node's 8192 MiB: 819 MiB
+    job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{hdfs_base}/smallqueue")
+    spec = yaml.safe_load(job.read_text())
+    spec["yarn"]["queue"] = "small"
+    spec["workers"]["count"] = 3  # 256 MiB each, and the master's 256: 1024 MiB
+    job.write_text(yaml.safe_dump(spec))
+    before = app_ids(hadoop_cluster)
+    res = cli("submit", str(job), timeout=120)
+    assert res.returncode != 0, res.stdout
+    assert (f"{job}: yarn.queue: the queue 'small' may use at most 10% of this cluster's 8192 MiB (819 MiB: its "
+            "maximum capacity); the master and 3 workers take 1024 MiB at once") in res.stderr, res.stderr
+    assert app_ids(hadoop_cluster) == before  # nothing was submitted
+    spec["workers"]["count"] = 2  # 768 MiB: it fits, and runs there
+    job.write_text(yaml.safe_dump(spec))
+    res = cli("submit", str(job), "--wait", timeout=600)
+    assert res.returncode == 0, res.stderr
+    app_id = res.stdout.strip().splitlines()[0]
+    assert rm_app(hadoop_cluster, app_id)["queue"] in ("small", "root.small")
 
 
 def test_a_worker_yarn_cannot_place_ends_the_application_with_the_reason(hadoop_cluster, hdfs_base, linreg_on_hdfs,

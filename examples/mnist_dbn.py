@@ -84,7 +84,9 @@ def run(job_file: str, resume: bool = False) -> None:
     try:
         job = load_job(job_file)
         run_local(job, resume=resume, progress=Progress())
-    except (JobError, JobFailed) as exc:  # the first line; a traceback stays in the log above
+    except JobError as exc:  # every error of the job file
+        raise click.ClickException(str(exc)) from None
+    except JobFailed as exc:  # the first line; a traceback stays in the log above
         raise click.ClickException(str(exc).partition("\n")[0]) from None
     summary = json.loads(Output(job.output).read_bytes("metrics.json"))
     final = summary.get("final") or {}

@@ -198,7 +198,7 @@ class _Split:
     container: str | None = None  # the container started for this split
     owner: str | None = None  # worker id currently holding it
     launched_at: float = 0.0
-    last_failure: tuple[str, str] | None = None  # (failed_when, error) its last worker reported
+    last_failure: tuple[Any, str] | None = None  # ("setup" or superstep, error) its last worker reported
 
 
 class AppMaster:
@@ -257,6 +257,7 @@ class AppMaster:
     def run(self) -> str:
         """Run the job to the end. Returns "SUCCEEDED"; raises :class:`JobFailed` otherwise."""
         if self.resume and self._finished_before():
+            self._release_output()
             return self._state
         try:
             self._start()
@@ -557,11 +558,20 @@ class AppMaster:
         finally:
             if self.server is not None:
                 self.server.stop()
-            if self._owner:
-                try:
-                    self.output.delete(OWNER_FILE)
-                except Exception:  # noqa: BLE001 - a later run ignores a marker of a run that ended
-                    log.warning("could not remove %s", self.output.uri_of(OWNER_FILE))
+            self._release_output()
+
+    def _release_output(self) -> None:
+        """Remove OWNER_FILE when it is this run's: written by this master, or by the client
+        at submission for this application (a job refused before it starts left that one)."""
+        try:
+            mine = self._owner
+            if not mine and self.application and self.output.exists(OWNER_FILE):
+                owner = json.loads(self.output.read_bytes(OWNER_FILE))
+                mine = isinstance(owner, dict) and owner.get("application") == self.application
+            if mine:
+                self.output.delete(OWNER_FILE)
+        except Exception:  # noqa: BLE001 - a later run ignores a marker of a run that ended
+            log.warning("could not remove %s", self.output.uri_of(OWNER_FILE))
 
     # ------------------------------------------------------------------ faults
     def _handle_events(self) -> None:
@@ -776,6 +786,10 @@ class AppMaster:
     def fail(self, worker_id: str, superstep: int, error: str, traceback: str, fatal: bool = False,
              stage: str = "compute") -> dict[str, Any]:
         when = failed_when(stage, superstep)
+        # the same failure: in setup (whichever superstep the worker joined at), or at one superstep
+        key, same = ("setup", error), "in setup"
+        if stage != "setup":
+            key, same = (superstep, error), "at the same superstep"
         with self._cond:
             info = self._workers.get(worker_id)
             if info is None:
@@ -785,17 +799,17 @@ class AppMaster:
             why = ("this fails the job at once: a replacement worker would fail the same way (it reads the same "
                    "input with the same seed); fix the input or the algorithm and run the job again") if fatal else ""
             split = self._splits[info.split]
-            if (not why and split.last_failure == (when, error)
+            if (not why and split.last_failure == key
                     and error.split(":", 1)[0] in _PROGRAMMING_ERRORS):
-                why = ("its replacement failed the same way at the same superstep as the worker before it, so a "
+                why = (f"its replacement failed the same way {same} as the worker before it, so a "
                        "further one would too (workers are deterministic given seed, split and superstep); "
                        "this fails the job; fix the algorithm or the input and run the job again")
-            others = [i for i, o in enumerate(self._splits) if i != info.split and o.last_failure == (when, error)]
+            others = [i for i, o in enumerate(self._splits) if i != info.split and o.last_failure == key]
             if not why and others and error.split(":", 1)[0] in _PROGRAMMING_ERRORS:
-                why = (f"the worker of split {others[0]} failed the same way at the same superstep: an error of "
+                why = (f"the worker of split {others[0]} failed the same way {same}: an error of "
                        "the algorithm, not of one machine, which replacements would only repeat; this fails the "
                        "job; fix the algorithm or the input and run the job again")
-            split.last_failure = (when, error)
+            split.last_failure = key
             self._events.append((info.container_id, f"failed {when}: {error}", why))
             self._cond.notify_all()
         return {"accepted": True, "message": "", "stop": True}
@@ -849,7 +863,8 @@ def resumable_checkpoint(checkpoints: Checkpoints, job: JobSpec
     try:
         restored = checkpoints.latest()
     except InputError as exc:  # every checkpoint there is damaged: resuming cannot work
-        raise JobFailed(f"{job.source}: cannot resume: {exc}; run without --resume to start again") from None
+        raise JobFailed(f"{job.source}: cannot resume: {exc}; start the job again without resuming (no --resume)"
+                        ) from None
     if restored is not None:
         step, _, meta = restored
         _check_same_job(meta, job, checkpoints.dir.uri_of(f"ckpt-{step:08d}.npz"))

@@ -307,7 +307,7 @@ def kill(app_id: str, now: bool, grace: float) -> None:
     if str(r.state) in ("FINISHED", "FAILED", "KILLED"):
         raise click.ClickException(f"{app_id} has already ended: {r.state} / {r.final_status}")
     if not now and str(r.state) == "RUNNING":
-        stopped = _ask_to_stop(client, app_id, grace)
+        stopped = _ask_to_stop(client, app_id, grace, r.name)
         if stopped is not None:
             click.echo(f"{app_id} stopped: {stopped}")
             return
@@ -315,7 +315,7 @@ def kill(app_id: str, now: bool, grace: float) -> None:
     click.echo(f"{app_id} killed; its checkpoints stay: `iterreduce submit JOB_FILE --resume` continues from the last")
 
 
-def _ask_to_stop(client, app_id: str, grace: float) -> str | None:
+def _ask_to_stop(client, app_id: str, grace: float, name: str) -> str | None:
     """Ask the ApplicationMaster of ``app_id`` to stop its job (KV_STOP), wait up to ``grace`` s
     until it says it has (its live status FAILED: metrics.json written), then end the
     application (else skein would start its next attempt, which only ends it). Returns the
@@ -345,8 +345,7 @@ def _ask_to_stop(client, app_id: str, grace: float) -> str | None:
         if st.get("state") == "FAILED":  # stopped (or failed just now): no next attempt
             # ended here, with the master's reason (YARN would give "killed by user")
             with contextlib.suppress(Exception):
-                kill_application(client, app_id, f"iterreduce job {_report(client, app_id).name} stopped: "
-                                                 f"{st.get('message', '')}")
+                kill_application(client, app_id, f"iterreduce job {name} stopped: {st.get('message', '')}")
             return f"{st.get('message', '')}"
         # SUCCEEDED: it ended before it saw the request, and unregisters by itself
     click.echo(f"{app_id} did not say it had stopped within {grace:g} s: killing it through the ResourceManager "
@@ -355,12 +354,9 @@ def _ask_to_stop(client, app_id: str, grace: float) -> str | None:
 
 
 def _user() -> str:
-    import getpass
+    from .client import login_name
 
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no login name in this environment
-        return "an unknown user"
+    return login_name("an unknown user")
 
 
 def _known(app_id: str) -> None:

@@ -15,7 +15,7 @@ import time
 from typing import Any, TextIO
 
 from .appmaster import AppMaster, JobFailed
-from .containers import LocalLauncher
+from .containers import BLAS_THREAD_VARS, LocalLauncher
 from .job import JobSpec, is_uri
 
 log = logging.getLogger(__name__)
@@ -227,10 +227,10 @@ def build_spec(job: JobSpec, token_file: str, job_file: str, resume: bool = Fals
 
     def threads(vcores: int) -> dict[str, str]:
         # a BLAS uses as many threads as the container has vcores, not every core of its node
-        # (the others are other containers'); as locally, where the cores are shared among the
-        # workers, and then a worker computes the same floats on YARN as in `iterreduce run`
-        return {var: str(vcores) for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-                if var not in job.yarn.env}
+        # (the others are other containers'), as locally the cores are shared among the workers
+        return {var: str(vcores) for var in BLAS_THREAD_VARS if var not in user_env}
+
+    user_env = dict(job.yarn.env)
 
     master = skein.Master(
         resources=skein.Resources(memory=job.master.memory_mb, vcores=job.master.vcores),
@@ -242,7 +242,8 @@ def build_spec(job: JobSpec, token_file: str, job_file: str, resume: bool = Fals
         instances=0, max_restarts=0, allow_failures=True,  # the master replaces workers itself
         resources=skein.Resources(memory=job.workers.resources.memory_mb, vcores=job.workers.resources.vcores),
         # skein tells a container's exit code to no one ("Container failed during execution"): a
-        # worker killed by a signal (or exiting with a code of its own) has it recorded for the master
+        # worker killed by a signal (or exiting with a code of its own) has it recorded for the
+        # master; 1-3 are the worker's own (a failure it reported, master lost, job aborted)
         files=files, env={**env, **threads(job.workers.resources.vcores)},
         script=f"{python} -m iterreduce.worker\nrc=$?\n"
                f"if [ $rc -gt 3 ]; then {python} -m iterreduce.worker --exited $rc; fi\nexit $rc",
@@ -415,8 +416,9 @@ def cluster_resources() -> dict[str, Any] | None:
 def yarn_queues() -> dict[str, dict[str, Any]] | None:
     """The leaf queues of the ResourceManager's scheduler (its REST API), each under its short
     and its full name (``default``, ``root.default``): ``{name: {"state": ..., ...}}`` with,
-    where the CapacityScheduler says them, ``max_share`` (the fraction of the cluster the
-    queue may ever use: its absolute maximum capacity), ``am_limit_mb`` and ``am_used_mb``
+    where the CapacityScheduler says them, ``max_share`` (the fraction of the cluster one
+    user's applications in the queue may ever use: its absolute maximum capacity, or its
+    capacity times its user-limit-factor if less), ``am_limit_mb`` and ``am_used_mb``
     (its limit for ApplicationMasters, and what its running ones take) and ``active`` (its
     running applications). None when the API does not answer."""
     rm = "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
@@ -430,7 +432,10 @@ def yarn_queues() -> dict[str, dict[str, Any]] | None:
         out: dict[str, Any] = {"state": str(q.get("state", "RUNNING"))}
         try:
             if "absoluteMaxCapacity" in q:
-                out["max_share"] = float(q["absoluteMaxCapacity"]) / 100
+                share = float(q["absoluteMaxCapacity"])
+                if "absoluteCapacity" in q and "userLimitFactor" in q:
+                    share = min(share, float(q["absoluteCapacity"]) * float(q["userLimitFactor"]))
+                out["max_share"] = share / 100
             if isinstance(q.get("AMResourceLimit"), dict):
                 out["am_limit_mb"] = int(q["AMResourceLimit"]["memory"])
                 out["am_used_mb"] = int((q.get("usedAMResource") or {}).get("memory", 0))
@@ -446,8 +451,8 @@ def yarn_queues() -> dict[str, dict[str, Any]] | None:
         if not kids:
             for name in (q.get("queueName"), q.get("queuePath")):
                 if name:
-                    leaves[str(name)] = limits(q)
-                    leaves.setdefault(str(name).rpartition(".")[2], limits(q))
+                    leaves[str(name)] = found = limits(q)
+                    leaves.setdefault(str(name).rpartition(".")[2], found)
         for kid in kids:
             if isinstance(kid, dict):
                 walk(kid)
@@ -473,8 +478,7 @@ def check_queue(job: JobSpec, queues: dict[str, dict[str, Any]] | None = None) -
     return queues[queue]
 
 
-def check_resources(job: JobSpec, cluster: dict[str, Any] | None = None,
-                    queue: dict[str, Any] | None = None) -> None:
+def check_resources(job: JobSpec, cluster: dict[str, Any] | None, queue: dict[str, Any] | None = None) -> None:
     """Refuse a job whose containers this YARN cluster can never run together: a worker or
     the master larger than its largest container (``yarn.scheduler.maximum-allocation-*``),
     more workers than its running nodes hold beside the master, or more than its queue may
@@ -482,8 +486,9 @@ def check_resources(job: JobSpec, cluster: dict[str, Any] | None = None,
     so a part is no use. Memory is rounded up as the scheduler rounds it (see
     :func:`cluster_resources`). Vcores are checked against the maximum only: the default
     resource calculator schedules by memory. A queue whose limit for ApplicationMasters its
-    running applications take is warned of (the application waits in ACCEPTED). User limits
-    and node labels are not known here: YARN may still refuse what passes."""
+    running applications take is warned of (the application waits in ACCEPTED). ``cluster``
+    None (the ResourceManager did not say, see :func:`cluster_resources`): nothing is
+    checked. Node labels are not known here: YARN may still refuse what passes."""
     if cluster is None:
         return
     w, m = job.workers.resources, job.master
@@ -518,10 +523,11 @@ def check_resources(job: JobSpec, cluster: dict[str, Any] | None = None,
     need, total = mmb + job.workers.count * wmb, sum(nodes)
     if "max_share" in queue and need > queue["max_share"] * total:
         raise SubmitError(
-            f"{job.source}: yarn.queue: the queue {job.yarn.queue!r} may use at most "
+            f"{job.source}: yarn.queue: a user's applications in the queue {job.yarn.queue!r} may use at most "
             f"{queue['max_share']:.0%} of this cluster's {total} MiB ({int(queue['max_share'] * total)} MiB: its "
-            f"maximum capacity); the master and {job.workers.count} workers take {need} MiB at once, and every "
-            "superstep waits for all workers: ask for fewer or smaller workers, or another queue")
+            "maximum capacity, or its capacity times its user-limit-factor); the master and "
+            f"{job.workers.count} workers take {need} MiB at once, and every superstep waits for all workers: "
+            "ask for fewer or smaller workers, or another queue")
     if "am_limit_mb" in queue and queue.get("active") and queue["am_used_mb"] + mmb > queue["am_limit_mb"]:
         logging.getLogger("iterreduce").warning(
             "queue %r: its ApplicationMasters may take %d MiB (yarn.scheduler.capacity.maximum-am-resource-"
@@ -707,13 +713,13 @@ def kill_application(client: Any, app_id: str, diagnostics: str) -> None:
     import urllib.request
 
     rm = "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
-    user = os.environ.get("HADOOP_USER_NAME") or _login()
+    user = os.environ.get("HADOOP_USER_NAME") or login_name("dr.who")
     url = f"{rm}/ws/v1/cluster/apps/{app_id}/state?" + urllib.parse.urlencode({"user.name": user})
     body = json.dumps({"state": "KILLED", "diagnostics": diagnostics[:4000]}).encode()
     try:
         req = urllib.request.Request(url, data=body, method="PUT",
                                      headers={"Content-Type": "application/json", "Accept": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=10) as r:
             r.read()
         return
     except Exception as exc:  # noqa: BLE001 - refused (ACLs, SPNEGO) or not there: skein kills it
@@ -721,13 +727,14 @@ def kill_application(client: Any, app_id: str, diagnostics: str) -> None:
     client.kill_application(app_id)
 
 
-def _login() -> str:
+def login_name(default: str) -> str:
+    """This process's user name; ``default`` where the environment has none."""
     import getpass
 
     try:
         return getpass.getuser()
     except Exception:  # noqa: BLE001 - no login name in this environment
-        return "dr.who"
+        return default
 
 
 def container_logs(app_id: str, max_gap: int = 5) -> list[tuple[str, str, str]]:

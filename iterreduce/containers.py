@@ -27,6 +27,7 @@ ENV_TOKEN_FILE = "ITERREDUCE_TOKEN_FILE"  # a file holding the token; '-' means:
 KV_MASTER_URL = "iterreduce.master_url"  # where, on YARN, the master publishes its endpoint
 KV_STOP = "iterreduce.stop"  # set by `iterreduce kill` (its value: who asked): the master stops the job
 KV_STATUS = "iterreduce.status"  # the live view: JSON of the master's status after every superstep
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # set per worker
 KV_EXIT = "iterreduce.exit."  # + skein's container id: the exit code of a worker process that died (YARN)
 
 
@@ -37,7 +38,7 @@ YARN_EXIT_STATUS = {-100: "YARN aborted it (its node was lost, or the applicatio
                     -104: "YARN killed it for using more physical memory than workers.memory allows",
                     -105: "the ApplicationMaster killed it", -106: "the ResourceManager killed it",
                     -107: "YARN killed it when the application finished",
-                    -108: "its node's NodeManager was stopped or restarted"}
+                    -108: "the NodeManager killed it to make room for another container"}
 
 
 def exit_reason(code: int, yarn: bool = False) -> str:
@@ -58,9 +59,11 @@ def exit_reason(code: int, yarn: bool = False) -> str:
     return f"exited with code {code}"
 
 
-# YARN's (ContainersMonitorImpl) and skein's words for the same
+# YARN's words (ContainersMonitorImpl, the schedulers) and skein's (which gives YARN's text for
+# the codes < 0 it does not rewrite) for the codes in YARN_EXIT_STATUS
 _YARN_PHRASES = [("beyond the 'PHYSICAL' memory limit", -104), ("beyond the 'VIRTUAL' memory limit", -103),
-                 ("physical memory used", -104), ("virtual memory used", -103), ("preempted", -102)]
+                 ("physical memory used", -104), ("virtual memory used", -103),
+                 ("exceeding memory limits", -104), ("preempted", -102), ("*lost* node", -100)]
 _EXIT_CODE = re.compile(r"[Ee]xit (?:code|status)(?: is|:|=)?\s*(-?\d+)")
 
 
@@ -166,7 +169,7 @@ class LocalLauncher(Launcher):
         # the worker imports algorithm classes by path: make the current directory importable, as `python -m` does
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
         # share the cores among the workers instead of every BLAS using all of them
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        for var in BLAS_THREAD_VARS:
             env.setdefault(var, str(self.threads))
         log = open(self.log_dir / f"{cid}.log", "wb")
         proc = subprocess.Popen(

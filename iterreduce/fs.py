@@ -277,7 +277,7 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
     class of 0..9``). An :class:`InputError` it raises (columns that are wrong as a
     whole) is raised again naming the file.
 
-    A null (a missing value in a column, or in a list of values) is a bad record too,
+    A null (a missing value in a column, or in a column's list of values) is a bad record too,
     reported the same way after ``check`` has seen the row group (numpy would make it a NaN,
     or a 0, without a word), unless ``nulls`` is true.
     """
@@ -315,7 +315,8 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
 
 def refuse_nulls(table: pa.Table) -> None:
     """:class:`RecordError` for the first row of ``table`` with a null in a column (or in the
-    values of a list column), naming the column."""
+    values of a list column), naming the column. Deeper nesting (lists of lists, structs) is
+    not looked into."""
     import pyarrow.compute as pc
 
     found: list[tuple[int, str]] = []

@@ -75,19 +75,19 @@ class WorkerRunner:
         hb = threading.Thread(target=self._heartbeats, args=(a["heartbeat_interval_ms"] / 1000,), daemon=True)
         hb.start()
         try:  # from here on a failure is reported to the master (fail) before this process exits
-            job = JobSpec.from_json(a["job"], source="job from the master")
-            self.master_timeout = job.heartbeat.master_timeout
-            from .appmaster import load_class
+            try:  # the job, the algorithm's class, its setup: a failure "in setup", not of a superstep
+                job = JobSpec.from_json(a["job"], source="job from the master")
+                self.master_timeout = job.heartbeat.master_timeout
+                from .appmaster import load_class
 
-            worker: Worker = load_class(job.algorithm.worker, Worker, job.base_dir)()
-            catch_up = update_from_avro(a["catch_up"]) if a["catch_up"] else None
-            ctx = WorkerContext(params=job.algorithm.params, seed=job.seed, split_index=a["split_index"],
-                                num_splits=a["num_splits"], split=[FilePiece.from_avro(p) for p in a["split"]],
-                                catch_up=catch_up, start_superstep=a["start_superstep"],
-                                log=logging.getLogger("iterreduce.algorithm"), _progress=self._set_progress)
-            log.info("registered as %s for split %d of %d, starting at superstep %d", self.worker_id,
-                     ctx.split_index, ctx.num_splits, step)
-            try:
+                worker: Worker = load_class(job.algorithm.worker, Worker, job.base_dir)()
+                catch_up = update_from_avro(a["catch_up"]) if a["catch_up"] else None
+                ctx = WorkerContext(params=job.algorithm.params, seed=job.seed, split_index=a["split_index"],
+                                    num_splits=a["num_splits"], split=[FilePiece.from_avro(p) for p in a["split"]],
+                                    catch_up=catch_up, start_superstep=a["start_superstep"],
+                                    log=logging.getLogger("iterreduce.algorithm"), _progress=self._set_progress)
+                log.info("registered as %s for split %d of %d, starting at superstep %d", self.worker_id,
+                         ctx.split_index, ctx.num_splits, step)
                 worker.setup(ctx)
             except Exception as exc:  # noqa: BLE001 - reported, as below, but as a failure of setup
                 return self._failed(exc, step, stage="setup")

@@ -312,6 +312,28 @@ def test_submit_checks_algorithm_params_before_anything_else(tmp_path):
         check_submission(load_job(write(tmp_path, DBN_BAD)))
 
 
+def test_containers_get_blas_threads_from_their_vcores_unless_yarn_env_says_and_record_their_exit(tmp_path):
+    from iterreduce.client import build_spec
+
+    text = GOOD.replace("vcores: 1}", "vcores: 2}") + \
+        "yarn: {environment: 'python:///opt/my python/bin/python3', env: {OPENBLAS_NUM_THREADS: '8', A: b}}\n"
+    (tmp_path / "token").write_text("t")
+    (tmp_path / "job.json").write_text("{}")
+    spec = build_spec(load_job(write(tmp_path, text)), str(tmp_path / "token"), str(tmp_path / "job.json"))
+    worker, master = spec.services["worker"], spec.master
+    assert (worker.env["OPENBLAS_NUM_THREADS"], worker.env["OMP_NUM_THREADS"], worker.env["MKL_NUM_THREADS"]) == \
+        ("8", "2", "2")  # yarn.env wins; the rest follow workers.vcores
+    assert (master.env["OPENBLAS_NUM_THREADS"], master.env["OMP_NUM_THREADS"]) == ("8", "1") and worker.env["A"] == "b"
+    # the worker's exit code reaches the master even when a signal ends it (skein only says "failed")
+    python = "'/opt/my python/bin/python3'"
+    assert worker.script == (f"{python} -m iterreduce.worker\nrc=$?\n"
+                             f"if [ $rc -gt 3 ]; then {python} -m iterreduce.worker --exited $rc; fi\nexit $rc")
+    # run it with a python that SIGKILLs itself, and shows how it is called the second time
+    fake = "python3 -c 'import os, sys; print(sys.argv[1:]) if \"--exited\" in sys.argv else os.kill(os.getpid(), 9)'"
+    run = subprocess.run(["bash", "-c", worker.script.replace(python, fake)], capture_output=True, text=True)
+    assert run.returncode == 137 and run.stdout == "['-m', 'iterreduce.worker', '--exited', '137']\n", run
+
+
 def test_submit_refuses_shipped_files_that_would_replace_others(tmp_path):
     from iterreduce.client import SubmitError, check_submission
 
@@ -369,10 +391,11 @@ def test_submit_refuses_containers_the_cluster_can_never_run_together(tmp_path, 
         check_resources(job({"count": 4, "memory": "5 GiB"}), {**one, "nodes": [2048, 5120, 5120, 5120]})
     check_resources(job({}), {**one, "nodes": []})  # none registered yet (the RM restarted): YARN waits
     assert "lists no RUNNING NodeManager now; the application waits" in caplog.text
-    # a queue that may use a tenth of the cluster: the master and two workers of 1 GiB do not fit in it
+    # a queue that may use a tenth of the cluster: the master and three workers of 1 GiB do not fit in it
     small = {"state": "RUNNING", "max_share": 0.1, "am_limit_mb": 4096, "am_used_mb": 0, "active": 0}
-    with pytest.raises(SubmitError, match=r"job\.yaml: yarn\.queue: the queue 'default' may use at most 10% of "
-                                          r"this cluster's 32768 MiB \(3276 MiB: its maximum capacity\); the "
+    with pytest.raises(SubmitError, match=r"job\.yaml: yarn\.queue: a user's applications in the queue 'default' "
+                                          r"may use at most 10% of this cluster's 32768 MiB \(3276 MiB: its "
+                                          r"maximum capacity, or its capacity times its user-limit-factor\); the "
                                           r"master and 3 workers take 4096 MiB at once"):
         check_resources(job({"count": 3, "memory": 1024}), {**one, "nodes": [8192] * 4}, small)
     check_resources(job({"count": 2, "memory": 1024}), {**one, "nodes": [8192] * 4}, small)

@@ -137,6 +137,9 @@ def test_exit_codes_are_told_in_words_as_yarn_and_local_processes_give_them():
     assert yarn_exit_code("FAILED", "") == 1 and yarn_exit_code("SUCCEEDED", "Exit code: 3") == 0
     assert exit_reason(1, yarn=True) == exit_reason(1) == "exited with code 1"
     assert exit_reason(-15) == "was killed by SIGTERM" and exit_reason(-9).startswith("was killed by SIGKILL")
+    # skein's words: its own for a memory kill (with YARN's figures when it finds them), YARN's for others
+    assert yarn_exit_code("FAILED", "Container killed by YARN for exceeding memory limits") == -104
+    assert yarn_exit_code("FAILED", "Container released on a *lost* node") == -100
     assert exit_reason(-100, yarn=True).startswith("ended with YARN exit status -100: YARN aborted it")
 
 
@@ -390,7 +393,7 @@ def test_resume_refuses_when_no_checkpoint_can_be_read_and_loses_nothing(tmp_pat
     res = cli("run", "--resume", str(job))
     assert res.returncode != 0
     assert f"{job}: cannot resume: no checkpoint can be read: " in res.stderr
-    assert "run without --resume to start again" in res.stderr
+    assert "start the job again without resuming (no --resume)" in res.stderr
     assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before
 
 

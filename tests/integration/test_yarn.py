@@ -404,8 +404,9 @@ def test_a_job_larger_than_its_queue_may_ever_use_is_refused_before_submitting(h
     before = app_ids(hadoop_cluster)
     res = cli("submit", str(job), timeout=120)
     assert res.returncode != 0, res.stdout
-    assert (f"{job}: yarn.queue: the queue 'small' may use at most 10% of this cluster's 8192 MiB (819 MiB: its "
-            "maximum capacity); the master and 3 workers take 1024 MiB at once") in res.stderr, res.stderr
+    assert (f"{job}: yarn.queue: a user's applications in the queue 'small' may use at most 10% of this "
+            "cluster's 8192 MiB (819 MiB: its maximum capacity, or its capacity times its user-limit-factor); the "
+            "master and 3 workers take 1024 MiB at once") in res.stderr, res.stderr
     assert app_ids(hadoop_cluster) == before  # nothing was submitted
     spec["workers"]["count"] = 2  # 768 MiB: it fits, and runs there
     job.write_text(yaml.safe_dump(spec))

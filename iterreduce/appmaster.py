@@ -33,7 +33,7 @@ from .api import (Final, Master, MasterContext, Update, Worker, average_metrics,
                   update_from_avro, update_to_avro)
 from .containers import Launcher
 from .fs import Checkpoints, FilePiece, InputError, Output, plan_splits
-from .job import JobSpec, is_uri
+from .job import JobSpec, errors_text, is_uri
 
 log = logging.getLogger("iterreduce.appmaster")
 
@@ -130,14 +130,22 @@ def check_algorithm(job: JobSpec, must_import: bool = True, check_paths: bool = 
     the paths the master reads (:meth:`Master.input_paths`) must exist."""
     # what yarn.files ships lands in each container's directory: here, its parent directory
     shipped = [os.path.dirname(os.path.abspath(p.rstrip("/"))) for p in job.yarn.files if not is_uri(p)]
-    try:
-        master = load_class(job.algorithm.master, Master, job.base_dir, shipped)
-        load_class(job.algorithm.worker, Worker, job.base_dir, shipped)
-    except JobFailed as exc:
-        if not must_import and isinstance(exc, AlgorithmImportError):
-            log.warning("%s: %s; its params will be checked by the ApplicationMaster", job.source, exc)
+    found: dict[str, Any] = {}
+    errors: list[JobFailed] = []
+    for role, base in (("master", Master), ("worker", Worker)):  # both said at once
+        try:
+            found[role] = load_class(getattr(job.algorithm, role), base, job.base_dir, shipped)
+        except JobFailed as exc:
+            text = str(exc)
+            errors.append(type(exc)(f"algorithm.{role}: {text.removeprefix('algorithm: ')}")
+                          if text.startswith("algorithm: ") else exc)
+    if errors:
+        if not must_import and all(isinstance(e, AlgorithmImportError) for e in errors):
+            for exc in errors:
+                log.warning("%s: %s; its params will be checked by the ApplicationMaster", job.source, exc)
             return
-        raise JobFailed(f"{job.source}: {exc}") from None
+        raise JobFailed(errors_text(job.source, [str(e) for e in errors])) from None
+    master = found["master"]
     try:
         master.check_params(job.algorithm.params)
     except (ValueError, TypeError) as exc:
@@ -801,9 +809,9 @@ class AppMaster:
             split = self._splits[info.split]
             if (not why and split.last_failure == key
                     and error.split(":", 1)[0] in _PROGRAMMING_ERRORS):
-                why = (f"its replacement failed the same way {same} as the worker before it, so a "
-                       "further one would too (workers are deterministic given seed, split and superstep); "
-                       "this fails the job; fix the algorithm or the input and run the job again")
+                why = (f"this worker replaced one that failed the same way {same}, so a further replacement "
+                       "would too (workers are deterministic given seed, split and superstep); this fails the "
+                       "job; fix the algorithm or the input and run the job again")
             others = [i for i, o in enumerate(self._splits) if i != info.split and o.last_failure == key]
             if not why and others and error.split(":", 1)[0] in _PROGRAMMING_ERRORS:
                 why = (f"the worker of split {others[0]} failed the same way {same}: an error of "
@@ -847,7 +855,9 @@ def earlier_success(output: Output, job: JobSpec) -> dict[str, Any] | None:
     SUCCEEDED into ``output``; None when there is none (or it cannot be read)."""
     try:
         done = json.loads(output.read_bytes("metrics.json")) if output.exists("metrics.json") else None
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        log.warning("%s cannot be read (%s: %s): taken as no earlier result", output.uri_of("metrics.json"),
+                    type(exc).__name__, exc)
         return None
     if isinstance(done, dict) and done.get("state") == "SUCCEEDED" and \
             done.get("fingerprint") == job_fingerprint(job):

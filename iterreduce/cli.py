@@ -56,8 +56,24 @@ def main() -> None:
 @click.argument("job_file", type=click.Path(dir_okay=False))
 def validate(job_file: str) -> None:
     """Check JOB_FILE without running it: fields, algorithm and its params, input splits."""
-    job = _load(job_file)
-    _check(job)
+    from .appmaster import JobFailed, check_algorithm
+    from .client import SubmitError, check_input
+    from .job import errors_text
+
+    try:
+        job = load_job(job_file)
+    except JobError as exc:
+        raise click.ClickException(f"{exc}\n(the input and the algorithm are checked once the fields are right)"
+                                   ) from None
+    errors = []  # the algorithm and the input: each said, not only the first
+    for check in (check_algorithm, check_input):
+        try:
+            check(job)
+        except (JobFailed, SubmitError) as exc:
+            text = str(exc).removeprefix(f"{job.source}: ")
+            errors.extend(text.split("\n  ")[1:] if re.match(r"\d+ errors:\n  ", text) else [text])
+    if errors:
+        raise click.ClickException(errors_text(job.source, errors))
     yarn = ""
     if job.yarn.environment:  # meant for YARN too: what can be checked without the cluster
         from .client import SubmitError, check_yarn_section

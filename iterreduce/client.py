@@ -288,8 +288,11 @@ def check_input(job: JobSpec) -> None:
     try:
         plan_splits(job.input.paths, job.workers.count)
     except InputError as exc:
-        raise SubmitError(f"{job.source}: input: {str(exc).removeprefix('input ')}"  # not "input: input path"
-                          if str(exc).startswith("input path ") else f"{job.source}: input: {exc}") from None
+        # "input: path /data: does not exist", not "input: input path /data: ..." ("input file" stays,
+        # as in the workers' messages about a record)
+        text = str(exc)
+        text = text.removeprefix("input ") if not text.startswith("input file") else text
+        raise SubmitError(f"{job.source}: input: {text}") from None
     except Exception as exc:  # noqa: BLE001 - a filesystem that does not answer
         raise SubmitError(f"{job.source}: input: cannot read {', '.join(job.input.paths)}: "
                           f"{type(exc).__name__}: {_first_line(exc)}") from None

@@ -481,8 +481,8 @@ class Checkpoints:
                 if _transient(exc):
                     raise
                 bad.append(f"{self.dir.uri_of(name)} ({type(exc).__name__}: {exc})")
-                log.warning("checkpoint %s cannot be read (%s: %s); trying the one before it",
-                            self.dir.uri_of(name), type(exc).__name__, exc)
+                log.warning("checkpoint %s cannot be read (%s: %s)%s", self.dir.uri_of(name), type(exc).__name__,
+                            exc, "; trying the one before it" if step != steps[0] else "")
                 continue
             return step, arrays, meta
         raise InputError(f"no checkpoint can be read: {'; '.join(bad)}")

@@ -97,6 +97,8 @@ class _Reader:
                 section = self.where.rpartition(".")[2]
                 if not self.data and self.parent is not None and section not in self.parent.data:
                     raise JobError(f"{self.where}: required section is missing{self.parent._misspelt(section)}")
+                if key in self.data:  # `seed:` or `seed: null`
+                    raise JobError(f"{self.path(key)}: required field is empty (null): give it a value")
                 raise JobError(f"{self.path(key)}: required field is missing{self._misspelt(key)}")
             return default
         value = self.data[key]
@@ -367,10 +369,8 @@ class JobSpec:
         if not errors:
             job = cls(**fields, base_dir=str(base) if base is not None else None, source=source)
             part(job._check_not_inside_input)
-        if len(errors) == 1:
-            raise JobError(f"{source}: {errors[0]}")
         if errors:
-            raise JobError(f"{source}: {len(errors)} errors:\n" + "\n".join(f"  {e}" for e in errors))
+            raise JobError(errors_text(source, errors))
         return job
 
     def _check_not_inside_input(self) -> None:
@@ -431,6 +431,14 @@ class JobSpec:
         return dataclasses.replace(self, **changes)
 
 
+def errors_text(source: str, errors: list[str]) -> str:
+    """One message for the ``errors`` found in the job file ``source`` (each without the
+    ``source:`` prefix): ``source: error``, or ``source: N errors:`` and one per line."""
+    if len(errors) == 1:
+        return f"{source}: {errors[0]}"
+    return f"{source}: {len(errors)} errors:\n" + "\n".join(f"  {e}" for e in errors)
+
+
 def load_job(path: str | os.PathLike[str]) -> JobSpec:
     """Read and validate a YAML job file. Raises :class:`JobError` naming the file and field."""
     p = Path(path)
@@ -441,9 +449,14 @@ def load_job(path: str | os.PathLike[str]) -> JobSpec:
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader that refuses repeated keys
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise JobError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        # what was open there (a quote, a {...}): often where the mistake is
+        opened = (f" ({exc.context} at line {context.line + 1}, column {context.column + 1})"  # type: ignore[attr-defined]
+                  if context and getattr(exc, "context", None) else "")
+        raise JobError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}{opened}") from None
+    if data is None:
+        raise JobError(f"{p}: the job file is empty (it needs name, seed, workers, input, output, algorithm)")
     if not isinstance(data, dict):
         raise JobError(f"{p}: expected a mapping of fields at the top level, got {type(data).__name__}")
     return JobSpec.from_dict(data, source=str(p), base=p.resolve().parent)

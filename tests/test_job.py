@@ -129,6 +129,14 @@ def test_yaml_merge_keys_still_work_and_odd_keys_are_refused(tmp_path):
 def test_invalid_yaml_names_line(tmp_path):
     with pytest.raises(JobError, match=r"not valid YAML at line 3, column 6"):
         load_job(write(tmp_path, "name: a\nworkers: [count: 2\n  - x: {\n"))
+    # an unclosed quote is found at the end of the file: the message says where it opened
+    with pytest.raises(JobError, match=r"not valid YAML at line 3, column 1: found unexpected end of stream "
+                                       r"\(while scanning a quoted scalar at line 1, column 7\)"):
+        load_job(write(tmp_path, 'name: "abc\nseed: 1\n'))
+    with pytest.raises(JobError, match=r"job\.yaml: the job file is empty \(it needs name, seed, workers"):
+        load_job(write(tmp_path, ""))
+    with pytest.raises(JobError, match=r"seed: required field is empty \(null\): give it a value"):
+        load_job(write(tmp_path, GOOD.replace("seed: 3", "seed:")))
 
 
 def test_memory_units():
@@ -165,6 +173,7 @@ def test_cli_validate_accepts_good_and_refuses_bad(tmp_path):
     assert f"{several}: 4 errors:\n  seed: must be at least 0, got -1\n  workers.count: must be at least 1, got 0\n" \
            "  checkpoint.evry: unknown field" in res.stderr, res.stderr
     assert "\n  extra: unknown field" in res.stderr, res.stderr
+    assert "\n(the input and the algorithm are checked once the fields are right)" in res.stderr
     many = tmp_path / "many.yaml"
     many.write_text(GOOD.replace("count: 2", "count: 9"))
     res = iterreduce("validate", str(many))
@@ -254,8 +263,12 @@ def test_cli_refuses_bad_algorithm_params_naming_file_and_field_before_running(t
         res = subprocess.run([sys.executable, "-m", "iterreduce.cli", command, str(job)],
                              capture_output=True, text=True, timeout=120)
         assert res.returncode != 0, command
-        assert (f"{job}: algorithm.params.finetune.dropout_hidden: expected a number >= 0 and < 1, got 1.5"
-                in res.stderr), res.stderr
+        wrong = "algorithm.params.finetune.dropout_hidden: expected a number >= 0 and < 1, got 1.5"
+        if command == "run":
+            assert f"{job}: {wrong}" in res.stderr, res.stderr
+        else:  # validate says the input is missing too, in the same run
+            assert f"{job}: 2 errors:\n  {wrong}\n  input: path {tmp_path / 'data' / 'train'}: does not exist" \
+                in res.stderr, res.stderr
     assert not (tmp_path / "out").exists(), "run started although the job file is bad"
 
 

@@ -184,7 +184,7 @@ def test_an_error_the_replacement_repeats_ends_the_job_one_that_it_does_not_is_s
     res = cli("run", str(job))
     assert res.returncode != 0
     assert "failed at superstep 2: RuntimeError: compute broke at superstep 2" in res.stderr
-    assert "its replacement failed the same way at the same superstep as the worker before it" in res.stderr
+    assert "this worker replaced one that failed the same way at the same superstep, so a further" in res.stderr
     assert metrics(job)["replacements"] == 1  # not max_restarts (5) replacements that all fail alike
     once = make_job(tmp_path, dataset, "once", raise_at=2, raise_marker=str(tmp_path / "raised"))
     res = cli("run", str(job := once))

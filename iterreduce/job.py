@@ -452,8 +452,8 @@ def load_job(path: str | os.PathLike[str]) -> JobSpec:
         mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         # what was open there (a quote, a {...}): often where the mistake is
-        opened = (f" ({exc.context} at line {context.line + 1}, column {context.column + 1})"  # type: ignore[attr-defined]
-                  if context and getattr(exc, "context", None) else "")
+        what = getattr(exc, "context", None)
+        opened = f" ({what} at line {context.line + 1}, column {context.column + 1})" if context and what else ""
         raise JobError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}{opened}") from None
     if data is None:
         raise JobError(f"{p}: the job file is empty (it needs name, seed, workers, input, output, algorithm)")

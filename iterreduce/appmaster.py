@@ -55,6 +55,15 @@ class JobFailed(RuntimeError):
     def __init__(self, message: str, retry: bool = False):
         super().__init__(message)
         self.retry = retry
+        self.errors: list[str] | None = None  # see of()
+
+    @classmethod
+    def of(cls, source: str, errors: list[str]) -> "JobFailed":
+        """The job file ``source`` has these ``errors`` (each without the ``source:``
+        prefix), kept in ``errors`` for whoever adds them to others (``validate``)."""
+        exc = cls(errors_text(source, errors))
+        exc.errors = list(errors)
+        return exc
 
 
 class StopRequested(KeyboardInterrupt):
@@ -70,10 +79,12 @@ class AlgorithmImportError(JobFailed):
     """The algorithm's module cannot be imported here."""
 
 
-def load_class(path: str, kind: type, job_dir: str | None = None, extra: Sequence[str] = ()) -> type:
+def load_class(path: str, kind: type, job_dir: str | None = None, extra: Sequence[str] = (),
+               field: str = "algorithm") -> type:
     """Import ``package.module:ClassName`` and check it subclasses ``kind``. Modules are
     found on ``sys.path``, in the working directory (as ``python -m`` does), in
-    ``job_dir``, the job file's directory, and in the ``extra`` directories."""
+    ``job_dir``, the job file's directory, and in the ``extra`` directories. Errors begin
+    with ``field``, the job-file field that names ``path``."""
     module_name, _, cls_name = path.partition(":")
     places = [os.getcwd()] + [d for d in [job_dir, *extra] if d and os.path.isdir(d)]
     for place in places:
@@ -92,32 +103,32 @@ def load_class(path: str, kind: type, job_dir: str | None = None, extra: Sequenc
             # the module is there, but something it imports is not (here: perhaps on the cluster)
             frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
             at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-            raise AlgorithmImportError(f"algorithm: importing module {module_name!r} for {path!r} raised "
+            raise AlgorithmImportError(f"{field}: importing module {module_name!r} for {path!r} raised "
                                        f"ModuleNotFoundError{at}: {exc} (a module it imports is not installed "
                                        "here)") from None
         where = " and ".join(dict.fromkeys(places))
-        raise AlgorithmImportError(f"algorithm: cannot import module {module_name!r} for {path!r}: {exc} "
+        raise AlgorithmImportError(f"{field}: cannot import module {module_name!r} for {path!r}: {exc} "
                                    f"(looked on sys.path, in {where}; PYTHONPATH adds places; on YARN, "
                                    "yarn.files ships modules into the containers)") from None
     except Exception as exc:  # noqa: BLE001 - a SyntaxError, or the module's own code failing as it loads
         frames = traceback.extract_tb(exc.__traceback__)
         at = (f" at {exc.filename}:{exc.lineno}" if isinstance(exc, SyntaxError) and exc.filename
               else f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else "")
-        raise JobFailed(f"algorithm: importing module {module_name!r} for {path!r} raised "
+        raise JobFailed(f"{field}: importing module {module_name!r} for {path!r} raised "
                         f"{type(exc).__name__}{at}: {exc}") from None
     if not cls_name:
-        raise JobFailed(f"algorithm: {path!r} names no class: write module:ClassName")
+        raise JobFailed(f"{field}: {path!r} names no class: write module:ClassName")
     cls = getattr(module, cls_name, None)
     if cls is None:
         found = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, kind)
                        and v is not kind)
         hint = f"; its {kind.__name__} subclasses: {', '.join(found)}" if found else ""
-        raise JobFailed(f"algorithm: module {module_name!r} ({getattr(module, '__file__', '?')}) has no "
+        raise JobFailed(f"{field}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no "
                         f"{cls_name!r}{hint}")
     if not isinstance(cls, type) or not issubclass(cls, kind):
         what = (f"the class {cls.__module__}.{cls.__qualname__}" if isinstance(cls, type)
                 else f"a {type(cls).__name__}")
-        raise JobFailed(f"algorithm: {path!r} is {what}, not a subclass of iterreduce.{kind.__name__}")
+        raise JobFailed(f"{field}: {path!r} is {what}, not a subclass of iterreduce.{kind.__name__}")
     return cls
 
 
@@ -134,17 +145,16 @@ def check_algorithm(job: JobSpec, must_import: bool = True, check_paths: bool = 
     errors: list[JobFailed] = []
     for role, base in (("master", Master), ("worker", Worker)):  # both said at once
         try:
-            found[role] = load_class(getattr(job.algorithm, role), base, job.base_dir, shipped)
+            found[role] = load_class(getattr(job.algorithm, role), base, job.base_dir, shipped,
+                                     field=f"algorithm.{role}")
         except JobFailed as exc:
-            text = str(exc)
-            errors.append(type(exc)(f"algorithm.{role}: {text.removeprefix('algorithm: ')}")
-                          if text.startswith("algorithm: ") else exc)
+            errors.append(exc)
     if errors:
         if not must_import and all(isinstance(e, AlgorithmImportError) for e in errors):
             for exc in errors:
                 log.warning("%s: %s; its params will be checked by the ApplicationMaster", job.source, exc)
             return
-        raise JobFailed(errors_text(job.source, [str(e) for e in errors])) from None
+        raise JobFailed.of(job.source, [str(e) for e in errors])
     master = found["master"]
     try:
         master.check_params(job.algorithm.params)

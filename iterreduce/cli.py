@@ -70,8 +70,7 @@ def validate(job_file: str) -> None:
         try:
             check(job)
         except (JobFailed, SubmitError) as exc:
-            text = str(exc).removeprefix(f"{job.source}: ")
-            errors.extend(text.split("\n  ")[1:] if re.match(r"\d+ errors:\n  ", text) else [text])
+            errors.extend(getattr(exc, "errors", None) or [str(exc).removeprefix(f"{job.source}: ")])
     if errors:
         raise click.ClickException(errors_text(job.source, errors))
     yarn = ""

@@ -221,7 +221,8 @@ def build_spec(job: JobSpec, token_file: str, job_file: str, resume: bool = Fals
             files[name] = skein.File(source=path, type="file")
         else:
             raise SubmitError(f"{job.source}: yarn.files: {path} does not exist")
-    env = {**dict(job.yarn.env), "ITERREDUCE_TOKEN_FILE": "iterreduce.token", "PYTHONUNBUFFERED": "1"}
+    user_env = dict(job.yarn.env)
+    env = {**user_env, "ITERREDUCE_TOKEN_FILE": "iterreduce.token", "PYTHONUNBUFFERED": "1"}
     if os.environ.get("HADOOP_USER_NAME"):
         env["HADOOP_USER_NAME"] = os.environ["HADOOP_USER_NAME"]
 
@@ -229,8 +230,6 @@ def build_spec(job: JobSpec, token_file: str, job_file: str, resume: bool = Fals
         # a BLAS uses as many threads as the container has vcores, not every core of its node
         # (the others are other containers'), as locally the cores are shared among the workers
         return {var: str(vcores) for var in BLAS_THREAD_VARS if var not in user_env}
-
-    user_env = dict(job.yarn.env)
 
     master = skein.Master(
         resources=skein.Resources(memory=job.master.memory_mb, vcores=job.master.vcores),
@@ -337,7 +336,7 @@ def check_not_in_use(job: JobSpec) -> None:
         return
     app = owner.get("application")
     if app:
-        rm = "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
+        rm = rm_web_url()
         try:
             state = _get_json(f"{rm}/ws/v1/cluster/apps/{app}")["app"]["state"]
         except Exception:  # noqa: BLE001 - no ResourceManager to ask: YARN's own checks still apply
@@ -395,7 +394,7 @@ def cluster_resources() -> dict[str, Any] | None:
     import xml.etree.ElementTree as ET
     import urllib.request
 
-    rm = "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
+    rm = rm_web_url()
     try:
         with urllib.request.urlopen(f"{rm}/conf", timeout=10) as r:  # every daemon serves its configuration
             root = ET.fromstring(r.read())
@@ -424,7 +423,7 @@ def yarn_queues() -> dict[str, dict[str, Any]] | None:
     capacity times its user-limit-factor if less), ``am_limit_mb`` and ``am_used_mb``
     (its limit for ApplicationMasters, and what its running ones take) and ``active`` (its
     running applications). None when the API does not answer."""
-    rm = "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
+    rm = rm_web_url()
     try:
         info = _get_json(f"{rm}/ws/v1/cluster/scheduler")["scheduler"]["schedulerInfo"]
     except Exception:  # noqa: BLE001 - only a check before submitting; YARN itself still decides
@@ -682,6 +681,12 @@ def driver_log_tail(app_id: str, lines: int = 6) -> str:
     return f"the end of {cid}'s application.driver.log:\n" + "\n".join("  " + line for line in tail)
 
 
+def rm_web_url() -> str:
+    """The ResourceManager's web address (``yarn.resourcemanager.webapp.address``), whose REST
+    API the checks before submitting, ``kill`` and ``logs`` use."""
+    return "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
+
+
 def _yarn_conf(key: str, default: str) -> str:
     import xml.etree.ElementTree as ET
 
@@ -715,7 +720,7 @@ def kill_application(client: Any, app_id: str, diagnostics: str) -> None:
     import urllib.parse
     import urllib.request
 
-    rm = "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
+    rm = rm_web_url()
     user = os.environ.get("HADOOP_USER_NAME") or login_name("dr.who")
     url = f"{rm}/ws/v1/cluster/apps/{app_id}/state?" + urllib.parse.urlencode({"user.name": user})
     body = json.dumps({"state": "KILLED", "diagnostics": diagnostics[:4000]}).encode()
@@ -749,7 +754,7 @@ def container_logs(app_id: str, max_gap: int = 5) -> list[tuple[str, str, str]]:
     import urllib.error
     import urllib.request
 
-    rm = "http://" + _yarn_conf("yarn.resourcemanager.webapp.address", "localhost:8088")
+    rm = rm_web_url()
     attempts = _get_json(f"{rm}/ws/v1/cluster/apps/{app_id}/appattempts")["appAttempts"]["appAttempt"]
     nodes = [n["nodeHTTPAddress"] for n in
              ((_get_json(f"{rm}/ws/v1/cluster/nodes").get("nodes") or {}).get("node") or [])]

@@ -875,13 +875,14 @@ def earlier_success(output: Output, job: JobSpec) -> dict[str, Any] | None:
     return None
 
 
-def resumable_checkpoint(checkpoints: Checkpoints, job: JobSpec
+def resumable_checkpoint(checkpoints: Checkpoints, job: JobSpec, arrays: bool = True
                          ) -> tuple[int, dict[str, np.ndarray], dict[str, Any]] | None:
-    """The newest readable checkpoint ``job`` can resume from (:meth:`Checkpoints.latest`),
-    None when there is none. :class:`JobFailed` when none can be read, or when a job with other
-    settings wrote it (naming what differs): resuming it would not give this job's model."""
+    """The newest readable checkpoint ``job`` can resume from (:meth:`Checkpoints.latest`; its
+    metadata only when not ``arrays``), None when there is none. :class:`JobFailed` when none
+    can be read, or when a job with other settings wrote it (naming what differs): resuming it
+    would not give this job's model."""
     try:
-        restored = checkpoints.latest()
+        restored = checkpoints.latest(arrays)
     except InputError as exc:  # every checkpoint there is damaged: resuming cannot work
         raise JobFailed(f"{job.source}: cannot resume: {exc}; start the job again without resuming (no --resume)"
                         ) from None

@@ -379,7 +379,8 @@ def check_resume(job: JobSpec) -> tuple[str, int | None]:
     if done is not None:
         return "done", int(done.get("supersteps") or 0)
     try:
-        restored = resumable_checkpoint(Checkpoints(job.checkpoint_path, keep=job.checkpoint.keep), job)
+        checkpoints = Checkpoints(job.checkpoint_path, keep=job.checkpoint.keep)
+        restored = resumable_checkpoint(checkpoints, job, arrays=False)  # the metadata: no model's worth of bytes
     except JobFailed as exc:
         raise SubmitError(str(exc)) from None
     return ("start", None) if restored is None else ("resume", restored[0])

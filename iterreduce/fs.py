@@ -427,9 +427,14 @@ class Output:
         np.savez(buf, **arrays)
         self.write_bytes(name, buf.getvalue())
 
-    def read_npz(self, name: str) -> dict[str, np.ndarray]:
-        with np.load(io.BytesIO(self.read_bytes(name)), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+    def read_npz(self, name: str, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The arrays of an ``.npz`` file; with ``keys``, only those, read from the file in place
+        (a zip is read from its end: only its directory and those members travel)."""
+        if keys is None:
+            with np.load(io.BytesIO(self.read_bytes(name)), allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        with self.fs.open_input_file(self._p(name)) as f, np.load(f, allow_pickle=False) as z:
+            return {k: z[k] for k in keys}
 
     def list(self) -> list[str]:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
@@ -461,11 +466,16 @@ class Checkpoints:
     def supersteps(self) -> list[int]:
         return sorted(int(m.group(1)) for n in self.dir.list() if (m := self.PATTERN.match(n)))
 
-    def latest(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]] | None:
-        """The newest checkpoint that can be read; an unreadable one (cut short by a full disk,
-        a crash while a filesystem without atomic rename wrote it) is skipped with a warning
-        for the one before it. None when there is none; :class:`InputError` naming them when
-        none can be read."""
+    def latest(self, arrays: bool = True) -> tuple[int, dict[str, np.ndarray], dict[str, Any]] | None:
+        """The newest checkpoint that can be read: ``(superstep, arrays, meta)``; an unreadable one
+        (cut short by a full disk, a crash while a filesystem without atomic rename wrote it) is
+        skipped with a warning for the one before it. None when there is none; :class:`InputError`
+        naming them when none can be read.
+
+        ``arrays=False`` reads only the metadata (the arrays come back empty): what a check
+        before submitting needs, without fetching a model's worth of bytes from HDFS. A file
+        whose directory and metadata are whole but whose arrays are damaged passes that check;
+        the master's full read skips it then."""
         steps = self.supersteps()
         if not steps:
             return None
@@ -473,8 +483,8 @@ class Checkpoints:
         for step in reversed(steps):
             name = f"ckpt-{step:08d}.npz"
             try:
-                arrays = self.dir.read_npz(name)
-                meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+                got = self.dir.read_npz(name, None if arrays else ["__meta__"])
+                meta = json.loads(got.pop("__meta__").tobytes().decode())
                 if not isinstance(meta, dict):
                     raise ValueError("its __meta__ is not a JSON object")
             except Exception as exc:  # noqa: BLE001 - zipfile's, numpy's, json's errors for a damaged file
@@ -484,5 +494,5 @@ class Checkpoints:
                 log.warning("checkpoint %s cannot be read (%s: %s)%s", self.dir.uri_of(name), type(exc).__name__,
                             exc, "; trying the one before it" if step != steps[0] else "")
                 continue
-            return step, arrays, meta
+            return step, got, meta
         raise InputError(f"no checkpoint can be read: {'; '.join(bad)}")

@@ -117,6 +117,25 @@ def test_a_damaged_latest_checkpoint_gives_way_to_the_one_before_it(tmp_path, ca
         ck.latest()
 
 
+def test_the_check_before_submitting_reads_a_checkpoint_s_metadata_only(tmp_path):
+    from iterreduce.fs import Checkpoints
+
+    ck = Checkpoints(str(tmp_path / "ck"), keep=2)
+    for step in (3, 4):
+        ck.save(step, {"w": np.full(250_000, step, np.float32)}, {"step": step})
+    assert ck.latest(arrays=False) == (4, {}, {"step": 4})
+    newest = tmp_path / "ck" / "ckpt-00000004.npz"
+    data = bytearray(newest.read_bytes())
+    middle = len(data) // 2  # inside the array's member: the zip's directory and the metadata stay whole
+    data[middle:middle + 64] = b"x" * 64
+    newest.write_bytes(bytes(data))
+    assert ck.latest(arrays=False) == (4, {}, {"step": 4})  # the damaged arrays were not read
+    step, arrays, meta = ck.latest()  # the master's full read finds the damage and takes the one before
+    assert step == 3 and meta == {"step": 3} and (arrays["w"] == 3).all()
+    newest.write_bytes(bytes(data[:200]))  # cut short: no directory, so the metadata cannot be found either
+    assert ck.latest(arrays=False) == (3, {}, {"step": 3})
+
+
 def test_master_context_reads_its_own_data_relative_to_the_job_file(tmp_path):
     import logging
 

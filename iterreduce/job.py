@@ -38,7 +38,18 @@ __all__ = ["JobError", "JobSpec", "load_job", "parse_memory"]
 
 
 class JobError(ValueError):
-    """A job file that cannot run; the message names the file and the field."""
+    """A job file that cannot run; the message names the file and the field. ``errors``: each
+    error on its own (one, or all of a section's when it has several)."""
+
+    def __init__(self, message: str, errors: list[str] | None = None):
+        super().__init__(message)
+        self.errors = list(errors) if errors else [message]
+
+    @classmethod
+    def of(cls, errors: list[str]) -> "JobError":
+        """One error for several, each kept once (a missing section is every field's error)."""
+        unique = list(dict.fromkeys(errors))
+        return cls("; ".join(unique), unique)
 
 
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|[kmgt]i?b?)?\s*$")
@@ -81,10 +92,13 @@ class _Reader:
         self.where = where
         self.parent = parent
         self.used: set[str] = set()
+        self.suggested: set[str] = set()  # unknown keys already named as misspellings of a missing field
 
     def _misspelt(self, key: str) -> str:
         """`` (is 'cont' a misspelling of it?)`` when a key here that is not a field looks like ``key``."""
         close = closest_match(key, [k for k in self.data if k not in self.used])
+        if close:
+            self.suggested.add(close)
         return f" (is {close!r} a misspelling of it?)" if close else ""
 
     def path(self, key: str) -> str:
@@ -132,8 +146,27 @@ class _Reader:
         self.used.add(key)
         return _Reader(self.data.get(key), self.path(key), self)
 
+    def fields(self, done: bool = True, **reads: Callable[[], Any]) -> dict[str, Any]:
+        """Every one of ``reads`` (then :meth:`done`, unless not ``done``): their values by name.
+        Their errors are collected, so that one look at a job file names all of a section's:
+        one :class:`JobError` with them all."""
+        values, errors = {}, []
+        for name, read in reads.items():
+            try:
+                values[name] = read()
+            except JobError as exc:
+                errors.extend(exc.errors)
+        if done:
+            try:
+                self.done()
+            except JobError as exc:
+                errors.extend(exc.errors)
+        if errors:
+            raise JobError.of(errors)
+        return values
+
     def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used, key=str)
+        unknown = sorted(set(self.data) - self.used - self.suggested, key=str)
         if unknown:
             close = closest_match(unknown[0], self.used)
             hint = f"did you mean {close!r}? " if close else ""
@@ -150,8 +183,9 @@ class Resources:
 
     @classmethod
     def read(cls, r: _Reader) -> "Resources":
-        memory = parse_memory(r.get("memory", (int, str), 1024), r.path("memory"))
-        return cls(memory_mb=memory, vcores=r.int_at_least("vcores", 1, 1))
+        return cls(**r.fields(done=False, memory_mb=lambda: parse_memory(r.get("memory", (int, str), 1024),
+                                                                         r.path("memory")),
+                              vcores=lambda: r.int_at_least("vcores", 1, 1)))
 
 
 @dataclass(frozen=True)
@@ -162,13 +196,8 @@ class WorkersSpec:
 
     @classmethod
     def read(cls, r: _Reader) -> "WorkersSpec":
-        out = cls(
-            count=r.int_at_least("count", 1),
-            resources=Resources.read(r),
-            max_restarts=r.int_at_least("max_restarts", 0, 3),
-        )
-        r.done()
-        return out
+        return cls(**r.fields(count=lambda: r.int_at_least("count", 1), resources=lambda: Resources.read(r),
+                              max_restarts=lambda: r.int_at_least("max_restarts", 0, 3)))
 
 
 @dataclass(frozen=True)
@@ -178,19 +207,24 @@ class InputSpec:
 
     @classmethod
     def read(cls, r: _Reader, base: Path | None) -> "InputSpec":
-        paths = r.get("paths", (list, str))
-        if isinstance(paths, str):
-            paths = [paths]
-        if not paths:
-            raise JobError(f"{r.path('paths')}: needs at least one path")
-        for i, p in enumerate(paths):
-            if not isinstance(p, str) or not p:
-                raise JobError(f"{r.path('paths')}[{i}]: expected a path or URI, got {p!r}")
-        fmt = r.get("format", str, "parquet")
-        if fmt != "parquet":
-            raise JobError(f"{r.path('format')}: only 'parquet' is supported, got {fmt!r}")
-        r.done()
-        return cls(paths=tuple(_resolve(p, base) for p in paths), format=fmt)
+        def paths() -> tuple[str, ...]:
+            given = r.get("paths", (list, str))
+            if isinstance(given, str):
+                given = [given]
+            if not given:
+                raise JobError(f"{r.path('paths')}: needs at least one path")
+            bad = [JobError(f"{r.path('paths')}[{i}]: expected a path or URI, got {p!r}")
+                   for i, p in enumerate(given) if not isinstance(p, str) or not p]
+            if bad:
+                raise JobError.of([str(e) for e in bad])
+            return tuple(_resolve(p, base) for p in given)
+
+        def fmt() -> str:
+            value = r.get("format", str, "parquet")
+            if value != "parquet":
+                raise JobError(f"{r.path('format')}: only 'parquet' is supported, got {value!r}")
+            return value
+        return cls(**r.fields(paths=paths, format=fmt))
 
 
 @dataclass(frozen=True)
@@ -201,14 +235,11 @@ class CheckpointSpec:
 
     @classmethod
     def read(cls, r: _Reader, base: Path | None) -> "CheckpointSpec":
-        path = r.get("path", str, None)
-        out = cls(
-            path=_resolve(path, base) if path else None,
-            every=r.int_at_least("every", 0, 1),
-            keep=r.int_at_least("keep", 1, 2),
-        )
-        r.done()
-        return out
+        def path() -> str | None:
+            given = r.get("path", str, None)
+            return _resolve(given, base) if given else None
+        return cls(**r.fields(path=path, every=lambda: r.int_at_least("every", 0, 1),
+                              keep=lambda: r.int_at_least("keep", 1, 2)))
 
 
 @dataclass(frozen=True)
@@ -226,16 +257,15 @@ class HeartbeatSpec:
 
     @classmethod
     def read(cls, r: _Reader) -> "HeartbeatSpec":
-        out = cls(
-            interval=r.positive("interval", 1.0),
-            timeout=r.positive("timeout", 30.0),
-            register_timeout=r.positive("register_timeout", 120.0),
-            master_timeout=r.positive("master_timeout", 30.0),
-            superstep_timeout=r.positive("superstep_timeout", None),
-        )
+        out = cls(**r.fields(
+            interval=lambda: r.positive("interval", 1.0),
+            timeout=lambda: r.positive("timeout", 30.0),
+            register_timeout=lambda: r.positive("register_timeout", 120.0),
+            master_timeout=lambda: r.positive("master_timeout", 30.0),
+            superstep_timeout=lambda: r.positive("superstep_timeout", None),
+        ))
         if out.timeout <= out.interval:
             raise JobError(f"{r.path('timeout')}: must exceed heartbeat.interval ({out.interval}), got {out.timeout}")
-        r.done()
         return out
 
 
@@ -250,19 +280,21 @@ class AlgorithmSpec:
 
     @classmethod
     def read(cls, r: _Reader) -> "AlgorithmSpec":
-        roles = {}
-        for role in ("master", "worker"):
-            value = r.get(role, str)
+        def role(name: str) -> str:
+            value = r.get(name, str)
             if not _IMPORT_PATH.match(value):
-                raise JobError(f"{r.path(role)}: expected 'package.module:ClassName', got {value!r}")
-            roles[role] = value
-        params = r.get("params", dict, {})
-        try:
-            json.dumps(params)
-        except (TypeError, ValueError) as exc:
-            raise JobError(f"{r.path('params')}: must be plain YAML values (numbers, strings, lists, maps): {exc}")
-        r.done()
-        return cls(params=params, **roles)
+                raise JobError(f"{r.path(name)}: expected 'package.module:ClassName', got {value!r}")
+            return value
+
+        def params() -> dict[str, Any]:
+            value = r.get("params", dict, {})
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise JobError(f"{r.path('params')}: must be plain YAML values (numbers, strings, lists, maps): "
+                               f"{exc}") from None
+            return value
+        return cls(**r.fields(master=lambda: role("master"), worker=lambda: role("worker"), params=params))
 
 
 @dataclass(frozen=True)
@@ -277,29 +309,30 @@ class YarnSpec:
 
     @classmethod
     def read(cls, r: _Reader, base: Path | None = None) -> "YarnSpec":
-        tags = r.get("tags", list, [])
-        for i, t in enumerate(tags):
-            if not isinstance(t, str):
-                raise JobError(f"{r.path('tags')}[{i}]: expected a string, got {t!r}")
-        files = r.get("files", list, [])
-        for i, f in enumerate(files):
-            if not isinstance(f, str) or not f:
-                raise JobError(f"{r.path('files')}[{i}]: expected a path, got {f!r}")
-        env = r.get("env", dict, {})
-        for k, v in env.items():
-            if not isinstance(k, str) or not isinstance(v, (str, int, float)) or isinstance(v, bool):
-                raise JobError(f"{r.path('env')}.{k}: expected a string value, got {v!r}")
-        out = cls(
-            files=tuple(_resolve(f, base) for f in files),
-            env=tuple(sorted((k, str(v)) for k, v in env.items())),
-            queue=r.get("queue", str, "default"),
-            tags=tuple(tags),
-            environment=r.get("environment", str, None),
-            max_attempts=r.int_at_least("max_attempts", 1, 2),
-            user=r.get("user", str, None),
-        )
-        r.done()
-        return out
+        def strings(key: str, what: str, empty_ok: bool) -> list[str]:
+            given = r.get(key, list, [])
+            bad = [f"{r.path(key)}[{i}]: expected {what}, got {v!r}" for i, v in enumerate(given)
+                   if not isinstance(v, str) or not (v or empty_ok)]
+            if bad:
+                raise JobError.of(bad)
+            return given
+
+        def env() -> tuple[tuple[str, str], ...]:
+            given = r.get("env", dict, {})
+            bad = [f"{r.path('env')}.{k}: expected a string value, got {v!r}" for k, v in given.items()
+                   if not isinstance(k, str) or not isinstance(v, (str, int, float)) or isinstance(v, bool)]
+            if bad:
+                raise JobError.of(bad)
+            return tuple(sorted((k, str(v)) for k, v in given.items()))
+        return cls(**r.fields(
+            tags=lambda: tuple(strings("tags", "a string", True)),
+            files=lambda: tuple(_resolve(f, base) for f in strings("files", "a path", False)),
+            env=env,
+            queue=lambda: r.get("queue", str, "default"),
+            environment=lambda: r.get("environment", str, None),
+            max_attempts=lambda: r.int_at_least("max_attempts", 1, 2),
+            user=lambda: r.get("user", str, None),
+        ))
 
 
 @dataclass(frozen=True)
@@ -325,18 +358,16 @@ class JobSpec:
         """Validate a mapping; relative local paths are taken relative to ``base``."""
         errors: list[str] = []
 
-        def part(read: Callable[[], Any]) -> Any:  # every section is checked: all errors at once
+        def part(read: Callable[[], Any]) -> Any:  # every section, every field is checked: all errors at once
             try:
                 return read()
             except JobError as exc:
-                errors.append(str(exc))
+                errors.extend(exc.errors)
                 return None
 
         def master_section() -> Resources:
             m = r.sub("master")
-            master = Resources.read(m)
-            m.done()
-            return master
+            return m.fields(resources=lambda: Resources.read(m))["resources"]
 
         def job_name() -> str:
             name = r.get("name", str)
@@ -370,7 +401,8 @@ class JobSpec:
             job = cls(**fields, base_dir=str(base) if base is not None else None, source=source)
             part(job._check_not_inside_input)
         if errors:
-            raise JobError(errors_text(source, errors))
+            errors = list(dict.fromkeys(errors))
+            raise JobError(errors_text(source, errors), errors)
         return job
 
     def _check_not_inside_input(self) -> None:

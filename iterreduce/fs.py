@@ -314,26 +314,43 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
 
 
 def refuse_nulls(table: pa.Table) -> None:
-    """:class:`RecordError` for the first row of ``table`` with a null in a column (or in the
-    values of a list column), naming the column. Deeper nesting (lists of lists, structs) is
-    not looked into."""
-    import pyarrow.compute as pc
-
-    found: list[tuple[int, str]] = []
+    """:class:`RecordError` for the first row of ``table`` with a null in a column, or anywhere
+    inside one (a list's values, a struct's fields, a map's keys and items, at any depth),
+    naming the column and where in it (``x[].a``: field ``a`` of the structs in list ``x``)."""
+    found = []
     for name in table.column_names:
-        col = table.column(name)
-        if col.null_count:
-            found.append((int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]),
-                          f"column {name!r} is null"))
-        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
-            arr = col.combine_chunks()
-            values = pc.list_flatten(arr)
-            if values.null_count:
-                at = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
-                found.append((int(pc.list_parent_indices(arr)[at].as_py()), f"column {name!r} holds a null value"))
+        hit = _first_null(table.column(name).combine_chunks(), name)
+        if hit is not None:
+            row, where = hit
+            found.append((row, f"column {name!r} is null" if where == name else
+                          f"column {name!r} holds a null value (at {where})"))
     if found:
         row, what = min(found, key=lambda f: f[0])
         raise RecordError(row, what + " (an algorithm that handles nulls reads with nulls=True)")
+
+
+def _first_null(arr: pa.Array, where: str) -> tuple[int, str] | None:
+    """The first row of ``arr`` that is null or holds a null at any depth, and where that
+    null is (``where`` names ``arr`` itself); None when there is none."""
+    import pyarrow.compute as pc
+
+    hits = []
+    if arr.null_count:
+        hits.append((int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0]), where))
+    t = arr.type
+    if pa.types.is_map(t):  # the same as a list of key/item structs
+        t = pa.list_(pa.struct([t.key_field, t.item_field]))
+        arr = arr.cast(t)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        inner = _first_null(pc.list_flatten(arr), where + "[]")
+        if inner is not None:  # the value's row -> its list's row
+            hits.append((int(pc.list_parent_indices(arr)[inner[0]].as_py()), inner[1]))
+    elif pa.types.is_struct(t):
+        for i, values in enumerate(arr.flatten()):  # a null struct's fields are null: found above, first
+            inner = _first_null(values, f"{where}.{t.field(i).name}")
+            if inner is not None:
+                hits.append(inner)
+    return min(hits, key=lambda h: h[0]) if hits else None
 
 
 def in_file(where: str, first_row: int, fn: Callable[[], Any]) -> Any:

@@ -166,12 +166,14 @@ class _Reader:
         return values
 
     def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used - self.suggested, key=str)
-        if unknown:
-            close = closest_match(unknown[0], self.used)
+        """Every key here that is not a field is an error (one each)."""
+        errors, known = [], ", ".join(sorted(self.used))
+        for key in sorted(set(self.data) - self.used - self.suggested, key=str):
+            close = closest_match(key, self.used)
             hint = f"did you mean {close!r}? " if close else ""
-            known = ", ".join(sorted(self.used))
-            raise JobError(f"{self.path(str(unknown[0]))}: unknown field ({hint}known fields here: {known})")
+            errors.append(f"{self.path(str(key))}: unknown field ({hint}known fields here: {known})")
+        if errors:
+            raise JobError.of(errors)
 
 
 @dataclass(frozen=True)
@@ -213,10 +215,10 @@ class InputSpec:
                 given = [given]
             if not given:
                 raise JobError(f"{r.path('paths')}: needs at least one path")
-            bad = [JobError(f"{r.path('paths')}[{i}]: expected a path or URI, got {p!r}")
+            bad = [f"{r.path('paths')}[{i}]: expected a path or URI, got {p!r}"
                    for i, p in enumerate(given) if not isinstance(p, str) or not p]
             if bad:
-                raise JobError.of([str(e) for e in bad])
+                raise JobError.of(bad)
             return tuple(_resolve(p, base) for p in given)
 
         def fmt() -> str:

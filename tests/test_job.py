@@ -118,7 +118,7 @@ def test_misspelt_and_repeated_keys_are_named(tmp_path, change, words):
 
 def test_every_error_of_a_section_is_named_and_a_misspelling_once(tmp_path):
     bad = (GOOD.replace("workers: {count: 2, memory: 512 MiB, vcores: 1}",
-                        "workers: {count: 0, memory: lots, vcores: 0, max_restart: 1}")
+                        "workers: {count: 0, memory: lots, vcores: 0, max_restart: 1, cpus: 2}")
            + "heartbeat: {interval: -1, timeout: x}\nyarn: {tags: [1, ok, 2], max_attempts: 0}\n")
     with pytest.raises(JobError) as err:
         load_job(write(tmp_path, bad))
@@ -126,6 +126,7 @@ def test_every_error_of_a_section_is_named_and_a_misspelling_once(tmp_path):
         "workers.count: must be at least 1, got 0",
         "workers.memory: expected a memory size such as 1024 (MiB) or '2 GiB', got 'lots'",
         "workers.vcores: must be at least 1, got 0",
+        "workers.cpus: unknown field (known fields here: count, max_restarts, memory, vcores)",
         "workers.max_restart: unknown field (did you mean 'max_restarts'? known fields here: count, "
         "max_restarts, memory, vcores)",
         "heartbeat.interval: must be a positive number, got -1.0",
@@ -134,7 +135,7 @@ def test_every_error_of_a_section_is_named_and_a_misspelling_once(tmp_path):
         "yarn.tags[2]: expected a string, got 2",
         "yarn.max_attempts: must be at least 1, got 0",
     ], err.value.errors
-    assert str(err.value).startswith(f"{tmp_path / 'job.yaml'}: 9 errors:\n  workers.count: must be at least 1")
+    assert str(err.value).startswith(f"{tmp_path / 'job.yaml'}: 10 errors:\n  workers.count: must be at least 1")
     # a key that is offered as the misspelling of a missing field is not also an unknown field
     with pytest.raises(JobError) as err:
         load_job(write(tmp_path, GOOD.replace("count: 2", "cont: 2")))

@@ -227,9 +227,8 @@ def _skein_client(verbose: bool = False):
 @click.option("-v", "--verbose", is_flag=True)
 def submit(job_file: str, wait: bool, resume: bool, skip_resource_check: bool, verbose: bool) -> None:
     """Submit JOB_FILE to YARN; print the application id."""
-    from .client import Progress, SubmitError, logs_command
+    from .client import SubmitError
     from .client import submit as submit_job
-    from .client import wait as wait_app
 
     job = _load(job_file, algorithm=False)  # check_submission checks the algorithm
     _setup_logging(verbose)
@@ -255,13 +254,21 @@ def submit(job_file: str, wait: bool, resume: bool, skip_resource_check: bool, v
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(app_id)
-    if not wait:
-        return
+    if wait:
+        _follow(app_id, client)
+
+
+def _follow(app_id: str, client) -> None:
+    """Follow ``app_id`` to its end (a line per superstep), then say how it ended; a click
+    error (exit status 1) when it did not succeed."""
+    from .client import Progress, logs_command
+    from .client import wait as wait_app
+
     try:
         final, diagnostics = wait_app(app_id, client, progress=Progress(lines=True))
     except KeyboardInterrupt:
-        click.echo(f"\nstopped following {app_id}; the application goes on. `iterreduce status {app_id}` shows "
-                   f"it, `iterreduce kill {app_id}` ends it.", err=True)
+        click.echo(f"\nstopped following {app_id}; the application goes on. `iterreduce status -f {app_id}` "
+                   f"follows it again, `iterreduce kill {app_id}` ends it.", err=True)
         sys.exit(130)
     if final != "SUCCEEDED":
         hint = ""
@@ -277,7 +284,10 @@ def submit(job_file: str, wait: bool, resume: bool, skip_resource_check: bool, v
 
 @main.command()
 @click.argument("app_id")
-def status(app_id: str) -> None:
+@click.option("--follow", "-f", is_flag=True,
+              help="Then follow it until it ends, a line per superstep, as `submit --wait` does; exit status 1 "
+                   "when it does not succeed.")
+def status(app_id: str, follow: bool) -> None:
     """The state, progress and live superstep of application APP_ID."""
     _known(app_id)
     import json
@@ -301,6 +311,9 @@ def status(app_id: str) -> None:
                     click.echo(st["message"])
         except Exception as exc:  # noqa: BLE001
             click.echo(f"(no live view: {exc})")
+    if follow and str(r.state) not in ("FINISHED", "FAILED", "KILLED"):
+        _follow(app_id, client)
+        return
     if r.diagnostics:
         click.echo(r.diagnostics.strip())
 

@@ -369,6 +369,10 @@ class DBNMaster(Master):
     """Averages the workers' RBMs layer by layer, then fine-tunes (here or on the workers)."""
 
     @classmethod
+    def input_columns(cls, params):
+        return ["x", "y"]  # every worker reads both (_read_xy)
+
+    @classmethod
     def input_paths(cls, params):
         cfg = DBNConfig.from_params(params)
         return [*(cfg.train or []), *([cfg.validation] if cfg.validation else []), *([cfg.test] if cfg.test else [])]
@@ -426,7 +430,7 @@ class DBNMaster(Master):
         # the first n rows of each split of `train`: the workers' examples when `train` lists the
         # job's input paths, as the example job files do
         xs, ys = [], []
-        for pieces in plan_splits(paths, self.ctx.num_workers):
+        for pieces in plan_splits(paths, self.ctx.num_workers, columns=["x", "y"]):
             x, y = _read_xy(pieces, self.cfg)
             xs.append(x[:n])
             ys.append(y[:n])

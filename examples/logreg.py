@@ -62,6 +62,10 @@ class LogRegMaster(Master):
     PARAMS = {"epochs", "learning_rate", "decay", "batch_size", "l2", "features", "classes", "test"}
 
     @classmethod
+    def input_columns(cls, params):  # what the workers read: every input file must have them, of one type
+        return ["x", "y"]
+
+    @classmethod
     def check_params(cls, params):  # called by `iterreduce validate/run/submit` before anything starts
         for key, value in params.items():
             if key not in cls.PARAMS:

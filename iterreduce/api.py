@@ -284,6 +284,16 @@ class Master:
         is asked for. The default accepts anything."""
 
     @classmethod
+    def input_columns(cls, params: dict[str, Any]) -> list[str] | None:
+        """The input columns the workers read (with ``ctx.read_table``), when the master knows
+        them. ``validate``, ``run`` and ``submit`` then refuse, before anything starts, an input
+        file that lacks one of them, or that holds one with a type the other files' cannot be
+        read as (string beside double; int32 beside int64 is fine). Other columns may differ
+        from file to file. The default, None, says nothing: a column whose types differ is
+        then warned of, and a worker that reads it fails naming the files."""
+        return None
+
+    @classmethod
     def input_paths(cls, params: dict[str, Any]) -> list[str]:
         """Paths in ``algorithm.params`` that the master reads (test data, say), relative to the
         job file where relative; ``validate``, ``run`` and ``submit`` check that they exist

@@ -132,6 +132,12 @@ def load_class(path: str, kind: type, job_dir: str | None = None, extra: Sequenc
     return cls
 
 
+def _shipped_dirs(job: JobSpec) -> list[str]:
+    """Where modules that ``yarn.files`` ships are found here: what it ships lands in each
+    container's directory, so here in the shipped paths' parent directories."""
+    return [os.path.dirname(os.path.abspath(p.rstrip("/"))) for p in job.yarn.files if not is_uri(p)]
+
+
 def check_algorithm(job: JobSpec, must_import: bool = True, check_paths: bool = True) -> None:
     """Import the job's master and worker classes and let the master check the job's
     ``algorithm.params`` (:meth:`Master.check_params`); raises :class:`JobFailed` naming the
@@ -139,8 +145,7 @@ def check_algorithm(job: JobSpec, must_import: bool = True, check_paths: bool = 
     algorithm may exist only in the cluster's environment) a module that cannot be imported
     here is logged and its params are left to the ApplicationMaster. With ``check_paths``
     the paths the master reads (:meth:`Master.input_paths`) must exist."""
-    # what yarn.files ships lands in each container's directory: here, its parent directory
-    shipped = [os.path.dirname(os.path.abspath(p.rstrip("/"))) for p in job.yarn.files if not is_uri(p)]
+    shipped = _shipped_dirs(job)
     found: dict[str, Any] = {}
     errors: list[JobFailed] = []
     for role, base in (("master", Master), ("worker", Worker)):  # both said at once
@@ -360,7 +365,8 @@ class AppMaster:
             broadcast = self._hook("initial_update", self.master.initial_update, returns="an Update")
         self._set_broadcast(broadcast)
         self._phase = self._hook("phase", self.master.phase)
-        self._splits = [_Split(p) for p in plan_splits(job.input.paths, job.workers.count)]
+        self._splits = [_Split(p) for p in plan_splits(job.input.paths, job.workers.count,
+                                                       input_columns(type(self.master), job))]
         # the point of no return: what an earlier run left that is not this run's goes (nothing
         # before here, so a job refused above leaves the output as it was)
         if restored is None and not self.resume:
@@ -858,6 +864,27 @@ def job_fingerprint(job: JobSpec) -> dict[str, Any]:
     return {"seed": job.seed, "workers.count": job.workers.count, "input.paths": list(job.input.paths),
             "algorithm.master": job.algorithm.master, "algorithm.worker": job.algorithm.worker,
             "algorithm.params": json.loads(json.dumps(job.algorithm.params))}
+
+
+def input_columns(master: type | None, job: JobSpec) -> list[str] | None:
+    """The input columns ``master`` (the job's master class; None: imported here) says the
+    workers of ``job`` read (:meth:`Master.input_columns`). None when it does not say, or cannot
+    be imported here (:func:`check_algorithm` says why); :class:`JobFailed` when it says
+    something else than column names."""
+    if master is None:
+        try:
+            master = load_class(job.algorithm.master, Master, job.base_dir, _shipped_dirs(job))
+        except JobFailed:
+            return None
+    try:
+        columns = master.input_columns(job.algorithm.params)
+    except Exception as exc:  # noqa: BLE001 - the algorithm's own code
+        raise JobFailed(f"{job.source}: {master.__qualname__}.input_columns raised {type(exc).__name__}: {exc}"
+                        ) from None
+    if columns is not None and (isinstance(columns, str) or not all(isinstance(c, str) for c in columns)):
+        raise JobFailed(f"{job.source}: {master.__qualname__}.input_columns returned {columns!r}: a list of "
+                        "column names, or None, was expected")
+    return None if columns is None else list(columns)
 
 
 def earlier_success(output: Output, job: JobSpec) -> dict[str, Any] | None:

@@ -63,8 +63,9 @@ def validate(job_file: str) -> None:
     try:
         job = load_job(job_file)
     except JobError as exc:
-        raise click.ClickException(f"{exc}\n(the input and the algorithm are checked once the fields are right)"
-                                   ) from None
+        later = "" if "cannot read the job file" in str(exc) else \
+            "\n(the input and the algorithm are checked once the fields are right)"
+        raise click.ClickException(f"{exc}{later}") from None
     errors = []  # the algorithm and the input: each said, not only the first
     for check in (check_algorithm, check_input):
         try:

@@ -281,11 +281,17 @@ def check_submission(job: JobSpec, resources: bool = True) -> None:
 
 
 def check_input(job: JobSpec) -> None:
-    """The input exists and makes ``workers.count`` splits, or :class:`SubmitError`."""
+    """The input exists and makes ``workers.count`` splits, and holds the columns the master
+    says its workers read (when it can be imported here), or :class:`SubmitError`."""
+    from .appmaster import input_columns
     from .fs import InputError, plan_splits
 
     try:
-        plan_splits(job.input.paths, job.workers.count)
+        columns = input_columns(None, job)
+    except JobFailed as exc:
+        raise SubmitError(str(exc)) from None
+    try:
+        plan_splits(job.input.paths, job.workers.count, columns)
     except InputError as exc:
         # "input: path /data: does not exist", not "input: input path /data: ..." ("input file" stays,
         # as in the workers' messages about a record)

@@ -130,10 +130,13 @@ class FilePiece:
 
 
 def list_input_files(paths: Sequence[str]) -> list[str]:
-    """Expand directories to the data files below them (sorted); names missing paths."""
+    """Expand directories to the data files below them (sorted); names missing paths, and a
+    file that two of ``paths`` reach (it would be read twice)."""
     files: list[str] = []
+    by: dict[str, str] = {}  # a file (its filesystem and normalised path) -> the input path that gave it
     for uri in paths:
         fs, path = filesystem(uri)
+        found_before = len(files)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"input path {uri}: does not exist")
@@ -150,6 +153,15 @@ def list_input_files(paths: Sequence[str]) -> list[str]:
             files.extend(_with_scheme(uri, p) for p in sorted(found))
         else:
             files.append(uri)
+        for f in files[found_before:]:
+            parsed = urlparse(f)
+            key = f"{parsed.netloc}{os.path.normpath(filesystem(f)[1])}" if "://" in f else os.path.abspath(f)
+            if key in by and by[key] == uri:
+                raise InputError(f"input path {uri} is given twice: its files would be read twice")
+            if key in by:
+                raise InputError(f"input file {f} is given by both input path {by[key]} and input path {uri}: "
+                                 "it would be read twice")
+            by[key] = uri
     return files
 
 
@@ -159,12 +171,14 @@ def _below(root: str, path: str) -> list[str]:
     return [p for p in rest.split("/") if p]
 
 
-def plan_splits(paths: Sequence[str], num_splits: int) -> list[list[FilePiece]]:
+def plan_splits(paths: Sequence[str], num_splits: int,
+                columns: Sequence[str] | None = None) -> list[list[FilePiece]]:
     """Divide the input into ``num_splits`` contiguous shares of about equal bytes.
 
     Every Parquet row group is one piece; consecutive pieces of a file that land in the
     same split are merged. Raises :class:`InputError` when there are fewer row groups
-    than splits, or a file is not Parquet.
+    than splits, or a file is not Parquet, or (given the ``columns`` the workers read) a
+    file lacks one of them or holds one with a type that cannot be read with the others'.
     """
     pieces: list[tuple[str, int, int, int]] = []  # (uri, row group, bytes, rows)
     schemas: dict[str, pa.Schema] = {}
@@ -182,7 +196,7 @@ def plan_splits(paths: Sequence[str], num_splits: int) -> list[list[FilePiece]]:
             g = md.row_group(rg)
             if g.num_rows:  # an empty row group (Spark's empty partition) would make an empty split
                 pieces.append((uri, rg, max(g.total_byte_size, 1), g.num_rows))
-    _check_column_types(schemas)
+    _check_columns(schemas, columns)
     if len(pieces) < num_splits:
         raise InputError(f"input {', '.join(paths)}: {len(pieces)} non-empty row group(s) cannot make {num_splits} "
                          "splits; write smaller row groups or use fewer workers")
@@ -207,17 +221,23 @@ def plan_splits(paths: Sequence[str], num_splits: int) -> list[list[FilePiece]]:
     return out
 
 
-def _check_column_types(schemas: dict[str, pa.Schema]) -> None:
-    """A column that several input files hold must have types Arrow can read as one (int32
-    and int64 can; string and double cannot): the files whose type differs from most
-    files' are named. Columns some files lack are left to the readers (an algorithm may
-    not read them; one that does is told which file lacks it)."""
+def _check_columns(schemas: dict[str, pa.Schema], columns: Sequence[str] | None) -> None:
+    """The ``columns`` the workers read (None: not known, then every column) must be in every
+    input file, with types Arrow can read as one (int32 and int64 can; string and double
+    cannot): the files that lack one, or whose type differs from most files', are named.
+    With ``columns`` that is an :class:`InputError`; without, a warning, since the
+    algorithm may not read that column (one that does is told which files differ)."""
     by_col: dict[str, dict[str, tuple[pa.DataType, list[str]]]] = {}
     for f, schema in schemas.items():
         for fld in schema:
-            entry = by_col.setdefault(fld.name, {}).setdefault(str(fld.type), (fld.type, []))
-            entry[1].append(f)
+            if columns is None or fld.name in columns:
+                entry = by_col.setdefault(fld.name, {}).setdefault(str(fld.type), (fld.type, []))
+                entry[1].append(f)
     problems = []
+    for col in columns or ():
+        lacking = [f for f, schema in schemas.items() if schema.get_field_index(col) < 0]
+        if lacking:
+            problems.append(f"column {col!r}, which the algorithm reads, is not in {_some(lacking)}")
     for col, types in by_col.items():
         if len(types) < 2:
             continue
@@ -239,8 +259,12 @@ def _check_column_types(schemas: dict[str, pa.Schema]) -> None:
         (_, common, most), odd = groups[0], groups[1:]
         shown = "; ".join(f"{' or '.join(names)} in {_some(files)}" for _, names, files in odd)
         problems.append(f"column {col} is {shown}, where {len(most)} other file(s) have {' or '.join(common)}")
-    if problems:
+    if problems and columns is not None:
         raise InputError("the input files' columns do not agree: " + "; ".join(problems))
+    if problems:
+        log.warning("the input files' columns do not agree: %s. A worker that reads such a column fails; one "
+                    "that does not is not harmed (a master that names the columns it reads, "
+                    "Master.input_columns, has this refused before the job starts)", "; ".join(problems))
 
 
 def _some(files: list[str], n: int = 3) -> str:

@@ -47,7 +47,9 @@ def test_hdfs_without_libhdfs_says_what_to_do():
     assert "libhdfs" in msg and "webhdfs://127.0.0.1:9870/" in msg
 
 
-def test_files_whose_columns_cannot_be_read_as_one_are_named_others_are_read(tmp_path):
+def test_files_whose_columns_cannot_be_read_as_one_are_named_others_are_read(tmp_path, caplog):
+    import logging
+
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -68,7 +70,15 @@ def test_files_whose_columns_cannot_be_read_as_one_are_named_others_are_read(tmp
         read_split([piece("a.parquet"), piece("c.parquet")])
     with pytest.raises(InputError, match=r"the input files' columns do not agree: column x is string in "
                                          r".*c\.parquet, where 2 other file\(s\) have "):
-        plan_splits([str(tmp_path)], 1)
+        plan_splits([str(tmp_path)], 1, columns=["x"])  # a column the algorithm reads
+    assert len(plan_splits([str(tmp_path)], 1, columns=["y"])) == 1  # one it does not: no matter
+    with caplog.at_level(logging.WARNING):  # the algorithm does not say what it reads: a warning
+        assert len(plan_splits([str(tmp_path)], 1)) == 1
+    assert "the input files' columns do not agree: column x is string in" in caplog.text
+    assert "Master.input_columns" in caplog.text
+    with pytest.raises(InputError, match=r"column 'z', which the algorithm reads, is not in .*a\.parquet, "
+                                         r".*b\.parquet, .*c\.parquet$"):
+        plan_splits([str(tmp_path)], 1, columns=["y", "z"])
     (tmp_path / "c.parquet").unlink()
     pq.write_table(pa.table({"x": np.arange(5.0), "y": np.arange(5), "id": np.arange(5)}), tmp_path / "d.parquet")
     assert len(plan_splits([str(tmp_path)], 3)) == 3  # an extra column: the reader decides
@@ -98,6 +108,22 @@ def test_hidden_directories_and_empty_row_groups_are_not_input(tmp_path):
     assert [sum(p.num_rows for p in s) for s in splits] == [500, 500]
     with pytest.raises(InputError, match="2 non-empty row group\\(s\\) cannot make 3 splits"):
         plan_splits([str(tmp_path)], 3)
+
+
+def test_a_file_that_two_input_paths_reach_is_refused_not_read_twice(tmp_path):
+    from iterreduce.fs import list_input_files
+
+    (tmp_path / "d").mkdir()
+    write(tmp_path / "d" / "a.parquet", 100, 50)
+    write(tmp_path / "d" / "b.parquet", 100, 50)
+    d, a = str(tmp_path / "d"), str(tmp_path / "d" / "a.parquet")
+    with pytest.raises(InputError, match=rf"^input path {d} is given twice: its files would be read twice$"):
+        list_input_files([d, d])
+    with pytest.raises(InputError, match=rf"^input file {a} is given by both input path {d} and input path {a}: "):
+        plan_splits([d, a], 2)
+    with pytest.raises(InputError, match=r"is given by both input path .*a\.parquet and input path .*/\./a\.parquet"):
+        list_input_files([a, f"{tmp_path}/d/./a.parquet"])
+    assert len(list_input_files([a, str(tmp_path / "d" / "b.parquet")])) == 2
 
 
 def test_a_damaged_latest_checkpoint_gives_way_to_the_one_before_it(tmp_path, caplog):

@@ -40,3 +40,33 @@ def test_logreg_misspelt_parameter_is_refused_before_anything_runs_with_a_hint(t
     assert res.returncode != 0
     assert "algorithm.params.learning_rat: unknown parameter (did you mean 'learning_rate'?" in res.stderr, res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_input_file_without_a_column_the_master_names_is_refused_before_running_others_may_differ(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    data.mkdir()
+    x = pa.array([[0] * 784] * 4, pa.list_(pa.uint8()))
+    for i, note in enumerate([pa.array(["a", "b", "c", "d"]), pa.array([1, 2, 3, 4])]):  # a column none reads
+        pq.write_table(pa.table({"x": x, "y": np.arange(4), "note": note}), data / f"part-{i}.parquet")
+    spec = yaml.safe_load((ROOT / "examples" / "logreg.yaml").read_text())
+    spec["input"]["paths"] = [str(data)]
+    spec["algorithm"]["params"].pop("test")
+    spec["output"] = str(tmp_path / "out")
+    job = tmp_path / "logreg.yaml"
+    job.write_text(yaml.safe_dump(spec))
+
+    def validate():
+        return subprocess.run([sys.executable, "-m", "iterreduce.cli", "validate", str(job)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    res = validate()
+    assert res.returncode == 0, res.stderr  # 'note' differs from file to file, but LogRegWorker does not read it
+    pq.write_table(pa.table({"x": x, "label": np.arange(4)}), data / "part-2.parquet")
+    res = validate()
+    assert res.returncode != 0
+    assert (f"{job}: input: the input files' columns do not agree: column 'y', which the algorithm reads, is not in "
+            f"{data / 'part-2.parquet'}") in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()

@@ -471,6 +471,33 @@ def test_kill_now_ends_the_application_and_its_containers(hadoop_cluster, hdfs_b
 
 
 
+def test_kill_falls_back_to_skein_when_the_resourcemanagers_rest_api_refuses(hadoop_cluster, hdfs_base,
+                                                                             linreg_on_hdfs, skein_client,
+                                                                             tmp_path, monkeypatch):
+    _, uri = linreg_on_hdfs
+    out = f"{hdfs_base}/stopped-by-skein"
+    job = linreg_job(tmp_path, hadoop_cluster, uri, f"{hadoop_cluster.webhdfs_url}{out}", sleep=1.0, supersteps=100)
+    app_id = submit(job)
+    wait_superstep(skein_client, app_id, 1)
+    conf = tmp_path / "conf"  # the cluster's configuration, but a web address where nothing listens
+    shutil.copytree(hadoop_cluster.conf_dir, conf)
+    site = (conf / "yarn-site.xml").read_text()
+    assert "yarn.resourcemanager.webapp.address" in site
+    site = re.sub(r"(<name>yarn\.resourcemanager\.webapp\.address</name>\s*<value>)[^<]*", r"\g<1>127.0.0.1:9",
+                  site)
+    (conf / "yarn-site.xml").write_text(site)
+    monkeypatch.setenv("HADOOP_CONF_DIR", str(conf))
+    res = cli("kill", app_id)
+    assert res.returncode == 0, res.stderr
+    assert f"{app_id} stopped: interrupted (iterreduce kill by" in res.stdout, res.stdout + res.stderr
+    final = wait_final(hadoop_cluster, app_id, timeout=60)
+    assert final["finalStatus"] == "KILLED", final  # by skein: YARN says only "killed by user"
+    attempts = hadoop_cluster.rm_get(f"/ws/v1/cluster/apps/{app_id}/appattempts")["appAttempts"]["appAttempt"]
+    assert len(attempts) == 1
+    metrics = json.loads(read_hdfs(hadoop_cluster, f"{out}/metrics.json"))
+    assert metrics["state"] == "FAILED" and "interrupted (iterreduce kill by" in metrics["message"], metrics
+
+
 def test_kill_stops_the_job_saying_so_and_submit_resume_finishes_it(hadoop_cluster, hdfs_base, linreg_on_hdfs,
                                                                     skein_client, tmp_path):
     local_data, uri = linreg_on_hdfs

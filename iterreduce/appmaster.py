@@ -386,7 +386,9 @@ class AppMaster:
         for i, s in enumerate(self._splits):
             log.info("split %d: %d rows, %d bytes in %d file(s)", i, sum(p.num_rows for p in s.pieces),
                      sum(p.nbytes for p in s.pieces), len(s.pieces))
-        self.server = ipc.IPCServer(self, self.token, host=self.host, port=0).start()
+        # two connections per worker (its calls, its heartbeats), room for replacements' and lost ones'
+        self.server = ipc.IPCServer(self, self.token, host=self.host, port=0,
+                                    max_connections=4 * job.workers.count + 64).start()
         self.launcher.bind(self.server.url, self.token)
         log.info("serving the iterreduce protocol at %s", self.server.url)
         with self._cond:
@@ -722,21 +724,23 @@ class AppMaster:
     def _worker(self, worker_id: str) -> _WorkerInfo:
         info = self._workers.get(worker_id)
         if info is None:
-            raise ipc.RemoteError("NOT_REGISTERED", f"worker {worker_id!r} is not registered (or was replaced)")
+            raise _refused("NOT_REGISTERED", f"worker {worker_id!r} is not registered (or was replaced)")
         info.last_seen = time.monotonic()
         return info
 
     def register(self, worker_id: str, container_id: str, host: str, split_hint: int) -> dict[str, Any]:
         with self._cond:
             if self._state != "RUNNING":
-                raise ipc.RemoteError("REJECTED", f"the job is {self._state}")
+                raise _refused("REJECTED", f"register from worker {worker_id!r} (container {container_id!r}): "
+                               f"the job is {self._state}")
             if worker_id in self._workers:
-                raise ipc.RemoteError("BAD_REQUEST", f"worker {worker_id!r} is already registered")
+                raise _refused("BAD_REQUEST", f"worker {worker_id!r} is already registered")
             split = self._containers.get(container_id)
             if split is None or self._splits[split].owner is not None:
                 free = [i for i, s in enumerate(self._splits) if s.owner is None and s.container == container_id]
                 if not free:
-                    raise ipc.RemoteError("REJECTED", f"container {container_id!r} was not started for a free split")
+                    raise _refused("REJECTED", f"register from worker {worker_id!r}: container {container_id!r} was "
+                               "not started for a free split")
                 split = free[0]
             self._splits[split].owner = worker_id
             now = time.monotonic()
@@ -765,30 +769,37 @@ class AppMaster:
                     info.working_since = time.monotonic()
                     return {"status": "READY", "update": self._broadcast, "message": ""}
                 if superstep < self._superstep:
-                    raise ipc.RemoteError("STALE_SUPERSTEP", f"superstep {superstep} is over: the job is at superstep "
-                                          f"{self._superstep}")
+                    raise _refused("STALE_SUPERSTEP", f"fetch from worker {worker_id!r}: superstep {superstep} is "
+                                   f"over, the job is at superstep {self._superstep}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return {"status": "WAIT", "update": None, "message": f"the job is at superstep {self._superstep}"}
                 self._cond.wait(remaining)
                 if worker_id not in self._workers:
-                    raise ipc.RemoteError("NOT_REGISTERED", f"worker {worker_id!r} was replaced")
+                    raise _refused("NOT_REGISTERED", f"fetch from worker {worker_id!r}: it was replaced")
 
     def push(self, worker_id: str, update: dict[str, Any]) -> dict[str, Any]:
         try:
             u = update_from_avro(update)
         except ValueError as exc:
-            raise ipc.RemoteError("BAD_UPDATE", f"malformed update from worker {worker_id!r}: {exc}") from None
+            raise _refused("BAD_UPDATE", f"malformed update from worker {worker_id!r}: {exc}") from None
         step = update["superstep"]
         bad = _non_finite(u)
         with self._cond:
             info = self._worker(worker_id)
             where = f"worker {worker_id} (container {info.container_id}, split {info.split}) at superstep {step}"
             if self._state != "RUNNING":
-                raise ipc.RemoteError("REJECTED", f"the job is {self._state}")
+                raise _refused("REJECTED", f"update from {where}: the job is {self._state}")
+            if info.superstep == step + 1 and step in (self._superstep, self._superstep - 1):
+                # this worker's update for `step` was taken already: the same push again, its answer
+                # lost on the way (the worker's client sends again), or not this worker's at all
+                log.warning("a second update from %s: the first was taken and is kept; this one is answered "
+                            "as accepted and dropped", where)
+                return {"accepted": True, "message": "already taken", "stop": False}
             if step != self._superstep:
-                raise ipc.RemoteError("STALE_SUPERSTEP",
-                                      f"update from {where}: the job is at superstep {self._superstep}")
+                when = "is over" if step < self._superstep else "has not begun"
+                raise _refused("STALE_SUPERSTEP", f"update from {where}: superstep {step} {when}, the job "
+                                      f"is at superstep {self._superstep}")
             if bad:  # the message only: the worker itself, told so, fails the job (fail, fatal)
                 log.error("rejected the update from %s: %s", where, bad)
                 raise ipc.RemoteError("BAD_UPDATE", f"update from {where} rejected: {bad}")
@@ -819,7 +830,7 @@ class AppMaster:
             if info is None:
                 return {"accepted": False, "message": "not registered", "stop": True}
             log.error("worker %s (container %s, split %d) failed %s: %s\n%s", worker_id,
-                      info.container_id, info.split, when, error, traceback)
+                      info.container_id, info.split, when, _peer_text(error), _indented(traceback))
             why = ("this fails the job at once: a replacement worker would fail the same way (it reads the same "
                    "input with the same seed); fix the input or the algorithm and run the job again") if fatal else ""
             split = self._splits[info.split]
@@ -834,12 +845,17 @@ class AppMaster:
                        "the algorithm, not of one machine, which replacements would only repeat; this fails the "
                        "job; fix the algorithm or the input and run the job again")
             split.last_failure = key
-            self._events.append((info.container_id, f"failed {when}: {error}", why))
+            self._events.append((info.container_id, f"failed {when}: {_peer_text(error)}", why))
             self._cond.notify_all()
         return {"accepted": True, "message": "", "stop": True}
 
     def complete(self, worker_id: str) -> dict[str, Any]:
         with self._cond:
+            if worker_id not in self._workers:
+                return {"accepted": False, "message": "not registered", "stop": True}
+            if self._state != "SUCCEEDED":  # a worker says so only once fetch has said DONE
+                raise _refused("REJECTED", f"complete from worker {worker_id}: the job is {self._state}, "
+                                      "not done")
             self._workers.pop(worker_id, None)
         return {"accepted": True, "message": "", "stop": True}
 
@@ -864,6 +880,30 @@ def job_fingerprint(job: JobSpec) -> dict[str, Any]:
     return {"seed": job.seed, "workers.count": job.workers.count, "input.paths": list(job.input.paths),
             "algorithm.master": job.algorithm.master, "algorithm.worker": job.algorithm.worker,
             "algorithm.params": json.loads(json.dumps(job.algorithm.params))}
+
+
+def _refused(code: str, text: str) -> ipc.RemoteError:
+    """The error to answer a request with (``code``: the protocol's), logged: a refused
+    request is a worker overtaken or replaced, or a peer that is not one of this job's."""
+    log.warning("refused: %s (%s)", _one_line(text), code)
+    return ipc.RemoteError(code, text)
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    """A peer's text for one line of a log: control characters escaped, at most ``limit`` characters."""
+    text = text[:limit]
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _peer_text(text: str, limit: int = 4000) -> str:
+    """A peer's message (a worker's error) for the log and the job's messages: its lines after
+    the first indented, control characters escaped, so that none reads as a line of the master's own."""
+    return "\n    ".join(_one_line(line) for line in text[:limit].rstrip("\n").splitlines() or [""])
+
+
+def _indented(text: str, limit: int = 20000) -> str:
+    """A peer's traceback for the log: each of its lines indented."""
+    return "\n".join("    " + _one_line(line) for line in text[:limit].rstrip("\n").splitlines())
 
 
 def input_columns(master: type | None, job: JobSpec) -> list[str] | None:

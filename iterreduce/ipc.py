@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import operator
+import re
 import socket
 import struct
 import sys
@@ -123,6 +124,10 @@ class _BadRequest(Exception):
         self.status = status
         self.reason = reason
         self.detail = detail
+
+
+class _TooSlow(socket.timeout):
+    """A request that did not arrive within its deadline (however steadily its bytes came)."""
 
 
 class _EOF(ConnectionError):
@@ -773,14 +778,26 @@ def decode_arrays(records: list) -> dict:
 class _Conn:
     """A socket with a small read-ahead buffer (HTTP heads, frame headers)."""
 
-    __slots__ = ("sock", "rbuf", "pool")
+    __slots__ = ("sock", "rbuf", "pool", "deadline", "io_timeout")
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, io_timeout: float | None = None):
         self.sock = sock
         self.rbuf = bytearray()
         self.pool: list = []  # big-frame buffers, reused once nothing refers to them any more
+        # the server's: reads wait at most io_timeout for a byte, and end by the deadline (monotonic)
+        self.deadline: float | None = None
+        self.io_timeout = io_timeout
+
+    def _wait(self) -> None:
+        """Before a read: its timeout, the shorter of ``io_timeout`` and what the deadline leaves."""
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise _TooSlow("the request did not arrive in the time it is given")
+            self.sock.settimeout(min(self.io_timeout, left) if self.io_timeout else left)
 
     def _fill(self) -> None:
+        self._wait()
         chunk = self.sock.recv(65536)
         if not chunk:
             raise _EOF("connection closed mid-message")
@@ -791,6 +808,8 @@ class _Conn:
         start = 0
         while True:
             i = self.rbuf.find(b"\r\n\r\n", start)
+            if i >= 0 and i + 4 > limit:
+                raise _BadRequest(431, "Request Header Fields Too Large", "HTTP head too large")
             if i >= 0:
                 head = bytes(self.rbuf[: i + 4])
                 del self.rbuf[: i + 4]
@@ -798,6 +817,7 @@ class _Conn:
             if len(self.rbuf) > limit:
                 raise _BadRequest(431, "Request Header Fields Too Large", "HTTP head too large")
             start = max(0, len(self.rbuf) - 3)
+            self._wait()
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise _EOF("connection closed", clean=not self.rbuf)
@@ -816,6 +836,7 @@ class _Conn:
             mv[:k] = self.rbuf[:k]
             del self.rbuf[:k]
             return k
+        self._wait()
         k = self.sock.recv_into(mv)
         if k == 0:
             raise _EOF("connection closed mid-frame")
@@ -1017,8 +1038,21 @@ MAX_MESSAGE_BYTES = 1 << 30
 """The largest request body the master takes (a worker's update with its arrays)."""
 
 
+_MIN_RATE = 1 << 20
+"""Bytes per second a request's body must average once its token has passed (plus
+``io_timeout`` of slack): a 1 GiB update has 17 minutes."""
+
+
 class IPCServer:
-    """Serves the IterReduce protocol to workers: one thread per HTTP/1.1 keep-alive connection."""
+    """Serves the IterReduce protocol to workers: one thread per HTTP/1.1 keep-alive connection.
+
+    What a peer without the job token can make it hold is bounded: at most ``max_connections``
+    connections at once (more are answered 503 and closed), each of which must send its HTTP
+    head and the start of its request (handshake, call metadata: up to 1 MiB) within
+    ``io_timeout`` of its first byte, and the first byte of its first request within
+    ``io_timeout`` of connecting. A request whose token passed then has ``io_timeout`` plus a
+    second per MiB of its body; a keep-alive connection may idle ``idle_timeout`` between
+    requests."""
 
     def __init__(
         self,
@@ -1028,6 +1062,7 @@ class IPCServer:
         port: int = 0,
         max_request_bytes: int = MAX_MESSAGE_BYTES,
         io_timeout: float = 60.0,
+        max_connections: int = 1024,
     ):
         if not token:
             raise ValueError("an IPCServer needs a non-empty token")
@@ -1038,6 +1073,9 @@ class IPCServer:
         self.max_request_bytes = int(max_request_bytes)
         self.io_timeout = float(io_timeout)
         self.idle_timeout = max(600.0, self.io_timeout)  # keep-alive connection waiting for a request
+        self.max_connections = int(max_connections)
+        self.turned_away = 0  # connections refused for max_connections
+        self._turned_away_logged = 0.0
         self._lsock: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -1118,11 +1156,32 @@ class IPCServer:
                 log.exception("accept failed")
                 continue
             with self._lock:
-                self._conns.add(sock)
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns.add(sock)
+            if full:
+                self._turn_away(sock, peer)
+                continue
             t = threading.Thread(
                 target=self._serve_conn, args=(sock, peer), name=f"iterreduce-ipc-{peer[1]}", daemon=True
             )
             t.start()
+
+    def _turn_away(self, sock: socket.socket, peer) -> None:
+        """A connection beyond ``max_connections``: a 503, closed at once (logged once per 10 s)."""
+        self.turned_away += 1
+        now = time.monotonic()
+        if now - self._turned_away_logged >= 10.0:
+            self._turned_away_logged = now
+            log.warning("turned away a connection from %s:%s: %d connections are open, the most this master "
+                        "serves (%d turned away so far)", peer[0], peer[1], self.max_connections, self.turned_away)
+        try:
+            sock.settimeout(0.5)
+            sock.sendall(_http_response(503, "Service Unavailable", b"too many connections\n"))
+        except OSError:
+            pass
+        finally:
+            sock.close()
 
     def _count(self, nin: int, nout: int, calls: int = 0) -> None:
         with self._lock:
@@ -1158,18 +1217,20 @@ class IPCServer:
             pass
 
     def _serve_conn(self, sock: socket.socket, peer) -> None:
-        conn = _Conn(sock)
+        conn = _Conn(sock, self.io_timeout)
+        served = 0
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while not self._stopping.is_set():
-                sock.settimeout(self.idle_timeout)
+                # a new connection's first request must begin soon; a keep-alive one may idle
+                sock.settimeout(self.idle_timeout if served else self.io_timeout)
                 try:
                     if not conn.rbuf:
                         chunk = sock.recv(65536)
                         if not chunk:
                             return
                         conn.rbuf += chunk
-                    sock.settimeout(self.io_timeout)
+                    conn.deadline = time.monotonic() + self.io_timeout  # the head and the request's start
                     head = conn.read_head()
                 except _EOF:
                     return
@@ -1187,15 +1248,15 @@ class IPCServer:
                     cl = headers.get("content-length")
                     if cl is None:
                         raise _BadRequest(411, "Length Required", "Content-Length required")
-                    if not cl.isdigit():
-                        raise _BadRequest(400, "Bad Request", "bad Content-Length")
+                    if not re.fullmatch(r"[0-9]{1,19}", cl):  # ASCII digits (str.isdigit takes '²')
+                        raise _BadRequest(400, "Bad Request", f"bad Content-Length {cl[:40]!r}")
                     length = int(cl)
                     if length > self.max_request_bytes:
                         raise _BadRequest(
                             413, "Content Too Large", f"body of {length} bytes exceeds {self.max_request_bytes}"
                         )
                     try:
-                        segs = _read_frames(conn, length, gate=self._token_in)
+                        segs = _read_frames(conn, length, gate=lambda prefix: self._gate(conn, length, prefix))
                     except _BadFrame as e:
                         raise _BadRequest(400, "Bad Request", f"bad framing: {e}") from None
                 except _BadRequest as e:
@@ -1214,6 +1275,9 @@ class IPCServer:
                                   "Connection: close\r\n\r\n".encode("latin-1")] + iov)
                     self._drain(sock)
                     return
+                conn.deadline = None
+                sock.settimeout(self.io_timeout)
+                served += 1
                 keep_alive = headers.get("connection", "").lower() != "close" and first[2] != "HTTP/1.0"
                 try:
                     parts = self._respond(segs, peer)
@@ -1234,8 +1298,14 @@ class IPCServer:
                     return
         except _EOF as e:
             log.warning("connection from %s:%s closed mid-request: %s", peer[0], peer[1], e)
-        except socket.timeout:
-            log.warning("connection from %s:%s timed out after %.1fs of silence", peer[0], peer[1], self.io_timeout)
+        except socket.timeout as e:  # a read that waited io_timeout, or met the request's deadline
+            if isinstance(e, _TooSlow) or (conn.deadline is not None and time.monotonic() >= conn.deadline - 0.01):
+                log.warning("connection from %s:%s closed: the request did not arrive in the time it is given "
+                            "(%.0f s for the head and the request's start, then a second per MiB)",
+                            peer[0], peer[1], self.io_timeout)
+            else:
+                log.warning("connection from %s:%s timed out after %.1fs of silence", peer[0], peer[1],
+                            self.io_timeout)
         except OSError as e:
             if not self._stopping.is_set():  # a peer that died resets its connections: its loss is logged elsewhere
                 level = logging.DEBUG if isinstance(e, (ConnectionResetError, BrokenPipeError)) else logging.INFO
@@ -1268,6 +1338,13 @@ class IPCServer:
                     for _ in range(self._pinned):
                         next(items)
                     del self._verdicts[next(items)]
+        return verdict
+
+    def _gate(self, conn: _Conn, length: int, prefix: bytes) -> bool | None:
+        """:meth:`_token_in`; once the token has passed, the rest of the body gets its own time."""
+        verdict = self._token_in(prefix)
+        if verdict is True:
+            conn.deadline = time.monotonic() + self.io_timeout + length / _MIN_RATE
         return verdict
 
     def _token_in(self, prefix: bytes) -> bool | None:

@@ -524,6 +524,66 @@ def test_truncated_body_times_out(server):
     _assert_still_serving(server)
 
 
+def test_a_slow_loris_and_silent_connections_are_cut_off_and_odd_lengths_refused(server, caplog):
+    # one byte at a time, each well within io_timeout (2 s): the head must still come within it
+    s = socket.create_connection(server.address, timeout=10)
+    try:
+        t0 = time.time()
+        for b in _post(b"x" * 100):
+            try:
+                s.sendall(bytes([b]))
+            except OSError:
+                break
+            if time.time() - t0 > 8:
+                break
+            time.sleep(0.3)
+        assert s.recv(100) == b"" and time.time() - t0 < 6  # closed by the server
+    finally:
+        s.close()
+    assert "the request did not arrive in the time it is given" in caplog.text
+    # a connection that never sends a byte is closed after io_timeout, not the keep-alive idle time
+    s = socket.create_connection(server.address, timeout=10)
+    try:
+        t0 = time.time()
+        assert s.recv(100) == b"" and 1.5 < time.time() - t0 < 6
+    finally:
+        s.close()
+    for length in ("\u00b2", "9" * 5000):  # '²' passes str.isdigit; 5000 digits pass int() no more
+        head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode()
+        assert _raw(server, head).startswith(b"HTTP/1.1 400"), length[:5]
+    assert "unexpected error" not in caplog.text
+    assert _raw(server, b"POST / HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n").startswith(b"HTTP/1.1 431")
+    _assert_still_serving(server)
+
+
+def test_connections_beyond_the_limit_are_turned_away_and_the_server_goes_on(caplog):
+    h = Handler()
+    server = IPCServer(h, TOKEN, io_timeout=5.0, max_connections=3).start()
+    held = []
+    try:
+        for _ in range(3):
+            held.append(socket.create_connection(server.address, timeout=5))
+        time.sleep(0.2)
+        extra = _raw(server, _post(b"x"))
+        assert extra.startswith(b"HTTP/1.1 503"), extra[:40]
+        assert server.turned_away == 1 and "3 connections are open, the most this master serves" in caplog.text
+        for c in held:
+            c.close()
+        deadline = time.time() + 5
+        while True:  # once they are closed, new ones are served
+            try:
+                _assert_still_serving(server)
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        for c in held:
+            c.close()
+        server.stop()
+
+
 def test_transport_errors():
     s = socket.create_server(("127.0.0.1", 0))
     port = s.getsockname()[1]

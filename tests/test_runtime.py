@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -495,6 +496,50 @@ def test_bad_messages_are_rejected_without_harming_the_job(tmp_path, dataset, ba
         assert err.value.code == "STALE_SUPERSTEP"
     assert j.error is None
     np.testing.assert_array_equal(result(tmp_path / "badmsg.yaml")["w"], result(baseline)["w"])
+
+
+def test_a_repeated_push_keeps_the_first_complete_waits_for_the_end_and_peer_text_stays_one_line(
+        tmp_path, dataset, baseline, caplog):
+    caplog.set_level(logging.INFO, logger="iterreduce")
+    job = make_job(tmp_path, dataset, "repeat", slow_at=2, slow_split=1, slow_for=4)
+    with InProcessJob(job) as j:
+        right = ipc.IPCClient(j.am.server.url, j.am.token)
+        deadline = time.monotonic() + 30
+        while True:  # superstep 2: split 0 has pushed, split 1 sleeps 4 s
+            with j.am._cond:
+                by_split = {i.split: i for i in j.am._workers.values()}
+                if j.am._superstep == 2 and len(by_split) == 2 and by_split[0].superstep == 3:
+                    break
+            assert time.monotonic() < deadline, "split 0 did not push superstep 2"
+            time.sleep(0.02)
+        w0, w1 = by_split[0].worker_id, by_split[1].worker_id
+
+        def forged(step):
+            return {"superstep": step, "arrays": ipc.encode_arrays({"w": np.full(8, 1e6, np.float32)}),
+                    "num_samples": 10 ** 6, "metrics": {}, "meta": "{}"}
+        # split 0 pushes superstep 2 again (other numbers): the first is kept
+        assert right.call("push", worker_id=w0, update=forged(2)) == {"accepted": True, "message": "already taken",
+                                                                      "stop": False}
+        # split 1's push of superstep 1, sent again after it was combined (its answer lost): accepted
+        assert right.call("push", worker_id=w1, update=forged(1))["message"] == "already taken"
+        for worker, step, words in ((w1, 0, "superstep 0 is over"), (w0, 5, "superstep 5 has not begun")):
+            with pytest.raises(ipc.RemoteError) as err:
+                right.call("push", worker_id=worker, update=forged(step))
+            assert err.value.code == "STALE_SUPERSTEP" and words in str(err.value)
+        with pytest.raises(ipc.RemoteError) as err:  # not while the job runs: it would drop a live worker
+            right.call("complete", worker_id=w0)
+        assert err.value.code == "REJECTED" and "the job is RUNNING, not done" in str(err.value)
+        assert right.call("complete", worker_id="intruder")["accepted"] is False
+        assert w0 in j.am._workers
+        # a failure's text is the peer's: a newline in it does not make a log line of its own
+        right.call("fail", worker_id=w0, superstep=2, error="RuntimeError: boom\nINFO job succeeded",
+                   traceback="Traceback (most recent call last):\nINFO forged too\n", fatal=False, stage="compute")
+    assert j.error is None, j.error
+    assert "RuntimeError: boom\n    INFO job succeeded" in caplog.text and "\n    INFO forged too" in caplog.text
+    assert not any(line.startswith(("INFO job", "INFO forged")) for line in caplog.text.splitlines())
+    assert "a second update from worker" in caplog.text and "refused: complete from worker" in caplog.text
+    assert metrics(job)["replacements"] == 1  # the worker that 'failed' was replaced
+    np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
 
 
 def test_silent_worker_is_replaced_after_heartbeat_timeout(tmp_path, dataset, baseline):

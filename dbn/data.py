@@ -324,7 +324,7 @@ def write_parquet_shards(
         lo, hi = bounds[i], bounds[i + 1]
         table = _to_table(x[lo:hi], None if y is None else y[lo:hi])
         p = out / f"{prefix}-{i:05d}.parquet"
-        pq.write_table(table, p, row_group_size=row_group_size)
+        pq.write_table(table, p, row_group_size=row_group_size, write_page_checksum=True)  # damage is found
         paths.append(p)
     return paths
 
@@ -449,7 +449,7 @@ def read_parquet_dir(
     its file and row."""
     tables, files = [], _parquet_files(path)
     for f in files:
-        t = pq.read_table(f)
+        t = pq.read_table(f, page_checksum_verification=True)
         in_file(str(f), 0, lambda: check_examples(t, n_features, classes))
         tables.append(t)
     return _to_arrays(concat_tables(tables, [str(f) for f in files]), n_features)

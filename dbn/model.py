@@ -406,7 +406,7 @@ def export_features(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for src in sources:
-        pf = pq.ParquetFile(src)
+        pf = pq.ParquetFile(src, page_checksum_verification=True)
         names = schemas[src].names
         has_y = "y" in names
         keep = [c for c in names if c not in ("x", "y")]  # ids and the like travel with their rows
@@ -428,7 +428,7 @@ def export_features(
                     cols[c] = batch.column(c)
                 t = pa.table(cols)
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, t.schema)
+                    writer = pq.ParquetWriter(tmp, t.schema, write_page_checksum=True)
                 writer.write_table(t)
             if writer is None:  # empty input file
                 n_out = model.sizes[k]

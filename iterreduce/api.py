@@ -243,9 +243,9 @@ class WorkerContext:
         ``check`` sees each row group and raises :class:`iterreduce.RecordError` for a
         bad record; the error then names the file and the record's row in it, and the
         job fails at once with it (a replacement worker would read the same record). A
-        null in the columns read, or at any depth inside one, is such a bad record too (numpy
-        would turn it into a NaN without a word), unless ``nulls=True``: for an algorithm that
-        handles them. Rows are counted from 0.
+        missing value in the columns read, or at any depth inside one, is such a bad record
+        too: a null (numpy would turn it into a NaN without a word) or a floating-point NaN,
+        unless ``nulls=True``: for an algorithm that handles them. Rows are counted from 0.
         """
         from .fs import read_split
 

@@ -310,7 +310,8 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
         fs, path = filesystem(piece.path)
         try:
             with fs.open_input_file(path) as f:
-                pf = pq.ParquetFile(f)
+                # pages written with a CRC (write_page_checksum) are checked: damage is named, not read
+                pf = pq.ParquetFile(f, page_checksum_verification=True)
                 names = pf.schema_arrow.names
                 missing = [c for c in columns or () if c not in names]
                 if missing:  # pyarrow would leave them out without a word
@@ -338,40 +339,46 @@ def read_split(pieces: Sequence[FilePiece], columns: Sequence[str] | None = None
 
 
 def refuse_nulls(table: pa.Table) -> None:
-    """:class:`RecordError` for the first row of ``table`` with a null in a column, or anywhere
-    inside one (a list's values, a struct's fields, a map's keys and items, at any depth),
-    naming the column and where in it (``x[].a``: field ``a`` of the structs in list ``x``)."""
+    """:class:`RecordError` for the first row of ``table`` with a missing value: a null, or a
+    NaN in a floating-point column, in a column or anywhere inside one (a list's values, a
+    struct's fields, a map's keys and items, at any depth), naming the column and where in
+    it (``x[].a``: field ``a`` of the structs in list ``x``)."""
     found = []
     for name in table.column_names:
-        hit = _first_null(table.column(name).combine_chunks(), name)
+        hit = _first_missing(table.column(name).combine_chunks(), name)
         if hit is not None:
-            row, where = hit
-            found.append((row, f"column {name!r} is null" if where == name else
-                          f"column {name!r} holds a null value (at {where})"))
+            row, where, what = hit
+            found.append((row, f"column {name!r} is {what}" if where == name else
+                          f"column {name!r} holds a {what} value (at {where})"))
     if found:
         row, what = min(found, key=lambda f: f[0])
-        raise RecordError(row, what + " (an algorithm that handles nulls reads with nulls=True)")
+        raise RecordError(row, what + " (an algorithm that handles missing values reads with nulls=True)")
 
 
-def _first_null(arr: pa.Array, where: str) -> tuple[int, str] | None:
-    """The first row of ``arr`` that is null or holds a null at any depth, and where that
-    null is (``where`` names ``arr`` itself); None when there is none."""
+def _first_missing(arr: pa.Array, where: str) -> tuple[int, str, str] | None:
+    """The first row of ``arr`` that is null or NaN, or holds one at any depth: ``(row, where
+    that value is, "null" or "NaN")`` (``where`` names ``arr`` itself); None when there is none."""
     import pyarrow.compute as pc
+
+    def first(mask: pa.Array) -> int:
+        return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
 
     hits = []
     if arr.null_count:
-        hits.append((int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0]), where))
+        hits.append((first(arr.is_null()), where, "null"))
     t = arr.type
+    if pa.types.is_floating(t) and len(arr) and pc.any(pc.is_nan(arr)).as_py():
+        hits.append((first(pc.fill_null(pc.is_nan(arr), False)), where, "NaN"))
     if pa.types.is_map(t):  # the same as a list of key/item structs
         t = pa.list_(pa.struct([t.key_field, t.item_field]))
         arr = arr.cast(t)
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        inner = _first_null(pc.list_flatten(arr), where + "[]")
+        inner = _first_missing(pc.list_flatten(arr), where + "[]")
         if inner is not None:  # the value's row -> its list's row
-            hits.append((int(pc.list_parent_indices(arr)[inner[0]].as_py()), inner[1]))
+            hits.append((int(pc.list_parent_indices(arr)[inner[0]].as_py()), *inner[1:]))
     elif pa.types.is_struct(t):
         for i, values in enumerate(arr.flatten()):  # a null struct's fields are null: found above, first
-            inner = _first_null(values, f"{where}.{t.field(i).name}")
+            inner = _first_missing(values, f"{where}.{t.field(i).name}")
             if inner is not None:
                 hits.append(inner)
     return min(hits, key=lambda h: h[0]) if hits else None

@@ -126,6 +126,19 @@ def test_a_file_that_two_input_paths_reach_is_refused_not_read_twice(tmp_path):
     assert len(list_input_files([a, str(tmp_path / "d" / "b.parquet")])) == 2
 
 
+def test_a_damaged_page_of_a_file_written_with_checksums_is_named_not_read(tmp_path):
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"v": np.arange(100_000, dtype=np.float64)}), path, compression="none",
+                   write_page_checksum=True)
+    assert read_split([FilePiece(str(path))]).num_rows == 100_000
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 200] = b"\0" * 200  # inside the data: the file still opens
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=rf"^input file {path}, row group 0: .*CRC checksum verification failed"):
+        read_split([FilePiece(str(path))])
+
+
 def test_a_damaged_latest_checkpoint_gives_way_to_the_one_before_it(tmp_path, caplog):
     from iterreduce.fs import Checkpoints
 
@@ -213,6 +226,9 @@ def test_a_null_is_a_bad_record_named_with_its_file_row_and_column_unless_nulls_
         "m": (pa.array([[("k", 1)], [("k", 2)], [("k", 3), ("j", None)], []], pa.map_(pa.string(), pa.int64())),
               "row 2: column 'm' holds a null value (at m[].value)"),
     }
+    nested["f"] = (pa.array([1.0, 2.0, 3.0, float("nan")], pa.float32()), "row 3: column 'f' is NaN")
+    nested["fl"] = (pa.array([[1.0], [float("nan"), 2.0], None, [3.0]]),
+                    "row 1: column 'fl' holds a NaN value (at fl[])")
     for name, (values, words) in nested.items():
         pq.write_table(pa.table({"ok": pa.array([1, 2, 3, 4]), name: values}), path, row_group_size=2)
         with pytest.raises(RecordError) as err:

@@ -284,13 +284,17 @@ def _follow(app_id: str, client) -> None:
 
 
 @main.command()
-@click.argument("app_id")
+@click.argument("app_id", metavar="APP_ID|OUTPUT")
 @click.option("--follow", "-f", is_flag=True,
               help="Then follow it until it ends, a line per superstep, as `submit --wait` does; exit status 1 "
                    "when it does not succeed.")
 def status(app_id: str, follow: bool) -> None:
-    """The state, progress and live superstep of application APP_ID."""
-    _known(app_id)
+    """The state, progress and live superstep of application APP_ID, or of the run that writes
+    to the output directory OUTPUT (a local run's, or a YARN application's)."""
+    if not re.match(r"^application_\d+_\d+$", app_id):
+        app_id = _output_status(app_id, follow)
+        if app_id is None:
+            return
     import json
 
     from .client import status_text, with_deadline
@@ -342,6 +346,54 @@ def kill(app_id: str, now: bool, grace: float) -> None:
             return
     client.kill_application(app_id)
     click.echo(f"{app_id} killed; its checkpoints stay: `iterreduce submit JOB_FILE --resume` continues from the last")
+
+
+def _output_status(uri: str, follow: bool) -> str | None:
+    """``status`` of the run that writes (or wrote) to the output directory ``uri``; the
+    application id when that is a YARN application, for ``status`` to go on with."""
+    from .client import record_text, run_in
+    from .fs import InputError
+
+    try:
+        run = run_in(uri)
+    except InputError as exc:
+        raise click.ClickException(f"{exc}; `iterreduce status` takes that, or a YARN application id "
+                                   "(application_<cluster>_<number>)") from None
+    owner = run["owner"] or {}
+    if owner.get("application"):
+        click.echo(f"{uri} is the output of application {owner['application']} (job {owner.get('job')})")
+        return owner["application"]
+    seen = len(run["records"])
+    if owner and run["alive"]:
+        click.echo(f"{uri}: job {owner.get('job')}: RUNNING (local run, process {owner.get('pid')} on "
+                   f"{owner.get('host')})")
+        if run["records"]:
+            click.echo(record_text(run["records"][-1]))
+        while follow:
+            time.sleep(1.0)
+            run = run_in(uri)
+            for record in run["records"][seen:]:
+                click.echo(f"{time.strftime('%H:%M:%S')} {record_text(record)}", err=True)
+            seen = len(run["records"])
+            if not (run["owner"] and run["alive"]):
+                break
+        if not follow:
+            return None
+    elif owner and run["alive"] is None:
+        click.echo(f"{uri}: job {owner.get('job')}: a local run on {owner.get('host')} (process "
+                   f"{owner.get('pid')}) writes here; run `iterreduce status` there to see whether it lives")
+        return None
+    final = run["final"]
+    if final is None:
+        step = f" after superstep {run['records'][-1].get('superstep')}" if run["records"] else ""
+        raise click.ClickException(f"{uri}: the run{step} ended without a result (its process was killed?); "
+                                   "`iterreduce run --resume JOB_FILE` continues it from its last checkpoint")
+    text = (f"{uri}: job {final.get('job')}: {final.get('state')} after {final.get('supersteps')} supersteps"
+            + (f": {final['message']}" if final.get("message") and final.get("state") != "SUCCEEDED" else ""))
+    if final.get("state") != "SUCCEEDED" and follow:
+        raise click.ClickException(text)
+    click.echo(text)
+    return None
 
 
 def _ask_to_stop(client, app_id: str, grace: float, name: str) -> str | None:

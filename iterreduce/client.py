@@ -6,6 +6,7 @@ process and the workers are local processes, the same modules YARN runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -356,6 +357,52 @@ def check_not_in_use(job: JobSpec) -> None:
     if isinstance(pid, int) and host == socket.gethostname() and pid != os.getpid() and _alive(pid):
         raise SubmitError(f"{job.source}: output: a local run of job {owner.get('job')} (process {pid}) is "
                           f"writing to {job.output}: stop it, or give this job another output")
+
+
+def run_in(uri: str) -> dict[str, Any]:
+    """What the output directory ``uri`` says of the run that writes there, or wrote there last:
+    ``owner`` (its :data:`~iterreduce.appmaster.OWNER_FILE`, while it runs: a YARN
+    ``application`` or a local ``pid`` and ``host``), ``alive`` (a local owner's process is
+    alive on this host; None for an application or another host), ``records`` (the supersteps
+    of ``metrics.jsonl``) and ``final`` (``metrics.json``, once the run has ended).
+    :class:`~iterreduce.fs.InputError` when it holds none of them."""
+    import json
+    import socket
+
+    from .appmaster import OWNER_FILE
+    from .fs import InputError, Output
+
+    out = Output(uri)
+
+    def read(name: str) -> Any:
+        try:
+            return json.loads(out.read_bytes(name)) if out.exists(name) else None
+        except ValueError:  # being rewritten, or cut short by a crash
+            return None
+    owner, final = read(OWNER_FILE), read("metrics.json")
+    records = []
+    if out.exists("metrics.jsonl"):
+        for line in out.read_bytes("metrics.jsonl").decode("utf-8", "replace").splitlines():
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    if owner is None and final is None and not records:
+        raise InputError(f"{uri}: not an output directory of an iterreduce run (it holds no {OWNER_FILE}, "
+                         "metrics.json or metrics.jsonl)")
+    owner = owner if isinstance(owner, dict) else None
+    alive = None
+    if owner and not owner.get("application") and owner.get("host") == socket.gethostname():
+        alive = isinstance(owner.get("pid"), int) and _alive(owner["pid"])
+    return {"owner": owner, "alive": alive, "records": records, "final": final if isinstance(final, dict) else None}
+
+
+def record_text(record: dict[str, Any]) -> str:
+    """One superstep of ``metrics.jsonl`` in a line: as the master's log says it."""
+    metrics = {**(record.get("workers") or {}), **(record.get("master") or {})}
+    parts = [f"superstep {record.get('superstep')} done", str(record.get("phase") or ""), _metrics_text(metrics, 4),
+             f"{record.get('seconds', 0):.2f} s"]
+    if record.get("replacements"):
+        parts.append(f"{record['replacements']} worker(s) replaced")
+    return " | ".join(p for p in parts if p)
 
 
 def _alive(pid: int) -> bool:

@@ -341,6 +341,10 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, dataset, base
     assert not workers_of(master_pid), "workers outlived their killed master"
     first_logs = {p.name: p.read_bytes() for p in (out / "logs").glob("local_*.log")}
     assert sorted(first_logs) == ["local_0001.log", "local_0002.log"]
+    res = cli("status", str(out))  # its marker is there, its process is not
+    assert res.returncode != 0 and f"{out}: the run after superstep " in res.stderr, res.stderr
+    assert "ended without a result (its process was killed?); `iterreduce run --resume JOB_FILE` continues" \
+        in res.stderr
     res = cli("run", "--resume", str(job))
     assert res.returncode == 0, res.stderr
     assert "resumed from checkpoint" in res.stderr
@@ -702,3 +706,35 @@ def test_a_second_run_into_an_output_another_run_is_writing_is_refused(tmp_path,
     assert json.loads((out / "running.json").read_text())["pid"] == killed
     res = cli("run", "--resume", str(job))
     assert res.returncode == 0, res.stderr
+
+
+def test_status_of_an_output_directory_shows_a_local_run_live_then_how_it_ended(tmp_path, dataset):
+    import subprocess
+    import sys
+
+    job = make_job(tmp_path, dataset, "watched", sleep=0.4, supersteps=12)
+    out = Path(load_job(job).output)
+    proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", str(job)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert time.monotonic() < deadline and proc.poll() is None, "the run did not get to a superstep"
+            time.sleep(0.05)
+        res = cli("status", str(out))
+        assert res.returncode == 0, res.stderr
+        assert f"{out}: job linreg-test: RUNNING (local run, process {proc.pid} on " in res.stdout, res.stdout
+        assert "superstep 0 done | " in res.stdout and "mse=" in res.stdout
+        res = cli("status", "-f", str(out))  # a line per superstep, to the end
+        assert res.returncode == 0, res.stderr
+        shown = [line.split(" ", 1)[1].split(" | ")[0] for line in res.stderr.splitlines() if " done | " in line]
+        assert shown and shown[-1] == "superstep 11 done", res.stderr
+        assert res.stdout.rstrip().endswith(f"{out}: job linreg-test: SUCCEEDED after 12 supersteps"), res.stdout
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    res = cli("status", str(out))
+    assert res.returncode == 0 and f"{out}: job linreg-test: SUCCEEDED after 12 supersteps" in res.stdout
+    res = cli("status", str(tmp_path))
+    assert res.returncode != 0 and f"{tmp_path}: not an output directory of an iterreduce run" in res.stderr

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -681,19 +682,28 @@ def test_a_requested_stop_ends_the_job_saying_so_and_resume_finishes_it(tmp_path
     np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
 
 
-def test_a_second_run_into_an_output_another_run_is_writing_is_refused(tmp_path, dataset):
+def run_in_background(job: Path, until: Callable[[Path], bool], what: str):
+    """``iterreduce run JOB`` in a process of its own, returned once ``until(output)`` holds."""
     import subprocess
     import sys
 
-    job = make_job(tmp_path, dataset, "busy", sleep=0.3, supersteps=40)
     out = Path(load_job(job).output)
     proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", str(job)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not until(out):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"the run did not get to {what}")
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_second_run_into_an_output_another_run_is_writing_is_refused(tmp_path, dataset):
+    job = make_job(tmp_path, dataset, "busy", sleep=0.3, supersteps=40)
+    out = Path(load_job(job).output)
+    proc = run_in_background(job, lambda out: (out / "running.json").exists(), "its start")
     try:
-        deadline = time.monotonic() + 60
-        while not (out / "running.json").exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "the first run did not start"
-            time.sleep(0.05)
         res = cli("run", str(job))
         assert res.returncode != 0
         assert f"output: a local run of job linreg-test (process {proc.pid}) is writing to {out}" in res.stderr
@@ -709,18 +719,11 @@ def test_a_second_run_into_an_output_another_run_is_writing_is_refused(tmp_path,
 
 
 def test_status_of_an_output_directory_shows_a_local_run_live_then_how_it_ended(tmp_path, dataset):
-    import subprocess
-    import sys
-
     job = make_job(tmp_path, dataset, "watched", sleep=0.4, supersteps=12)
     out = Path(load_job(job).output)
-    proc = subprocess.Popen([sys.executable, "-m", "iterreduce.cli", "run", str(job)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = run_in_background(job, lambda out: (out / "metrics.jsonl").exists()
+                             and bool((out / "metrics.jsonl").read_text().strip()), "its first superstep")
     try:
-        deadline = time.monotonic() + 60
-        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
-            assert time.monotonic() < deadline and proc.poll() is None, "the run did not get to a superstep"
-            time.sleep(0.05)
         res = cli("status", str(out))
         assert res.returncode == 0, res.stderr
         assert f"{out}: job linreg-test: RUNNING (local run, process {proc.pid} on " in res.stdout, res.stdout

@@ -123,9 +123,7 @@ def run_local(job: JobSpec, resume: bool = False, log_dir: str | None = None,
                    else tempfile.mkdtemp(prefix=f"iterreduce-{job.name}-"))
     launcher = LocalLauncher(log_dir, num_workers=job.workers.count)
     am = AppMaster(job, launcher, resume=resume, status_hook=progress)
-    logging.getLogger("iterreduce").info("local run of %s with %d worker processes (logs in %s)", job.name,
-                                         job.workers.count, log_dir)
-    am.run()
+    am.run()  # the launcher says where the workers' logs are once the job has passed its checks
     return am
 
 

@@ -8,6 +8,7 @@ machine; the YARN launcher (``iterreduce.client``) asks skein for containers.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import re
 import signal
@@ -19,6 +20,8 @@ from pathlib import Path
 
 __all__ = ["Launcher", "LocalLauncher", "YarnLauncher", "exit_reason", "yarn_exit_code", "KV_MASTER_URL",
            "KV_STATUS", "KV_EXIT", "KV_STOP", "ENV_MASTER", "ENV_CONTAINER", "ENV_SPLIT", "ENV_TOKEN_FILE"]
+
+log = logging.getLogger("iterreduce")
 
 ENV_MASTER = "ITERREDUCE_MASTER_URL"
 ENV_CONTAINER = "ITERREDUCE_CONTAINER_ID"
@@ -143,6 +146,7 @@ class LocalLauncher(Launcher):
     def __init__(self, log_dir: str | os.PathLike[str], extra_env: dict[str, str] | None = None,
                  num_workers: int = 1):
         self.log_dir = Path(log_dir)
+        self.num_workers = num_workers
         self.threads = max(1, (os.cpu_count() or 1) // max(1, num_workers))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.extra_env = dict(extra_env or {})
@@ -156,6 +160,7 @@ class LocalLauncher(Launcher):
 
     def bind(self, master_url: str, token: str) -> None:
         self._url, self._token = master_url, token
+        log.info("local run: %d worker processes, their logs in %s", self.num_workers, self.log_dir)
 
     def launch(self, split_index: int) -> str:
         assert self._url and self._token, "bind() first"

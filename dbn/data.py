@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from iterreduce.fs import InputError, RecordError, concat_tables, in_file
+from iterreduce.fs import InputError, RecordError, concat_tables, in_file, verify_checksums
 
 __all__ = [
     "IDXError",
@@ -449,7 +449,7 @@ def read_parquet_dir(
     its file and row."""
     tables, files = [], _parquet_files(path)
     for f in files:
-        t = pq.read_table(f, page_checksum_verification=True)
+        t = pq.read_table(f, page_checksum_verification=verify_checksums())
         in_file(str(f), 0, lambda: check_examples(t, n_features, classes))
         tables.append(t)
     return _to_arrays(concat_tables(tables, [str(f) for f in files]), n_features)

@@ -64,6 +64,7 @@ import fastavro
 import numpy as np
 
 from iterreduce.api import json_text
+from iterreduce.fs import verify_checksums
 
 from . import network as _net
 
@@ -406,7 +407,7 @@ def export_features(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for src in sources:
-        pf = pq.ParquetFile(src, page_checksum_verification=True)
+        pf = pq.ParquetFile(src, page_checksum_verification=verify_checksums())
         names = schemas[src].names
         has_y = "y" in names
         keep = [c for c in names if c not in ("x", "y")]  # ids and the like travel with their rows

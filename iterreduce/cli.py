@@ -380,14 +380,18 @@ def _output_status(uri: str, follow: bool) -> str | None:
         if not follow:
             return None
     elif owner and run["alive"] is None:
-        click.echo(f"{uri}: job {owner.get('job')}: a local run on {owner.get('host')} (process "
-                   f"{owner.get('pid')}) writes here; run `iterreduce status` there to see whether it lives")
+        text = (f"{uri}: job {owner.get('job')}: a local run on {owner.get('host')} (process {owner.get('pid')}) "
+                "writes here; `iterreduce status` there says whether it lives")
+        if follow:  # it cannot be followed from here
+            raise click.ClickException(text + ", and follows it")
+        click.echo(text)
         return None
     final = run["final"]
     if final is None:
         step = f" after superstep {run['records'][-1].get('superstep')}" if run["records"] else ""
         raise click.ClickException(f"{uri}: the run{step} ended without a result (its process was killed?); "
-                                   "`iterreduce run --resume JOB_FILE` continues it from its last checkpoint")
+                                   "`iterreduce run --resume JOB_FILE` continues it from its last checkpoint, "
+                                   "if it wrote one")
     text = (f"{uri}: job {final.get('job')}: {final.get('state')} after {final.get('supersteps')} supersteps"
             + (f": {final['message']}" if final.get("message") and final.get("state") != "SUCCEEDED" else ""))
     if final.get("state") != "SUCCEEDED" and follow:

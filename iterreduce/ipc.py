@@ -1038,21 +1038,17 @@ MAX_MESSAGE_BYTES = 1 << 30
 """The largest request body the master takes (a worker's update with its arrays)."""
 
 
-_MIN_RATE = 1 << 20
-"""Bytes per second a request's body must average once its token has passed (plus
-``io_timeout`` of slack): a 1 GiB update has 17 minutes."""
-
-
 class IPCServer:
     """Serves the IterReduce protocol to workers: one thread per HTTP/1.1 keep-alive connection.
 
     What a peer without the job token can make it hold is bounded: at most ``max_connections``
-    connections at once (more are answered 503 and closed), each of which must send its HTTP
-    head and the start of its request (handshake, call metadata: up to 1 MiB) within
-    ``io_timeout`` of its first byte, and the first byte of its first request within
-    ``io_timeout`` of connecting. A request whose token passed then has ``io_timeout`` plus a
-    second per MiB of its body; a keep-alive connection may idle ``idle_timeout`` between
-    requests."""
+    connections that have not yet shown the token (more are answered 503 and closed), each of
+    which must send the first byte of its first request within ``io_timeout`` of connecting,
+    and its HTTP head and the start of its request (handshake, call metadata: up to 1 MiB)
+    within ``io_timeout`` of that byte. Once a connection has shown the token (it is one of
+    this job's workers) it is not counted, and its reads only have to keep coming (each
+    within ``io_timeout``: a big update through a congested link takes what it takes); a
+    keep-alive connection may idle ``idle_timeout`` between requests."""
 
     def __init__(
         self,
@@ -1080,6 +1076,7 @@ class IPCServer:
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._conns: set = set()
+        self._untrusted: set = set()  # connections that have not shown the token yet
         self._lock = threading.Lock()
         # client protocol hash -> None (accepted) or the refusal reason
         self._verdicts: collections.OrderedDict = collections.OrderedDict()
@@ -1156,9 +1153,10 @@ class IPCServer:
                 log.exception("accept failed")
                 continue
             with self._lock:
-                full = len(self._conns) >= self.max_connections
+                full = len(self._untrusted) >= self.max_connections
                 if not full:
                     self._conns.add(sock)
+                    self._untrusted.add(sock)
             if full:
                 self._turn_away(sock, peer)
                 continue
@@ -1173,8 +1171,9 @@ class IPCServer:
         now = time.monotonic()
         if now - self._turned_away_logged >= 10.0:
             self._turned_away_logged = now
-            log.warning("turned away a connection from %s:%s: %d connections are open, the most this master "
-                        "serves (%d turned away so far)", peer[0], peer[1], self.max_connections, self.turned_away)
+            log.warning("turned away a connection from %s:%s: %d connections that have not shown the job token "
+                        "are open, the most this master serves (%d turned away so far)", peer[0], peer[1],
+                        self.max_connections, self.turned_away)
         try:
             sock.settimeout(0.5)
             sock.sendall(_http_response(503, "Service Unavailable", b"too many connections\n"))
@@ -1230,7 +1229,8 @@ class IPCServer:
                         if not chunk:
                             return
                         conn.rbuf += chunk
-                    conn.deadline = time.monotonic() + self.io_timeout  # the head and the request's start
+                    if sock in self._untrusted:  # its head and its request's start must come soon
+                        conn.deadline = time.monotonic() + self.io_timeout
                     head = conn.read_head()
                 except _EOF:
                     return
@@ -1256,7 +1256,7 @@ class IPCServer:
                             413, "Content Too Large", f"body of {length} bytes exceeds {self.max_request_bytes}"
                         )
                     try:
-                        segs = _read_frames(conn, length, gate=lambda prefix: self._gate(conn, length, prefix))
+                        segs = _read_frames(conn, length, gate=lambda prefix: self._gate(conn, sock, prefix))
                     except _BadFrame as e:
                         raise _BadRequest(400, "Bad Request", f"bad framing: {e}") from None
                 except _BadRequest as e:
@@ -1277,6 +1277,8 @@ class IPCServer:
                     return
                 conn.deadline = None
                 sock.settimeout(self.io_timeout)
+                if sock in self._untrusted and segs and self._token_in(bytes(segs[0][:_GATE_BYTES])):
+                    self._trust(sock)  # a small request, whose token the gate did not need to see
                 served += 1
                 keep_alive = headers.get("connection", "").lower() != "close" and first[2] != "HTTP/1.0"
                 try:
@@ -1315,6 +1317,7 @@ class IPCServer:
         finally:
             with self._lock:
                 self._conns.discard(sock)
+                self._untrusted.discard(sock)
             try:
                 sock.close()
             except OSError:
@@ -1340,12 +1343,18 @@ class IPCServer:
                     del self._verdicts[next(items)]
         return verdict
 
-    def _gate(self, conn: _Conn, length: int, prefix: bytes) -> bool | None:
-        """:meth:`_token_in`; once the token has passed, the rest of the body gets its own time."""
+    def _gate(self, conn: _Conn, sock: socket.socket, prefix: bytes) -> bool | None:
+        """:meth:`_token_in`; once the token has passed, the rest of the body has no deadline
+        (each read still waits at most ``io_timeout``) and the connection is trusted."""
         verdict = self._token_in(prefix)
         if verdict is True:
-            conn.deadline = time.monotonic() + self.io_timeout + length / _MIN_RATE
+            conn.deadline = None
+            self._trust(sock)
         return verdict
+
+    def _trust(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._untrusted.discard(sock)
 
     def _token_in(self, prefix: bytes) -> bool | None:
         """Whether the request starting with ``prefix`` carries the job token (None: the

@@ -126,7 +126,7 @@ def test_a_file_that_two_input_paths_reach_is_refused_not_read_twice(tmp_path):
     assert len(list_input_files([a, str(tmp_path / "d" / "b.parquet")])) == 2
 
 
-def test_a_damaged_page_of_a_file_written_with_checksums_is_named_not_read(tmp_path):
+def test_a_damaged_page_of_a_file_written_with_checksums_is_named_not_read(tmp_path, monkeypatch):
     path = tmp_path / "part-0.parquet"
     pq.write_table(pa.table({"v": np.arange(100_000, dtype=np.float64)}), path, compression="none",
                    write_page_checksum=True)
@@ -137,6 +137,8 @@ def test_a_damaged_page_of_a_file_written_with_checksums_is_named_not_read(tmp_p
     path.write_bytes(bytes(data))
     with pytest.raises(InputError, match=rf"^input file {path}, row group 0: .*CRC checksum verification failed"):
         read_split([FilePiece(str(path))])
+    monkeypatch.setenv("ITERREDUCE_VERIFY_CHECKSUMS", "0")  # for files whose writer got them wrong
+    assert read_split([FilePiece(str(path))]).num_rows == 100_000
 
 
 def test_a_damaged_latest_checkpoint_gives_way_to_the_one_before_it(tmp_path, caplog):

@@ -560,13 +560,17 @@ def test_connections_beyond_the_limit_are_turned_away_and_the_server_goes_on(cap
     h = Handler()
     server = IPCServer(h, TOKEN, io_timeout=5.0, max_connections=3).start()
     held = []
+    worker = IPCClient(server.url, TOKEN, timeout=5)
     try:
+        assert worker.call("status")["state"] == "RUNNING"  # it has shown the token: not counted
         for _ in range(3):
             held.append(socket.create_connection(server.address, timeout=5))
         time.sleep(0.2)
         extra = _raw(server, _post(b"x"))
         assert extra.startswith(b"HTTP/1.1 503"), extra[:40]
-        assert server.turned_away == 1 and "3 connections are open, the most this master serves" in caplog.text
+        assert server.turned_away == 1, server.turned_away  # the three held ones were taken
+        assert "3 connections that have not shown the job token are open" in caplog.text
+        assert worker.call("status")["state"] == "RUNNING"  # the worker's connection is served on
         for c in held:
             c.close()
         deadline = time.time() + 5
@@ -581,6 +585,7 @@ def test_connections_beyond_the_limit_are_turned_away_and_the_server_goes_on(cap
     finally:
         for c in held:
             c.close()
+        worker.close()
         server.stop()
 
 

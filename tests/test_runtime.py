@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -727,7 +728,7 @@ def test_status_of_an_output_directory_shows_a_local_run_live_then_how_it_ended(
         res = cli("status", str(out))
         assert res.returncode == 0, res.stderr
         assert f"{out}: job linreg-test: RUNNING (local run, process {proc.pid} on " in res.stdout, res.stdout
-        assert "superstep 0 done | " in res.stdout and "mse=" in res.stdout
+        assert re.search(r"\nsuperstep \d+ done \| sgd step \d+ \| mse=", res.stdout), res.stdout
         res = cli("status", "-f", str(out))  # a line per superstep, to the end
         assert res.returncode == 0, res.stderr
         shown = [line.split(" ", 1)[1].split(" | ")[0] for line in res.stderr.splitlines() if " done | " in line]

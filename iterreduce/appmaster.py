@@ -339,6 +339,22 @@ class AppMaster:
         from .api import Worker
 
         load_class(job.algorithm.worker, Worker, job.base_dir)  # fail now, not in every container
+        restored = resumable_checkpoint(self.checkpoints, job) if self.resume else None
+        # the point of no return: what an earlier run left that is not this run's goes (nothing
+        # before here, so a job refused above leaves the output as it was); a failure from here
+        # on, in the master's setup say, is this run's and is written to metrics.json
+        if restored is None and not self.resume:
+            for old in self.checkpoints.supersteps():
+                self.checkpoints.dir.delete(f"ckpt-{old:08d}.npz")
+        if self.output.exists("metrics.json"):  # an earlier run's result: until this one writes its own
+            self._delete_earlier_results()
+            self.output.delete("metrics.json")
+        if self.output.exists(FAILURE_MARKER):  # an earlier application's, or a retry=True attempt's
+            self.output.delete(FAILURE_MARKER)
+        self.output.write_json(OWNER_FILE, {"application": self.application, "job": self.job.name,
+                                            "host": socket.gethostname(), "pid": os.getpid()})
+        self._owner = True
+        self._started = True
         self.master = self._hook(f"{job.algorithm.master}()", master_cls)
         ctx = MasterContext(params=job.algorithm.params, seed=job.seed, num_workers=job.workers.count,
                             output=self.output, log=logging.getLogger("iterreduce.master"),
@@ -349,7 +365,6 @@ class AppMaster:
             if exc.transient:
                 raise
             raise JobFailed(f"the master's input: {exc}; fix the input and run the job again") from None
-        restored = resumable_checkpoint(self.checkpoints, job) if self.resume else None
         if restored is not None:
             step, arrays, meta = restored
             self._hook("restore", self.master.restore, _unpack(arrays, meta, "state"))
@@ -367,22 +382,8 @@ class AppMaster:
         self._phase = self._hook("phase", self.master.phase)
         self._splits = [_Split(p) for p in plan_splits(job.input.paths, job.workers.count,
                                                        input_columns(type(self.master), job))]
-        # the point of no return: what an earlier run left that is not this run's goes (nothing
-        # before here, so a job refused above leaves the output as it was)
-        if restored is None and not self.resume:
-            for old in self.checkpoints.supersteps():
-                self.checkpoints.dir.delete(f"ckpt-{old:08d}.npz")
         # metrics.jsonl may hold supersteps after the checkpoint: keep what the checkpoint knows
         self.output.write_bytes("metrics.jsonl", "".join(json_text(h) + "\n" for h in self._history).encode())
-        if self.output.exists("metrics.json"):  # an earlier run's result: until this one writes its own
-            self._delete_earlier_results()
-            self.output.delete("metrics.json")
-        if self.output.exists(FAILURE_MARKER):  # an earlier application's, or a retry=True attempt's
-            self.output.delete(FAILURE_MARKER)
-        self.output.write_json(OWNER_FILE, {"application": self.application, "job": self.job.name,
-                                            "host": socket.gethostname(), "pid": os.getpid()})
-        self._owner = True
-        self._started = True  # from here on a failure is this run's and is written to metrics.json
         for i, s in enumerate(self._splits):
             log.info("split %d: %d rows, %d bytes in %d file(s)", i, sum(p.num_rows for p in s.pieces),
                      sum(p.nbytes for p in s.pieces), len(s.pieces))
@@ -570,8 +571,8 @@ class AppMaster:
             log.warning("job %s stopped: %s", self.job.name, reason)
         else:
             log.error("job %s failed: %s", self.job.name, reason)
-        if not self._started:  # refused before it began (a bad checkpoint, algorithm, setup): the
-            return             # output keeps what an earlier run wrote
+        if not self._started:  # refused before it began (a checkpoint it cannot resume, an algorithm it
+            return             # cannot load): the output keeps what an earlier run wrote
         try:
             self._flush_metrics(force=True)
             self._write_metrics(None)
@@ -732,7 +733,7 @@ class AppMaster:
         with self._cond:
             if self._state != "RUNNING":
                 raise _refused("REJECTED", f"register from worker {worker_id!r} (container {container_id!r}): "
-                               f"the job is {self._state}")
+                               f"the job is {self._state}", ended=True)
             if worker_id in self._workers:
                 raise _refused("BAD_REQUEST", f"worker {worker_id!r} is already registered")
             split = self._containers.get(container_id)
@@ -789,7 +790,7 @@ class AppMaster:
             info = self._worker(worker_id)
             where = f"worker {worker_id} (container {info.container_id}, split {info.split}) at superstep {step}"
             if self._state != "RUNNING":
-                raise _refused("REJECTED", f"update from {where}: the job is {self._state}")
+                raise _refused("REJECTED", f"update from {where}: the job is {self._state}", ended=True)
             if info.superstep == step + 1 and step in (self._superstep, self._superstep - 1):
                 # this worker's update for `step` was taken already: the same push again, its answer
                 # lost on the way (the worker's client sends again), or not this worker's at all
@@ -882,10 +883,11 @@ def job_fingerprint(job: JobSpec) -> dict[str, Any]:
             "algorithm.params": json.loads(json.dumps(job.algorithm.params))}
 
 
-def _refused(code: str, text: str) -> ipc.RemoteError:
+def _refused(code: str, text: str, ended: bool = False) -> ipc.RemoteError:
     """The error to answer a request with (``code``: the protocol's), logged: a refused
-    request is a worker overtaken or replaced, or a peer that is not one of this job's."""
-    log.warning("refused: %s (%s)", _one_line(text), code)
+    request is a worker overtaken or replaced, or a peer that is not one of this job's; one
+    refused because the job has ended (``ended``: its workers still on their way) only at INFO."""
+    log.log(logging.INFO if ended else logging.WARNING, "refused: %s (%s)", _one_line(text), code)
     return ipc.RemoteError(code, text)
 
 

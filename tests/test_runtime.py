@@ -234,6 +234,23 @@ def test_a_master_method_that_raises_fails_the_job_naming_it_with_its_traceback(
     assert info.value.retry is False  # on YARN, a new attempt would only repeat it
 
 
+def test_a_rerun_whose_master_fails_in_setup_leaves_no_result_of_the_earlier_run(tmp_path, dataset):
+    job = make_job(tmp_path, dataset, "rerun")
+    assert cli("run", str(job)).returncode == 0
+    out = Path(load_job(job).output)
+    assert (out / "result.npz").exists() and metrics(job)["state"] == "SUCCEEDED"
+    spec = yaml.safe_load(job.read_text())
+    spec["algorithm"]["params"]["master_raises_in"] = "setup"  # its own input, say: the run has begun
+    job.write_text(yaml.safe_dump(spec))
+    res = cli("run", str(job))
+    assert res.returncode != 0
+    assert not (out / "result.npz").exists()  # not the earlier run's result beside this run's failure
+    m = metrics(job)
+    assert m["state"] == "FAILED" and "Master.setup failed: RuntimeError: setup broke" in m["message"], m
+    res = cli("status", str(out))
+    assert f"{out}: job linreg-test: FAILED after 0 supersteps: " in res.stdout, res.stdout + res.stderr
+
+
 def test_a_corrupt_file_fails_the_job_at_once_naming_it(tmp_path):
     data = write_dataset(tmp_path / "data")
     odd = data / "part-00001.parquet"

@@ -108,7 +108,10 @@ def predict(model_file: str, data: str, output: str | None) -> None:
     m = _load(model_file)
     x, _ = _data(data, None, m.sizes[0])
     pred = _call(m.predict, x)
-    out = open(output, "w") if output else sys.stdout
+    try:
+        out = open(output, "w") if output else sys.stdout
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
     try:
         out.write("row,label\n")
         out.writelines(f"{i},{int(k)}\n" for i, k in enumerate(pred))
@@ -132,9 +135,10 @@ def features(model_file: str, data: str, out_dir: str, layer: int) -> None:
     try:
         written = _model.export_features(m, data, layer, out_dir)
     except (ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(str(exc).removeprefix("export_features: ")) from None
     for p in written:
         click.echo(str(p))
+    click.echo(f"{len(written)} file(s) of layer {m.layer_index(layer)} features in {out_dir}", err=True)
 
 
 if __name__ == "__main__":

@@ -131,8 +131,8 @@ class Model:
             first = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
             raise ValueError(f"float inputs must be in [0, 1] (pixels / 255); example {first} holds NaN or infinity")
         if x.size and not (x.min() >= 0 and x.max() <= 1):
-            raise ValueError(f"float inputs must be in [0, 1] (pixels / 255); these are {x.min()!r} .. "
-                             f"{x.max()!r}: pass uint8 pixels, or divide by 255")
+            raise ValueError(f"float inputs must be in [0, 1] (pixels / 255); these are {float(x.min()):g} .. "
+                             f"{float(x.max()):g}: pass uint8 pixels, or divide by 255")
         return x
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -189,6 +189,12 @@ class Model:
                              + (" (one-hot rows? pass y.argmax(axis=1))" if y.ndim == 2 else ""))
         if y.dtype.kind not in "iu" and not (y.dtype.kind == "f" and np.array_equal(y, np.round(y))):
             raise ValueError(f"error_rate: y must be integer class labels, got {y.dtype}")
+        classes = self.sizes[-1]
+        outside = np.flatnonzero((y < 0) | (y >= classes)) if self.kind == "classifier" else []
+        if len(outside):  # it would count as an error, as if the model had got it wrong
+            i = int(outside[0])
+            raise ValueError(f"error_rate: label {y[i]} of example {i} is not a class of the model (0..{classes - 1})"
+                             + (f"; {len(outside)} labels are outside" if len(outside) > 1 else ""))
         return float(np.mean(self.predict(x) != y))
 
 
@@ -367,8 +373,9 @@ def export_features(
     the like, unchanged, so the features can be joined back), processed ``batch_size`` rows at a
     time; each file appears when it is complete (a bad record leaves none). Returns the
     output paths. Inputs whose names coincide (the
-    ``part-00000.parquet`` of two directories) or an ``out_dir`` that holds an input
-    are refused with a ``ValueError`` before anything is written.
+    ``part-00000.parquet`` of two directories), an ``out_dir`` that holds an input, or one
+    that holds other Parquet files (a reader of the directory would mix them with these
+    features) are refused with a ``ValueError`` before anything is written.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -390,6 +397,14 @@ def export_features(
             raise ValueError(f"export_features: inputs {by_name[Path(src).name]} and {src} would both be "
                              f"written to {out / Path(src).name}; export them to separate directories")
         by_name[Path(src).name] = Path(src)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export_features: out_dir {out} is a file, not a directory")
+    others = sorted(p.name for p in out.glob("*.parquet") if p.name not in by_name) if out.is_dir() else []
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise ValueError(f"export_features: out_dir {out} already holds {len(others)} other Parquet file(s) "
+                         f"({shown}), which a reader of the directory would mix with these features; write "
+                         "them to an empty or new directory")
     k = model.layer_index(layer)  # a bad layer is refused before anything is written
     schemas = {}
     for src in sources:

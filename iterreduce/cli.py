@@ -118,6 +118,13 @@ def _run(job_file: str, resume: bool, workers: int | None, output: str | None, v
             job = JobSpec.from_dict(d, source=f"{job_file} (with command-line overrides)")
         except JobError as exc:
             raise click.ClickException(str(exc)) from None
+    if resume:
+        from .client import SubmitError, check_something_to_resume
+
+        try:
+            check_something_to_resume(job)
+        except SubmitError as exc:
+            raise click.ClickException(str(exc)) from None
     _check(job, output=True)
     _setup_logging(verbose)
     try:
@@ -234,8 +241,10 @@ def submit(job_file: str, wait: bool, resume: bool, skip_resource_check: bool, v
     job = _load(job_file, algorithm=False)  # check_submission checks the algorithm
     _setup_logging(verbose)
     try:
-        from .client import check_submission
+        from .client import check_something_to_resume, check_submission
 
+        if resume:  # before check_submission makes the output directory
+            check_something_to_resume(job)
         check_submission(job, resources=not skip_resource_check)  # before the skein driver starts
         if resume:
             from .client import check_resume

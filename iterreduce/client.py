@@ -417,6 +417,25 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def check_something_to_resume(job: JobSpec) -> None:
+    """A resume whose output and checkpoint directories do not exist at all (a mistyped
+    ``--output``, say) is a :class:`SubmitError`: it would start the whole job from the
+    beginning. One that left an output without checkpoints (stopped early) starts again."""
+    import pyarrow.fs as pafs
+
+    from .fs import filesystem
+
+    for uri in (job.output, job.checkpoint_path):
+        try:
+            fs, path = filesystem(uri)
+            if fs.get_file_info(path).type != pafs.FileType.NotFound:
+                return
+        except Exception:  # noqa: BLE001 - a filesystem that does not answer: the run will say
+            return
+    raise SubmitError(f"{job.source}: nothing to resume: {job.output} does not exist, nor "
+                      f"{job.checkpoint_path} (a mistyped output?); run without --resume to start the job")
+
+
 def check_resume(job: JobSpec) -> tuple[str, int | None]:
     """What ``submit --resume`` would do, found before anything is submitted:
     ``("done", supersteps)`` when the output holds this job's SUCCEEDED result (nothing to

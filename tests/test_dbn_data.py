@@ -409,6 +409,14 @@ def test_model_header_is_strict_json_and_export_refuses_to_overwrite(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="holds the input"):
         export_features(tmp_path / "m.avro", tmp_path / "test", 1, tmp_path / "test")
+    # into a directory that holds another export's files: refused, not mixed with them
+    D.write_parquet_shards(np.zeros((6, 784), np.uint8), np.arange(6), tmp_path / "three", 3)
+    export_features(tmp_path / "m.avro", tmp_path / "three", 1, tmp_path / "mixed")
+    with pytest.raises(ValueError, match=r"out_dir .*mixed already holds 2 other Parquet file\(s\) "
+                                         r"\(part-00001\.parquet, part-00002\.parquet\), which a reader"):
+        export_features(tmp_path / "m.avro", tmp_path / "test", 1, tmp_path / "mixed")
+    export_features(tmp_path / "m.avro", tmp_path / "three", 1, tmp_path / "mixed")  # the same again: replaced
+    assert pq.read_table(tmp_path / "mixed").num_rows == 6
     assert pq.read_table(tmp_path / "test").column_names == ["x", "y"]
     # a bad record in the second batch: no file at all, not a readable half
     rows = [[0] * 784 for _ in range(6)]
@@ -532,6 +540,12 @@ def test_model_inputs_labels_and_layers(tmp_path):
         m.error_rate(x, np.eye(10)[y])
     with pytest.raises(ValueError, match=r"shape \[50\]; got shape \(49,\)"):
         m.error_rate(x, y[:49])
+    for outside in (12, -1):  # a label the model cannot give is no error of the model's
+        wrong = y.copy()
+        wrong[[3, 9]] = outside
+        with pytest.raises(ValueError, match=rf"label {outside} of example 3 is not a class of the model \(0\.\.9\); "
+                                             r"2 labels are outside"):
+            m.error_rate(x, wrong)
     for bad in (1.0, "1", True):
         with pytest.raises(ValueError, match="layer must be an integer"):
             m.features(x, bad)

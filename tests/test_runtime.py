@@ -405,6 +405,15 @@ def test_resume_refuses_a_checkpoint_of_other_settings_and_a_new_run_starts_clea
     np.testing.assert_array_equal(result(job)["w"], result(baseline)["w"])
 
 
+def test_a_resume_with_nothing_at_all_to_resume_is_refused_not_started_from_scratch(tmp_path, dataset):
+    job = make_job(tmp_path, dataset, "typo")
+    res = cli("run", "--resume", str(job), "--output", str(tmp_path / "tpyo"))
+    assert res.returncode != 0
+    assert (f"nothing to resume: {tmp_path / 'tpyo'} does not exist, nor {tmp_path / 'tpyo' / 'checkpoints'} "
+            "(a mistyped output?); run without --resume to start the job") in res.stderr, res.stderr
+    assert not (tmp_path / "tpyo").exists()
+
+
 def test_resume_refuses_when_no_checkpoint_can_be_read_and_loses_nothing(tmp_path, dataset):
     job = make_job(tmp_path, dataset, "damaged")
     assert cli("run", str(job)).returncode == 0

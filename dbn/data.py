@@ -164,26 +164,36 @@ def verify_sha256(raw: bytes, expected: str, name: str) -> None:
         )
 
 
-def read_mnist_file(path: str | os.PathLike) -> np.ndarray:
+def read_mnist_file(path: str | os.PathLike, verify: bool = True) -> np.ndarray:
     """Read one MNIST IDX file, verifying the sha256 of its uncompressed content
     against :data:`MNIST_SHA256` (looked up by file name, with or without
-    ``.gz``); raises :class:`IDXError` for a file that is not valid IDX (truncated,
-    say) and :class:`ChecksumError` for valid IDX of other content, naming the file."""
+    ``.gz``) unless not ``verify`` (another dataset in MNIST's format and file names, such
+    as Fashion-MNIST); raises :class:`IDXError` for a file that is not valid IDX (truncated,
+    or images where labels belong) and :class:`ChecksumError` for valid IDX of other
+    content, naming the file."""
     path = Path(path)
     key = path.name if path.name.endswith(".gz") else path.name + ".gz"
     key = key.replace(".idx", "-idx")  # train-images.idx3-ubyte, as some mirrors name it
     if key not in MNIST_SHA256:
         raise ValueError(f"{path}: not a standard MNIST file name ({', '.join(MNIST_SHA256)})")
     raw = _read_raw(path)
+    want = 3 if "images" in key else 1
+    if len(raw) >= 4 and raw[:2] == b"\0\0" and raw[3] != want:  # before its sizes make no sense
+        raise IDXError(f"{path}: an IDX file of {raw[3]} dimension(s) (magic 0x{raw[2]:02x}{raw[3]:02x} at byte 2), "
+                       f"where MNIST's {'images' if want == 3 else 'labels'} file has {want}: images and labels "
+                       "swapped?")
     arr = parse_idx(raw, str(path))  # first: a truncated file is reported as truncated
-    verify_sha256(raw, MNIST_SHA256[key], str(path))
+    if verify:
+        verify_sha256(raw, MNIST_SHA256[key], str(path))
     return arr
 
 
-def load_mnist(data_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_mnist(data_dir: str | os.PathLike, verify: bool = True
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Load MNIST from the four standard IDX files in ``data_dir``.
 
-    Each file's uncompressed content is checked against :data:`MNIST_SHA256`.
+    Each file's uncompressed content is checked against :data:`MNIST_SHA256`, unless not
+    ``verify``: another dataset in MNIST's format and file names (Fashion-MNIST, say).
     Files may be stored gzipped (standard ``.gz`` names) or uncompressed
     (the same name without ``.gz``).
 
@@ -202,7 +212,7 @@ def load_mnist(data_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.
                 f"(--data DIR on the command line), or leave --data out to download them "
                 f"(from Python: dbn.data.download_mnist(DIR))"
             )
-        out[key] = read_mnist_file(p)
+        out[key] = read_mnist_file(p, verify)
     x_tr = out["train_images"].reshape(out["train_images"].shape[0], -1)
     x_te = out["test_images"].reshape(out["test_images"].shape[0], -1)
     return x_tr, out["train_labels"].astype(np.int64), x_te, out["test_labels"].astype(np.int64)
@@ -460,6 +470,7 @@ def prepare_mnist(
     out_dir: str | os.PathLike,
     num_shards: int = 4,
     validation: int = 10000,
+    verify: bool = True,
 ) -> dict:
     """Turn the MNIST IDX files in ``data_dir`` into Parquet shards in ``out_dir``.
 
@@ -468,9 +479,9 @@ def prepare_mnist(
     train images, one shard), ``out_dir/test/`` (the 10000 test images, one
     shard) and ``out_dir/meta.json`` (counts and source checksums). The order
     of the original files is kept, so the output is deterministic.
-    Returns the metadata dict.
+    Returns the metadata dict. ``verify``: as :func:`load_mnist`.
     """
-    x_tr, y_tr, x_te, y_te = load_mnist(data_dir)
+    x_tr, y_tr, x_te, y_te = load_mnist(data_dir, verify)
     n_train = len(x_tr) - validation
     out = Path(out_dir)
     splits = {
@@ -478,8 +489,9 @@ def prepare_mnist(
         "validation": (x_tr[n_train:], y_tr[n_train:], 1),
         "test": (x_te, y_te, 1),
     }
-    meta: dict = {"dataset": "mnist", "n_features": int(x_tr.shape[1]), "splits": {},
-                  "source_sha256": dict(MNIST_SHA256)}
+    meta: dict = {"dataset": "mnist" if verify else "idx (MNIST's format and names, not verified as MNIST)",
+                  "n_features": int(x_tr.shape[1]), "splits": {},
+                  "source_sha256": dict(MNIST_SHA256) if verify else None}
     for name, (x, y, shards) in splits.items():
         if len(x) == 0:
             continue

@@ -25,13 +25,16 @@ if str(ROOT) not in sys.path:  # let `python examples/mnist_dbn.py` import the e
 DEFAULT_CACHE = Path.home() / ".cache" / "iterreduce" / "mnist"
 
 
-def prepare_data(data: str | None, out: str, shards: int) -> dict:
+def prepare_data(data: str | None, out: str, shards: int, verify: bool = True) -> dict:
     from dbn.data import ChecksumError, IDXError, download_mnist, prepare_mnist
 
     try:
         src = Path(data) if data else download_mnist(DEFAULT_CACHE)
-        meta = prepare_mnist(src, out, num_shards=shards)
-    except (OSError, ChecksumError, IDXError, RuntimeError, ValueError) as exc:  # each names the file
+        meta = prepare_mnist(src, out, num_shards=shards, verify=verify)
+    except ChecksumError as exc:
+        raise click.ClickException(f"{exc} (another dataset in MNIST's format and file names, Fashion-MNIST "
+                                   "say? `prepare --no-verify` reads it without the check)") from None
+    except (OSError, IDXError, RuntimeError, ValueError) as exc:  # each names the file
         raise click.ClickException(str(exc)) from None
     for name, s in meta["splits"].items():
         click.echo(f"{out}/{name}: {s['rows']} rows in {len(s['files'])} file(s)")
@@ -53,9 +56,10 @@ def main(ctx: click.Context, data: str | None, out: str, job_file: str, shards: 
             raise click.UsageError(f"{', '.join(given)} before the sub-command: put options after it "
                                    f"(mnist_dbn.py {ctx.invoked_subcommand} {given[0]} ...)")
         return
-    if "--out" in given:
-        raise click.UsageError("--out with training: the job files read data/mnist next to examples/; run "
-                               "`mnist_dbn.py prepare --out DIR`, then point the job file's paths at DIR")
+    if "--out" in given and "--job" not in given:
+        raise click.UsageError("--out with training needs --job: the example job files read data/mnist next to "
+                               "examples/; give a job file whose paths read DIR (or run `mnist_dbn.py prepare "
+                               "--out DIR`, then point a job file's paths at DIR)")
     if not (Path(out) / "meta.json").exists() or data:
         prepare_data(data, out, shards)
     ctx.invoke(run, job_file=job_file)
@@ -65,9 +69,12 @@ def main(ctx: click.Context, data: str | None, out: str, job_file: str, shards: 
 @click.option("--data", default=None, help="Directory with the MNIST IDX files (default: download).")
 @click.option("--out", default=str(ROOT / "data" / "mnist"), show_default=True)
 @click.option("--shards", default=8, show_default=True, help="Parquet files for the training split.")
-def prepare(data: str | None, out: str, shards: int) -> None:
+@click.option("--no-verify", is_flag=True,
+              help="Do not check the files against MNIST's checksums: another dataset in MNIST's format and "
+                   "file names (Fashion-MNIST, say).")
+def prepare(data: str | None, out: str, shards: int, no_verify: bool) -> None:
     """Convert MNIST IDX files into Parquet shards (train/, validation/, test/)."""
-    prepare_data(data, out, shards)
+    prepare_data(data, out, shards, verify=not no_verify)
 
 
 @main.command()

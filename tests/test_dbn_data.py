@@ -119,8 +119,14 @@ def test_mnist_checksum_mismatch_names_file(tmp_path):
     with pytest.raises(D.ChecksumError, match=r"t10k-labels-idx1-ubyte: sha256"):
         D.read_mnist_file(p)
     assert D.read_mnist_file(MNIST_DIR / "t10k-labels-idx1-ubyte.gz").shape == (10000,)
+    assert D.read_mnist_file(p, verify=False)[92] == raw[100]  # (8 header bytes) another dataset in MNIST's form: read as it is
     p.write_bytes(bytes(raw[:5000]))  # cut short: said so, not a checksum mismatch
     with pytest.raises(D.IDXError, match=r"t10k-labels-idx1-ubyte: truncated data at byte 5000"):
+        D.read_mnist_file(p)
+    images = gzip.decompress((MNIST_DIR / "t10k-images-idx3-ubyte.gz").read_bytes())
+    p.write_bytes(images)  # the images under the labels' name: said so, not a size puzzle
+    with pytest.raises(D.IDXError, match=r"t10k-labels-idx1-ubyte: an IDX file of 3 dimension\(s\) \(magic 0x0803 "
+                                         r"at byte 2\), where MNIST's labels file has 1: images and labels swapped\?"):
         D.read_mnist_file(p)
 
 
@@ -141,6 +147,7 @@ def test_load_mnist_takes_the_mirrors_other_file_names(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@needs_mnist
 def test_mnist_dbn_command_refuses_misplaced_options_and_names_missing_files(tmp_path):
     script = [sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "mnist_dbn.py")]
     res = subprocess.run([*script, "--data", str(tmp_path), "prepare"], capture_output=True, text=True, timeout=60)
@@ -150,8 +157,21 @@ def test_mnist_dbn_command_refuses_misplaced_options_and_names_missing_files(tmp
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert f"MNIST file {tmp_path / 'train-images-idx3-ubyte.gz'} not found" in res.stderr
     res = subprocess.run([*script, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and "--out with training" in res.stderr
+    assert res.returncode == 2 and "--out with training needs --job: the example job files read data/mnist" \
+        in res.stderr
     assert not (tmp_path / "out").exists()
+    (tmp_path / "fashion").mkdir()
+    for fname in D.MNIST_FILES.values():  # another dataset in MNIST's names: refused with the way out, then read
+        raw = bytearray(gzip.decompress((MNIST_DIR / fname).read_bytes()))
+        raw[-1] ^= 1
+        (tmp_path / "fashion" / fname[:-3]).write_bytes(bytes(raw))
+    res = subprocess.run([*script, "prepare", "--data", str(tmp_path / "fashion"), "--out", str(tmp_path / "f")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Fashion-MNIST say? `prepare --no-verify` reads it" in res.stderr, res.stderr
+    res = subprocess.run([*script, "prepare", "--no-verify", "--data", str(tmp_path / "fashion"), "--out",
+                          str(tmp_path / "f")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "f" / "meta.json").read_text())["source_sha256"] is None
 
 
 def test_download_fails_fast_and_clearly(tmp_path):

@@ -344,7 +344,7 @@ def _first(mask: np.ndarray) -> int:
 
 
 def check_examples(table: pa.Table, n_features: int | None = None, classes: int | None = None,
-                   classes_from: str = "") -> None:
+                   classes_from: str = "", features_from: str = "") -> None:
     """Refuse a table of examples that :func:`table_to_arrays` cannot turn into pixels
     and labels without losing something.
 
@@ -352,14 +352,16 @@ def check_examples(table: pa.Table, n_features: int | None = None, classes: int 
     first bad example: a null example, a null pixel, a pixel outside 0..255, an example
     with another number of values than the others (or than ``n_features``), a null
     label, a label outside ``0..classes-1`` (with ``classes``; ``classes_from`` says where
-    that number was set, for the message). Raises
+    that number was set, for the message; ``features_from`` the same for ``n_features``). Raises
     :class:`iterreduce.fs.InputError` when the columns themselves are wrong: no ``x``,
     an ``x`` that is not a list of integers, a ``y`` that is not an integer, every
     example of a fixed width other than ``n_features``. Given as the ``check`` of
     :func:`iterreduce.fs.read_split`, the errors name the file and the row in it.
     """
     if "x" not in table.column_names:
-        raise InputError(f"no column 'x' (the examples); the columns are {table.column_names}")
+        names = table.column_names
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        raise InputError(f"no column 'x' (the examples); its columns are {shown}")
     col = table.column("x")
     t = col.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
@@ -371,9 +373,10 @@ def check_examples(table: pa.Table, n_features: int | None = None, classes: int 
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False) if len(col) else np.zeros(0, np.int64)
     width = t.list_size if pa.types.is_fixed_size_list(t) else (int(lengths[0]) if len(lengths) else n_features)
     if n_features is not None and width is not None and width != n_features:
+        expected = f"{n_features} are expected" + (f" ({features_from} is {n_features})" if features_from else "")
         if pa.types.is_fixed_size_list(t):
-            raise InputError(f"column 'x' has {width} values per example, {n_features} are expected")
-        raise RecordError(0, f"x has {width} values, {n_features} are expected")
+            raise InputError(f"column 'x' has {width} values per example, {expected}")
+        raise RecordError(0, f"x has {width} values, {expected}")
     if len(lengths) and (lengths != width).any():
         row = _first(lengths != width)
         raise RecordError(row, f"x has {lengths[row]} values, the examples before it have {width}")

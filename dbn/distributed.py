@@ -272,7 +272,8 @@ def _read_xy(pieces: list[FilePiece], cfg: DBNConfig) -> tuple[np.ndarray, np.nd
     def check(table):
         if "y" not in table.column_names:
             raise InputError("needs a label column 'y'")
-        check_examples(table, cfg.n_visible, cfg.classes, classes_from="algorithm.params.classes")
+        check_examples(table, cfg.n_visible, cfg.classes, classes_from="algorithm.params.classes",
+                       features_from="algorithm.params.n_visible")
 
     # check_examples refuses null examples, pixels and labels in its own words: no second pass for them
     return _to_arrays(read_split(pieces, ["x", "y"], check=check, nulls=True), cfg.n_visible)

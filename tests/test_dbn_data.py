@@ -700,3 +700,16 @@ def test_dbn_command_uses_a_saved_model(tmp_path):
                       (("evaluate", tmp_path / "m.avro", tmp_path / "img-idx3-ubyte"), "has no labels")]:
         r = dbn_cmd(*args)
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_a_width_that_the_job_sets_is_named_in_the_message():
+    from iterreduce.fs import InputError
+
+    table = _examples(_pixels(d=3, n=8), [0] * 8)
+    with pytest.raises(InputError, match=r"^column 'x' has 3 values per example, 4 are expected "
+                                         r"\(algorithm\.params\.n_visible is 4\)$"):
+        D.check_examples(table, 4, features_from="algorithm.params.n_visible")
+    wide = pa.table({f"p{i}": [0] for i in range(784)})  # pixels as columns: the first few named
+    with pytest.raises(InputError, match=r"^no column 'x' \(the examples\); its columns are p0, p1, .*, p9 and 774 "
+                                         r"more$"):
+        D.check_examples(wide)

@@ -61,7 +61,7 @@ Parameters (``algorithm.params`` of the job file; defaults in brackets)::
                                    # batches_per_superstep, consecutive slices of one shuffle
     finetune:
       where: master                # or workers
-      epochs: 50
+      epochs: 50                   # 0: no fine-tuning; the model is then the pre-trained stack
       learning_rate: 0.1
       momentum: 0.9
       weight_cost: 0.00001
@@ -85,7 +85,8 @@ layer and epoch), ``finetune.png`` (train / validation error per epoch); the met
 ``test_error``, ``validation_error`` and ``best_epoch`` go to ``metrics.json``.
 ``best_epoch`` counts from 0, as ``average_from`` does; the log's "finetune epoch N/M"
 counts from 1, so ``best_epoch=19`` is the epoch logged as 20/M. Without a validation set
-it is the last epoch; without fine-tuning (``epochs: 0``), -1.
+it is the last epoch. Without fine-tuning (``epochs: 0``) ``model.avro`` is the pre-trained
+stack (kind ``stack``: features, no labels) and no error is measured.
 """
 
 from __future__ import annotations
@@ -540,14 +541,17 @@ class DBNMaster(Master):
     def _final(self, metrics: dict[str, float]) -> Final:
         if self.F > 0:
             params = self.best
-            val = self.best_val
-        else:  # no fine-tuning: the pre-trained stack with its (random) softmax layer
-            params = self._params_only()
-            val = _net.error_rate(params, *self.validation) if self.validation is not None else float("nan")
-        out = {"validation_error": float(val), "best_epoch": float(self.best_epoch)}
-        if self.test is not None:
-            out["test_error"] = _net.error_rate(params, *self.test)
-        self.ctx.log.info("final: %s", ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+            out = {"validation_error": float(self.best_val), "best_epoch": self.best_epoch}
+            if self.test is not None:
+                out["test_error"] = _net.error_rate(params, *self.test)
+            self.ctx.log.info("final: %s", ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                     for k, v in out.items()))
+        else:  # no fine-tuning: the pre-trained stack, without the softmax it was never trained with
+            params = {f"{k}{i}": v for i, (W, b) in enumerate(_net.stack(self.finished).layers)
+                      for k, v in (("W", W), ("b", b))}
+            out = {}
+            self.ctx.log.info("final: no fine-tuning (finetune.epochs 0): the model is the pre-trained stack, "
+                              "a feature extractor without a classifier")
         meta = {
             "sizes": _net.layer_sizes(params),
             "finetune_where": self.cfg.where,
@@ -616,8 +620,8 @@ class DBNMaster(Master):
     # ----------------------------------------------------------------- output
     def save(self, final, output):
         buf = io.BytesIO()
-        _model.save(buf, dict(final.arrays), meta={"trainer": "dbn.distributed", "metrics": final.metrics,
-                                                   **final.meta})
+        net = _net.stack(self.finished) if self.F == 0 else dict(final.arrays)  # kind "stack" or "classifier"
+        _model.save(buf, net, meta={"trainer": "dbn.distributed", "metrics": final.metrics, **final.meta})
         output.write_bytes("model.avro", buf.getvalue())
         with tempfile.TemporaryDirectory() as tmp:
             pngs = {}

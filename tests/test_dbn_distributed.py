@@ -137,6 +137,25 @@ def tiny_baseline(tmp_path_factory, mnist_parquet):
     return out
 
 
+def test_without_fine_tuning_the_model_is_the_pre_trained_stack(tmp_path, mnist_parquet):
+    import subprocess
+    import sys
+
+    spec = tiny_spec(mnist_parquet, tmp_path / "out")
+    spec["algorithm"]["params"]["finetune"]["epochs"] = 0
+    res = cli("run", str(write_job(tmp_path / "job.yaml", spec)))
+    assert res.returncode == 0, res.stderr
+    assert "the model is the pre-trained stack, a feature extractor without a classifier" in res.stderr
+    model = dbn.load(tmp_path / "out" / "model.avro")
+    assert model.kind == "stack" and model.sizes == [784, 48, 32]  # not a softmax that was never trained
+    assert "test_error" not in json.loads((tmp_path / "out" / "metrics.json").read_text())["final"]["metrics"]
+    dbn_cli = [sys.executable, "-m", "dbn.cli"]
+    res = subprocess.run([*dbn_cli, "evaluate", str(tmp_path / "out" / "model.avro"), str(mnist_parquet / "test")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "a pre-trained stack without an output layer" in res.stderr, res.stderr
+    assert model.features(np.zeros((2, 784), np.uint8)).shape == (2, 32)
+
+
 def test_a_label_outside_the_classes_fails_the_job_naming_its_file_and_row(tmp_path, mnist_parquet):
     import shutil
 

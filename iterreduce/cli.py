@@ -67,9 +67,10 @@ def validate(job_file: str) -> None:
             "\n(the input and the algorithm are checked once the fields are right)"
         raise click.ClickException(f"{exc}{later}") from None
     errors = []  # the algorithm and the input: each said, not only the first
+    splits = []
     for check in (check_algorithm, check_input):
         try:
-            check(job)
+            splits = check(job) or splits
         except (JobFailed, SubmitError) as exc:
             errors.extend(getattr(exc, "errors", None) or [str(exc).removeprefix(f"{job.source}: ")])
     if errors:
@@ -83,7 +84,11 @@ def validate(job_file: str) -> None:
         except SubmitError as exc:
             raise click.ClickException(str(exc)) from None
         yarn = "; its yarn section is OK too (submit checks the cluster)"
-    click.echo(f"{job_file}: OK ({job.name}: {job.workers.count} workers, algorithm {job.algorithm.master}){yarn}")
+    rows = [sum(p.num_rows for p in s) for s in splits]
+    files = len({p.path for s in splits for p in s})
+    shares = f"; input: {sum(rows)} rows in {files} file(s), splits of {min(rows)}..{max(rows)} rows" if rows else ""
+    click.echo(f"{job_file}: OK ({job.name}: {job.workers.count} workers, algorithm {job.algorithm.master}"
+               f"{shares}){yarn}")
 
 
 @main.command()

@@ -279,9 +279,10 @@ def check_submission(job: JobSpec, resources: bool = True) -> None:
     check_output(job)
 
 
-def check_input(job: JobSpec) -> None:
+def check_input(job: JobSpec) -> list:
     """The input exists and makes ``workers.count`` splits, and holds the columns the master
-    says its workers read (when it can be imported here), or :class:`SubmitError`."""
+    says its workers read (when it can be imported here), or :class:`SubmitError`. Returns
+    the splits (:func:`~iterreduce.fs.plan_splits`)."""
     from .appmaster import input_columns
     from .fs import InputError, plan_splits
 
@@ -290,7 +291,7 @@ def check_input(job: JobSpec) -> None:
     except JobFailed as exc:
         raise SubmitError(str(exc)) from None
     try:
-        plan_splits(job.input.paths, job.workers.count, columns)
+        return plan_splits(job.input.paths, job.workers.count, columns)
     except InputError as exc:
         # "input: path /data: does not exist", not "input: input path /data: ..." ("input file" stays,
         # as in the workers' messages about a record)

@@ -185,7 +185,9 @@ def test_cli_validate_accepts_good_and_refuses_bad(tmp_path):
     assert f"{good}: input: path {tmp_path / 'data' / 'train'}: does not exist" in missing.stderr
     write_dataset(tmp_path / "data" / "train")  # 4 files, 8 row groups
     ok = iterreduce("validate", str(good))
-    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith(f"{good}: OK (test-job: 2 workers, algorithm tests.algos:LinRegMaster; input: 4000 "
+                                "rows in 4 file(s), splits of 2000..2000 rows)"), ok.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("count: 2", "count: 0"))
     res = iterreduce("validate", str(bad))

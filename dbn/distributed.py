@@ -496,12 +496,13 @@ class DBNMaster(Master):
                               len(self.cfg.layers), err)
             if layer + 1 < len(self.cfg.layers):
                 self.rbm = _rbm.init_rbm(self.cfg.layers[layer], self.cfg.layers[layer + 1], rng, self.cfg.rbm)
-            else:
+            elif self.F > 0:  # the classifier to fine-tune: the stack and a new softmax layer
                 self.rbm = None
-                stack = _net.stack(self.finished)
-                self.net = _net.init_classifier(stack, self.cfg.classes, rng)
-                if self.validation is not None:
+                self.net = _net.init_classifier(_net.stack(self.finished), self.cfg.classes, rng)
+                if self.validation is not None:  # before fine-tuning: the untrained softmax's
                     metrics["validation_error"] = _net.error_rate(self.net, *self.validation)
+            else:  # no fine-tuning: the stack is the model
+                self.rbm = None
         return metrics
 
     def _params_only(self) -> dict[str, np.ndarray]:

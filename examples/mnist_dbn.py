@@ -82,7 +82,7 @@ def prepare(data: str | None, out: str, shards: int, no_verify: bool) -> None:
 @click.option("--resume", is_flag=True)
 def run(job_file: str, resume: bool = False) -> None:
     """Train on local worker processes and print the test error."""
-    from iterreduce.client import JobFailed, Progress, run_local
+    from iterreduce.client import JobFailed, Progress, SubmitError, check_something_to_resume, run_local
     from iterreduce.fs import Output
     from iterreduce.job import JobError, load_job
 
@@ -90,8 +90,10 @@ def run(job_file: str, resume: bool = False) -> None:
                         datefmt="%H:%M:%S")
     try:
         job = load_job(job_file)
+        if resume:
+            check_something_to_resume(job)  # a mistyped output would start from scratch
         run_local(job, resume=resume, progress=Progress())
-    except JobError as exc:  # every error of the job file
+    except (JobError, SubmitError) as exc:  # every error of the job file; nothing to resume
         raise click.ClickException(str(exc)) from None
     except JobFailed as exc:  # the first line; a traceback stays in the log above
         raise click.ClickException(str(exc).partition("\n")[0]) from None

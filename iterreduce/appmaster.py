@@ -339,6 +339,15 @@ class AppMaster:
         from .api import Worker
 
         load_class(job.algorithm.worker, Worker, job.base_dir)  # fail now, not in every container
+        # what the client checked before submitting, again here: on YARN the algorithm may exist
+        # only in the cluster's environment, and the input may have changed since
+        check_algorithm(job, check_paths=False)
+        try:
+            splits = plan_splits(job.input.paths, job.workers.count, input_columns(master_cls, job))
+        except InputError as exc:  # refused, the output left as it was (a filesystem's hiccup: the next attempt)
+            if exc.transient:
+                raise
+            raise JobFailed(f"the input: {exc}; fix the input or the job file and run the job again") from None
         restored = resumable_checkpoint(self.checkpoints, job) if self.resume else None
         # the point of no return: what an earlier run left that is not this run's goes (nothing
         # before here, so a job refused above leaves the output as it was); a failure from here
@@ -346,11 +355,18 @@ class AppMaster:
         if restored is None and not self.resume:
             for old in self.checkpoints.supersteps():
                 self.checkpoints.dir.delete(f"ckpt-{old:08d}.npz")
+        if restored is not None:  # what the checkpoint knows of the run so far (metrics.json says it too)
+            step, arrays, meta = restored
+            self._superstep = step
+            self._replacements = meta.get("replacements", 0)
+            self._history = meta.get("history", [])
         if self.output.exists("metrics.json"):  # an earlier run's result: until this one writes its own
             self._delete_earlier_results()
             self.output.delete("metrics.json")
         if self.output.exists(FAILURE_MARKER):  # an earlier application's, or a retry=True attempt's
             self.output.delete(FAILURE_MARKER)
+        # metrics.jsonl may hold supersteps after the checkpoint: keep what the checkpoint knows
+        self.output.write_bytes("metrics.jsonl", "".join(json_text(h) + "\n" for h in self._history).encode())
         self.output.write_json(OWNER_FILE, {"application": self.application, "job": self.job.name,
                                             "host": socket.gethostname(), "pid": os.getpid()})
         self._owner = True
@@ -369,9 +385,6 @@ class AppMaster:
             step, arrays, meta = restored
             self._hook("restore", self.master.restore, _unpack(arrays, meta, "state"))
             broadcast = _unpack(arrays, meta, "broadcast")
-            self._superstep = step
-            self._replacements = meta.get("replacements", 0)
-            self._history = meta.get("history", [])
             log.info("resumed from checkpoint %s at superstep %d", self.checkpoints.dir.uri_of(
                 f"ckpt-{step:08d}.npz"), step)
         else:
@@ -380,10 +393,7 @@ class AppMaster:
             broadcast = self._hook("initial_update", self.master.initial_update, returns="an Update")
         self._set_broadcast(broadcast)
         self._phase = self._hook("phase", self.master.phase)
-        self._splits = [_Split(p) for p in plan_splits(job.input.paths, job.workers.count,
-                                                       input_columns(type(self.master), job))]
-        # metrics.jsonl may hold supersteps after the checkpoint: keep what the checkpoint knows
-        self.output.write_bytes("metrics.jsonl", "".join(json_text(h) + "\n" for h in self._history).encode())
+        self._splits = [_Split(p) for p in splits]
         for i, s in enumerate(self._splits):
             log.info("split %d: %d rows, %d bytes in %d file(s)", i, sum(p.num_rows for p in s.pieces),
                      sum(p.nbytes for p in s.pieces), len(s.pieces))

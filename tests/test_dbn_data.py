@@ -147,7 +147,6 @@ def test_load_mnist_takes_the_mirrors_other_file_names(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-@needs_mnist
 def test_mnist_dbn_command_refuses_misplaced_options_and_names_missing_files(tmp_path):
     script = [sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "mnist_dbn.py")]
     res = subprocess.run([*script, "--data", str(tmp_path), "prepare"], capture_output=True, text=True, timeout=60)
@@ -160,6 +159,11 @@ def test_mnist_dbn_command_refuses_misplaced_options_and_names_missing_files(tmp
     assert res.returncode == 2 and "--out with training needs --job: the example job files read data/mnist" \
         in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+@needs_mnist
+def test_another_dataset_in_mnists_form_is_refused_with_the_way_out_then_prepared(tmp_path):
+    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "mnist_dbn.py")]
     (tmp_path / "fashion").mkdir()
     for fname in D.MNIST_FILES.values():  # another dataset in MNIST's names: refused with the way out, then read
         raw = bytearray(gzip.decompress((MNIST_DIR / fname).read_bytes()))

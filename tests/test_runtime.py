@@ -20,7 +20,7 @@ from iterreduce import ipc
 from iterreduce.appmaster import FAILURE_MARKER, AppMaster, JobFailed, final_failure_of, record_final_failure
 from iterreduce.containers import LocalLauncher, exit_reason, yarn_exit_code
 from iterreduce.fs import Output
-from iterreduce.job import load_job
+from iterreduce.job import InputSpec, load_job
 
 from .algos import spoil_record, write_dataset
 from .helpers import cli, run_and_kill_after_checkpoint
@@ -234,7 +234,7 @@ def test_a_master_method_that_raises_fails_the_job_naming_it_with_its_traceback(
     assert info.value.retry is False  # on YARN, a new attempt would only repeat it
 
 
-def test_a_rerun_whose_master_fails_in_setup_leaves_no_result_of_the_earlier_run(tmp_path, dataset):
+def test_a_rerun_whose_master_fails_in_setup_leaves_no_result_of_the_earlier_run(tmp_path, dataset, monkeypatch):
     job = make_job(tmp_path, dataset, "rerun")
     assert cli("run", str(job)).returncode == 0
     out = Path(load_job(job).output)
@@ -249,6 +249,19 @@ def test_a_rerun_whose_master_fails_in_setup_leaves_no_result_of_the_earlier_run
     assert m["state"] == "FAILED" and "Master.setup failed: RuntimeError: setup broke" in m["message"], m
     res = cli("status", str(out))
     assert f"{out}: job linreg-test: FAILED after 0 supersteps: " in res.stdout, res.stdout + res.stderr
+    # a job refused for its input, by the master itself (the input went away after the checks, say),
+    # leaves the output as it was: that is no run of it
+    del spec["algorithm"]["params"]["master_raises_in"]
+    job.write_text(yaml.safe_dump(spec))
+    assert cli("run", str(job)).returncode == 0 and (out / "result.npz").exists()
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    gone = load_job(job).replace(input=InputSpec(paths=(str(tmp_path / "moved"),)))
+    with pytest.raises(JobFailed, match=rf"the input: input path {tmp_path / 'moved'}: does not exist") as info:
+        AppMaster(gone, LocalLauncher(out / "logs2")).run()
+    assert info.value.retry is False
+    assert (out / "result.npz").exists() and metrics(job)["state"] == "SUCCEEDED"
+    assert (out / "checkpoints").exists() and list((out / "checkpoints").glob("ckpt-*.npz"))
 
 
 def test_a_corrupt_file_fails_the_job_at_once_naming_it(tmp_path):

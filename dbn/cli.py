@@ -10,6 +10,8 @@
 ``DATA`` is a directory of Parquet shards (``x``, optional ``y``, as
 ``examples/mnist_dbn.py prepare`` writes them), one Parquet file, or an IDX
 images file (gzipped or not; ``--labels`` gives its IDX labels file).
+
+    dbn features MODEL t10k-images-idx3-ubyte.gz OUT_DIR --labels t10k-labels-idx1-ubyte.gz
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def _data(path: str, labels: str | None, n_features: int) -> tuple[np.ndarray, n
         if _is_idx(p):
             x = read_idx(p)
             y = read_idx(labels).astype(np.int64) if labels else None
+            if y is not None and y.ndim != 1:
+                raise click.ClickException(f"{labels} is not a labels file: it holds an array of shape "
+                                           f"{y.shape}, labels are one number per example (images there?)")
             if y is not None and len(y) != len(x):
                 raise click.ClickException(f"{labels} holds {len(y)} labels for the {len(x)} images of {path}")
             return x.reshape(len(x), -1), y
@@ -126,14 +131,26 @@ def predict(model_file: str, data: str, output: str | None) -> None:
 @click.argument("out_dir", metavar="OUT_DIR")
 @click.option("--layer", type=int, default=-1, show_default=True,
               help="hidden layer: 1 = first, -1 = top")
-def features(model_file: str, data: str, out_dir: str, layer: int) -> None:
-    """Write the activations of a hidden layer for the Parquet examples in DATA to OUT_DIR
-    (one file per input file: features, y and the input's other columns)."""
+@click.option("--labels", help="IDX labels file, with an IDX images DATA (written as column y)")
+def features(model_file: str, data: str, out_dir: str, layer: int, labels: str | None) -> None:
+    """Write the activations of a hidden layer for the examples in DATA to OUT_DIR: one
+    Parquet file per input file (features, y and the input's other columns), or, for an IDX
+    images file, one named after it (features, and y from --labels)."""
     m = _load(model_file)
-    if not Path(data).exists():
+    p = Path(data)
+    if not p.exists():
         raise click.ClickException(f"data {data} does not exist")
     try:
-        written = _model.export_features(m, data, layer, out_dir)
+        if _is_idx(p):
+            m.layer_index(layer)  # a bad layer before reading the data
+            x, y = _data(data, labels, m.sizes[0])
+            name = (p.name[:-3] if p.name.endswith(".gz") else p.name) + ".parquet"
+            written = [_model.export_features_arrays(m, x, y, layer, out_dir, name=name)]
+        elif labels:
+            raise click.ClickException("--labels goes with an IDX images file; Parquet data carries its "
+                                       "labels in column 'y'")
+        else:
+            written = _model.export_features(m, data, layer, out_dir)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc).removeprefix("export_features: ")) from None
     for p in written:

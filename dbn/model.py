@@ -356,6 +356,64 @@ def load(path_or_file: str | os.PathLike | BinaryIO) -> Model:
     return _read(path_or_file, getattr(path_or_file, "name", "<file object>"))
 
 
+def _check_out_dir(out: Path, names: set[str]) -> None:
+    """Refuse an ``out_dir`` that is a file or holds Parquet files other than ``names`` (a
+    reader of the directory would mix them with the features)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export_features: out_dir {out} is a file, not a directory")
+    others = sorted(p.name for p in out.glob("*.parquet") if p.name not in names) if out.is_dir() else []
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise ValueError(f"export_features: out_dir {out} already holds {len(others)} other Parquet file(s) "
+                         f"({shown}), which a reader of the directory would mix with these features; write "
+                         "them to an empty or new directory")
+
+
+def export_features_arrays(
+    model: Model | str | os.PathLike,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    layer: int,
+    out_dir: str | os.PathLike,
+    name: str = "features.parquet",
+    batch_size: int = 10000,
+) -> Path:
+    """Write the features of the examples ``x`` (uint8 pixels or floats in [0, 1], one row
+    each; an IDX images file as :func:`dbn.data.read_idx` reads it) and their labels ``y``
+    (or None) to ``out_dir/name``: columns ``features`` and ``y``, as :func:`export_features`
+    writes them, the file appearing when complete. The same ``out_dir`` refusals."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not isinstance(model, Model):
+        model = load(model)
+    out = Path(out_dir)
+    _check_out_dir(out, {name})
+    k = model.layer_index(layer)
+    x = np.asarray(x).reshape(len(x), -1)
+    if y is not None and len(y) != len(x):
+        raise ValueError(f"export_features: {len(y)} labels for {len(x)} examples")
+    out.mkdir(parents=True, exist_ok=True)
+    dst = out / name
+    tmp = out / f".{name}.tmp"
+    n_out = model.sizes[k]
+    fields = [pa.field("features", pa.list_(pa.float32(), n_out))] + \
+        ([pa.field("y", pa.int64())] if y is not None else [])
+    try:
+        with pq.ParquetWriter(tmp, pa.schema(fields), write_page_checksum=True) as writer:
+            for i in range(0, len(x), batch_size):
+                f = np.ascontiguousarray(model.features(x[i:i + batch_size], k), dtype=np.float32)
+                cols = [pa.FixedSizeListArray.from_arrays(pa.array(f.reshape(-1)), n_out)]
+                if y is not None:
+                    cols.append(pa.array(np.asarray(y[i:i + batch_size], dtype=np.int64)))
+                writer.write_table(pa.Table.from_arrays(cols, schema=pa.schema(fields)))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dst)
+    return dst
+
+
 def export_features(
     model: Model | str | os.PathLike,
     inputs: str | os.PathLike | Iterable[str | os.PathLike],
@@ -397,14 +455,7 @@ def export_features(
             raise ValueError(f"export_features: inputs {by_name[Path(src).name]} and {src} would both be "
                              f"written to {out / Path(src).name}; export them to separate directories")
         by_name[Path(src).name] = Path(src)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"export_features: out_dir {out} is a file, not a directory")
-    others = sorted(p.name for p in out.glob("*.parquet") if p.name not in by_name) if out.is_dir() else []
-    if others:
-        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        raise ValueError(f"export_features: out_dir {out} already holds {len(others)} other Parquet file(s) "
-                         f"({shown}), which a reader of the directory would mix with these features; write "
-                         "them to an empty or new directory")
+    _check_out_dir(out, set(by_name))
     k = model.layer_index(layer)  # a bad layer is refused before anything is written
     schemas = {}
     for src in sources:

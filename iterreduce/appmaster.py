@@ -840,6 +840,14 @@ class AppMaster:
             info = self._workers.get(worker_id)
             if info is None:
                 return {"accepted": False, "message": "not registered", "stop": True}
+            if stage not in ("setup", "compute"):
+                raise _refused("REJECTED", f"fail from worker {worker_id}: stage {stage[:40]!r} is neither "
+                                           "setup nor compute")
+            # a worker computes only the master's superstep, and sets up for it or an earlier one
+            if self._state == "RUNNING" and not (0 <= superstep <= self._superstep
+                                                 and (stage == "setup" or superstep == self._superstep)):
+                raise _refused("STALE_SUPERSTEP", f"fail from worker {worker_id} {when}: the job is at superstep "
+                                                  f"{self._superstep}")
             log.error("worker %s (container %s, split %d) failed %s: %s\n%s", worker_id,
                       info.container_id, info.split, when, _peer_text(error), _indented(traceback))
             why = ("this fails the job at once: a replacement worker would fail the same way (it reads the same "

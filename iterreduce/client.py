@@ -241,10 +241,11 @@ def build_spec(job: JobSpec, token_file: str, job_file: str, resume: bool = Fals
         resources=skein.Resources(memory=job.workers.resources.memory_mb, vcores=job.workers.resources.vcores),
         # skein tells a container's exit code to no one ("Container failed during execution"): a
         # worker killed by a signal (or exiting with a code of its own) has it recorded for the
-        # master; 1-3 are the worker's own (a failure it reported, master lost, job aborted)
+        # master; 1 is a failure the worker reported itself (or Python's own error exit), 2 a
+        # worker that lost the master (no one to tell), 3 one that stopped itself (recorded too)
         files=files, env={**env, **threads(job.workers.resources.vcores)},
         script=f"{python} -m iterreduce.worker\nrc=$?\n"
-               f"if [ $rc -gt 3 ]; then {python} -m iterreduce.worker --exited $rc; fi\nexit $rc",
+               f"if [ $rc -gt 2 ]; then {python} -m iterreduce.worker --exited $rc; fi\nexit $rc",
     )
     return skein.ApplicationSpec(
         name=job.name, queue=job.yarn.queue, tags=set(job.yarn.tags) | {"iterreduce"},

@@ -59,7 +59,12 @@ def exit_reason(code: int, yarn: bool = False) -> str:
         how = f"exited with code {code} (killed by {name})" if code > 0 else f"was killed by {name}"
         return how + (": out of memory (the kernel's OOM killer), or killed by hand"
                       if sig == signal.SIGKILL else "")
-    return f"exited with code {code}"
+    return f"exited with code {code}" + _WORKER_CODES.get(code, "")
+
+
+# the worker's own codes (iterreduce.worker's EXIT_MASTER_LOST, EXIT_ABORTED), in words
+_WORKER_CODES = {2: " (it lost the master: no answer from it)",
+                 3: " (it stopped itself: the job was ending, or the master no longer knew it)"}
 
 
 # YARN's words (ContainersMonitorImpl, the schedulers) and skein's (which gives YARN's text for
@@ -122,18 +127,42 @@ ENV_PARENT = "ITERREDUCE_PARENT_PID"  # local workers: die when this process (th
 
 
 def die_with_parent() -> None:
-    """In a local worker: get SIGKILL when the master process dies, so a killed master leaves
-    no orphans. Done by the worker itself (not in a fork hook: the master may run threads,
-    gRPC's among them, that a Python hook between fork and exec can deadlock or crash)."""
+    """In a local worker: exit when the master process dies, so a killed master leaves no
+    orphans, and say so in the worker's log (exit code 2, the master lost). Done by the worker
+    itself (not in a fork hook: the master may run threads, gRPC's among them, that a Python
+    hook between fork and exec can deadlock or crash).
+
+    The kernel sends SIGUSR2 when the master dies (PR_SET_PDEATHSIG); its C-level handler
+    writes to a wakeup pipe at once, which a thread waits on: the worker then ends within
+    moments even while its main thread is in a long numpy call, which a Python signal handler
+    would wait for. Without prctl (not Linux), SIGKILL from nowhere: the worker finds the
+    master gone by its heartbeats instead."""
     parent = os.environ.get(ENV_PARENT)
     if not parent:
         return
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.signal(signal.SIGUSR2, lambda *_: None)  # the pipe does the work
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while True:
+            got = os.read(r, 64)
+            if not got or signal.SIGUSR2 in got:
+                break
+        when = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(2, f"{when} ERROR iterreduce: the master (pid {parent}) died: this worker exits\n".encode())
+        os._exit(2)
+
+    threading.Thread(target=watch, name="master-death", daemon=True).start()
+    if libc.prctl(1, signal.SIGUSR2) != 0:  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGKILL)
     if os.getppid() != int(parent):  # the master died before prctl
+        os.write(2, f"iterreduce: the master (pid {parent}) died before this worker started: exiting\n".encode())
         os._exit(2)
 
 

@@ -694,6 +694,16 @@ def test_dbn_command_uses_a_saved_model(tmp_path):
     r = dbn_cmd("features", tmp_path / "m.avro", tmp_path / "pq", tmp_path / "f", "--layer", "2")
     assert r.returncode == 0, r.stderr
     assert pq.read_table(tmp_path / "f").schema.field("features").type == pa.list_(pa.float32(), 15)
+    # the IDX files give the same features, and the labels as y, in one file named after the images
+    r = dbn_cmd("features", tmp_path / "m.avro", tmp_path / "img-idx3-ubyte", tmp_path / "fi", "--layer", "2",
+                "--labels", tmp_path / "lab-idx1-ubyte")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "fi").iterdir()) == ["img-idx3-ubyte.parquet"]
+    ti, tp = pq.read_table(tmp_path / "fi"), pq.read_table(tmp_path / "f")
+    assert ti.column_names == ["features", "y"] and ti.column("y").to_pylist() == y.tolist()
+    assert ti.column("features").to_pylist() == tp.column("features").to_pylist()
+    r = dbn_cmd("features", tmp_path / "m.avro", tmp_path / "img-idx3-ubyte", tmp_path / "f")  # holds others
+    assert r.returncode == 1 and "already holds 2 other Parquet file(s)" in r.stderr, r.stderr
     r = dbn_cmd("info", tmp_path / "m.avro")
     assert "classifier, layers 784-20-15-10" in r.stdout and "test_error=0.5" in r.stdout
     # mistakes: one line, no traceback
@@ -701,7 +711,11 @@ def test_dbn_command_uses_a_saved_model(tmp_path):
                       (("evaluate", tmp_path / "pq" / "part-00000.parquet", tmp_path / "pq"), "not a DBN model"),
                       (("features", tmp_path / "m.avro", tmp_path / "pq", tmp_path / "g", "--layer", "3"),
                        "layer 3 out of range"),
-                      (("evaluate", tmp_path / "m.avro", tmp_path / "img-idx3-ubyte"), "has no labels")]:
+                      (("evaluate", tmp_path / "m.avro", tmp_path / "img-idx3-ubyte"), "has no labels"),
+                      (("features", tmp_path / "m.avro", tmp_path / "pq", tmp_path / "h", "--labels",
+                        tmp_path / "lab-idx1-ubyte"), "--labels goes with an IDX images file"),
+                      (("features", tmp_path / "m.avro", tmp_path / "img-idx3-ubyte", tmp_path / "h", "--labels",
+                        tmp_path / "img-idx3-ubyte"), "is not a labels file: it holds an array of shape (40, 28, 28)")]:
         r = dbn_cmd(*args)
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 

@@ -368,7 +368,7 @@ def test_containers_get_blas_threads_from_their_vcores_unless_yarn_env_says_and_
     # the worker's exit code reaches the master even when a signal ends it (skein only says "failed")
     python = "'/opt/my python/bin/python3'"
     assert worker.script == (f"{python} -m iterreduce.worker\nrc=$?\n"
-                             f"if [ $rc -gt 3 ]; then {python} -m iterreduce.worker --exited $rc; fi\nexit $rc")
+                             f"if [ $rc -gt 2 ]; then {python} -m iterreduce.worker --exited $rc; fi\nexit $rc")
     # run it with a python that SIGKILLs itself, and shows how it is called the second time
     fake = "python3 -c 'import os, sys; print(sys.argv[1:]) if \"--exited\" in sys.argv else os.kill(os.getpid(), 9)'"
     run = subprocess.run(["bash", "-c", worker.script.replace(python, fake)], capture_output=True, text=True)

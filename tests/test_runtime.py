@@ -139,6 +139,7 @@ def test_exit_codes_are_told_in_words_as_yarn_and_local_processes_give_them():
     assert exit_reason(143, yarn=True) == "exited with code 143 (killed by SIGTERM)"
     assert yarn_exit_code("FAILED", "") == 1 and yarn_exit_code("SUCCEEDED", "Exit code: 3") == 0
     assert exit_reason(1, yarn=True) == exit_reason(1) == "exited with code 1"
+    assert exit_reason(2, yarn=True) == "exited with code 2 (it lost the master: no answer from it)"
     assert exit_reason(-15) == "was killed by SIGTERM" and exit_reason(-9).startswith("was killed by SIGKILL")
     # skein's words: its own for a memory kill (with YARN's figures when it finds them), YARN's for others
     assert yarn_exit_code("FAILED", "Container killed by YARN for exceeding memory limits") == -104
@@ -373,6 +374,9 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, dataset, base
     assert not workers_of(master_pid), "workers outlived their killed master"
     first_logs = {p.name: p.read_bytes() for p in (out / "logs").glob("local_*.log")}
     assert sorted(first_logs) == ["local_0001.log", "local_0002.log"]
+    for name, text in first_logs.items():  # each says why it ended
+        assert text.rstrip().endswith(f"ERROR iterreduce: the master (pid {master_pid}) died: this worker "
+                                      "exits".encode()), (name, text[-300:])
     res = cli("status", str(out))  # its marker is there, its process is not
     assert res.returncode != 0 and f"{out}: the run after superstep " in res.stderr, res.stderr
     assert "ended without a result (its process was killed?); `iterreduce run --resume JOB_FILE` continues" \
@@ -576,6 +580,17 @@ def test_a_repeated_push_keeps_the_first_complete_waits_for_the_end_and_peer_tex
         assert err.value.code == "REJECTED" and "the job is RUNNING, not done" in str(err.value)
         assert right.call("complete", worker_id="intruder")["accepted"] is False
         assert w0 in j.am._workers
+        # a failure where no worker can be: refused, the worker kept
+        for step, stage, code, words in ((7, "compute", "STALE_SUPERSTEP", "fail from worker %s at superstep 7: the "
+                                          "job is at superstep 2"), (1, "compute", "STALE_SUPERSTEP", "at superstep 1:"),
+                                         (3, "setup", "STALE_SUPERSTEP", "in setup (before superstep 3)"),
+                                         (2, "lunch", "REJECTED", "stage 'lunch' is neither setup nor compute")):
+            with pytest.raises(ipc.RemoteError) as err:
+                right.call("fail", worker_id=w0, superstep=step, error="RuntimeError: x", traceback="",
+                           fatal=True, stage=stage)
+            assert err.value.code == code and (words.replace("%s", w0) if "%s" in words else words) \
+                in str(err.value), str(err.value)
+        assert w0 in j.am._workers and j.am._state == "RUNNING"
         # a failure's text is the peer's: a newline in it does not make a log line of its own
         right.call("fail", worker_id=w0, superstep=2, error="RuntimeError: boom\nINFO job succeeded",
                    traceback="Traceback (most recent call last):\nINFO forged too\n", fatal=False, stage="compute")

@@ -106,7 +106,11 @@ class Update:
     def __post_init__(self) -> None:  # made uniform here, or refused naming what is wrong
         for name, a in list(self.arrays.items()):
             if not isinstance(a, np.ndarray):  # a numpy scalar (x.sum()), a list
-                a = self.arrays[name] = np.asarray(a)
+                try:
+                    a = self.arrays[name] = np.asarray(a)
+                except (ValueError, TypeError) as exc:  # a ragged list, say
+                    raise TypeError(f"Update.arrays[{name!r}]: {type(a).__name__} {a!r:.60} is not an array "
+                                    f"({exc})") from None
             if a.dtype.hasobject or a.dtype.kind not in "biufcmMSU" or a.dtype.fields is not None:
                 raise TypeError(f"Update.arrays[{name!r}]: arrays of {a.dtype} cannot be sent (numbers, "
                                 "booleans, dates and fixed-width strings can)")
@@ -118,6 +122,8 @@ class Update:
                              f"its weight in weighted_average), got {self.num_samples!r}")
         self.num_samples = int(n)
         for name, v in list(self.metrics.items()):
+            if isinstance(v, np.ndarray) and v.size == 1 and v.dtype.kind in "biuf":  # x.mean(keepdims)...
+                v = v.reshape(()).item()
             if not isinstance(v, (int, float, np.integer, np.floating, np.bool_)):
                 raise TypeError(f"Update.metrics[{name!r}] must be a number, got {type(v).__name__} {v!r}")
             self.metrics[name] = float(v)
@@ -286,7 +292,8 @@ class Master:
     @classmethod
     def input_columns(cls, params: dict[str, Any]) -> list[str] | None:
         """The input columns the workers read (with ``ctx.read_table``), when the master knows
-        them. ``validate``, ``run`` and ``submit`` then refuse, before anything starts, an input
+        them; ``params`` are ones :meth:`check_params` accepted (it is not asked of refused
+        ones). ``validate``, ``run`` and ``submit`` then refuse, before anything starts, an input
         file that lacks one of them, or that holds one with a type the other files' cannot be
         read as (string beside double; int32 beside int64 is fine). Other columns may differ
         from file to file. The default, None, says nothing: a column whose types differ is

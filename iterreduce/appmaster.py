@@ -483,7 +483,8 @@ class AppMaster:
                 self._finish(nxt)
                 return
             if step + 1 >= self.job.max_supersteps:
-                raise JobFailed(f"the job reached max_supersteps ({self.job.max_supersteps}) without a final result")
+                raise JobFailed(f"the job reached max_supersteps ({self.job.max_supersteps}) without a final result "
+                                "(Master.combine returns a Final to end the job)")
             with self._cond:
                 self._pushes = {}
                 self._superstep = step + 1
@@ -537,7 +538,8 @@ class AppMaster:
                              f"succeeded after {replaced} worker replacement{'s' if replaced > 1 else ''}")
             self._cond.notify_all()
         self._write_metrics(final)
-        log.info("job %s succeeded after %d supersteps%s", self.job.name, self._superstep + 1,
+        log.info("job %s succeeded after %d superstep%s%s", self.job.name, self._superstep + 1,
+                 "" if self._superstep == 0 else "s",
                  f" and {replaced} worker replacement{'s' if replaced > 1 else ''}" if replaced else "")
         # let workers learn DONE and exit by themselves
         deadline = time.monotonic() + max(3 * self.job.heartbeat.interval, 3.0)
@@ -816,6 +818,8 @@ class AppMaster:
                 raise ipc.RemoteError("BAD_UPDATE", f"update from {where} rejected: {bad}")
             self._pushes[info.split] = u
             info.superstep = step + 1
+            log.debug("took the update of %s: %d samples, %d bytes, %d of %d splits in", where, u.num_samples,
+                      u.nbytes(), len(self._pushes), len(self._splits))
             self._cond.notify_all()
         return {"accepted": True, "message": "", "stop": False}
 

@@ -12,12 +12,20 @@ import time
 
 import click
 
+from .containers import ENV_LOG_LEVEL
 from .job import JobError, is_uri, load_job
 
 
+VERBOSE_HELP = ("Debug lines too: each worker update as the master takes it, each worker's fetch and push "
+                "(local workers' logs), the client's retries.")
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if verbose:  # iterreduce's own debug lines (not every library's), in local workers too
+        logging.getLogger("iterreduce").setLevel(logging.DEBUG)
+        os.environ[ENV_LOG_LEVEL] = "DEBUG"
 
 
 def _load(path: str, algorithm: bool = True):
@@ -55,9 +63,9 @@ def main() -> None:
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 def validate(job_file: str) -> None:
-    """Check JOB_FILE without running it: fields, algorithm and its params, input splits."""
+    """Check JOB_FILE without running it: fields, algorithm and its params, input splits, output."""
     from .appmaster import JobFailed, check_algorithm
-    from .client import SubmitError, check_input
+    from .client import SubmitError, check_input, check_output_place
     from .job import errors_text
 
     try:
@@ -66,11 +74,12 @@ def validate(job_file: str) -> None:
         later = "" if "cannot read the job file" in str(exc) else \
             "\n(the input and the algorithm are checked once the fields are right)"
         raise click.ClickException(f"{exc}{later}") from None
-    errors = []  # the algorithm and the input: each said, not only the first
+    errors = []  # the algorithm, the input and the output: each said, not only the first
     splits = []
-    for check in (check_algorithm, check_input):
+    for check in (check_algorithm, check_input, check_output_place):
         try:
-            splits = check(job) or splits
+            # params the algorithm refused are not given to its input_columns
+            splits = (check(job, columns=not errors) if check is check_input else check(job)) or splits
         except (JobFailed, SubmitError) as exc:
             errors.extend(getattr(exc, "errors", None) or [str(exc).removeprefix(f"{job.source}: ")])
     if errors:
@@ -97,7 +106,7 @@ def validate(job_file: str) -> None:
 @click.option("--workers", type=int, default=None, help="Override workers.count.")
 @click.option("--output", default=None,
               help="Override the output path (a relative one is taken from the current directory).")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP)
 def run(job_file: str, resume: bool, workers: int | None, output: str | None, verbose: bool) -> None:
     """Run JOB_FILE here: the master in this process, the workers as local processes."""
     try:
@@ -145,7 +154,7 @@ def _run(job_file: str, resume: bool, workers: int | None, output: str | None, v
                    err=True)
         sys.exit(128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT))
     status = am.status()
-    steps = f"{status['superstep'] + 1} supersteps"
+    steps = _supersteps(status['superstep'] + 1)
     if status["message"].startswith("had already succeeded"):
         click.echo(f"job {job.name} had already succeeded after {steps}: nothing to resume (run without --resume "
                    f"to run it again); results in {job.output}")
@@ -153,6 +162,10 @@ def _run(job_file: str, resume: bool, workers: int | None, output: str | None, v
         n = status.get("replacements", 0)
         replaced = f" and {n} worker replacement{'s' if n > 1 else ''}" if n else ""
         click.echo(f"job {job.name} succeeded after {steps}{replaced}; results in {job.output}")
+
+
+def _supersteps(n) -> str:
+    return f"{n} superstep{'' if n == 1 else 's'}"
 
 
 def _resume_hint(job, job_file: str, workers: int | None = None, output: str | None = None) -> str:
@@ -169,8 +182,9 @@ def _resume_hint(job, job_file: str, workers: int | None = None, output: str | N
     except Exception:  # noqa: BLE001 - only a hint
         steps = None
     if steps == []:
-        return (f"It had written no checkpoint yet: `iterreduce run {job_file}` starts it again from the "
-                "beginning.")
+        why = ("It writes no checkpoints (checkpoint.every is 0)" if job.checkpoint.every == 0
+               else "It had written no checkpoint yet")
+        return f"{why}: `iterreduce run {job_file}` starts it again from the beginning."
     at = f" (superstep {max(steps)})" if steps else ""
     return f"`iterreduce run --resume {job_file}` continues it from its last checkpoint{at}."
 
@@ -237,7 +251,7 @@ def _skein_client(verbose: bool = False):
 @click.option("--skip-resource-check", is_flag=True,
               help="Submit even when the ResourceManager says the queue does not exist or the containers "
                    "cannot all run.")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP)
 def submit(job_file: str, wait: bool, resume: bool, skip_resource_check: bool, verbose: bool) -> None:
     """Submit JOB_FILE to YARN; print the application id."""
     from .client import SubmitError
@@ -256,7 +270,7 @@ def submit(job_file: str, wait: bool, resume: bool, skip_resource_check: bool, v
 
             what, step = check_resume(job)
             if what == "done":
-                click.echo(f"job {job.name} had already succeeded after {step} supersteps: nothing to resume "
+                click.echo(f"job {job.name} had already succeeded after {_supersteps(step)}: nothing to resume "
                            f"(submit without --resume to run it again); results in {job.output}")
                 return
             click.echo(f"resuming from the checkpoint at superstep {step} under {job.checkpoint_path}" if step
@@ -304,7 +318,8 @@ def _follow(app_id: str, client) -> None:
                    "when it does not succeed.")
 def status(app_id: str, follow: bool) -> None:
     """The state, progress and live superstep of application APP_ID, or of the run that writes
-    to the output directory OUTPUT (a local run's, or a YARN application's)."""
+    to the output directory OUTPUT (a local run's, or a YARN application's). Exit status 0
+    when it can tell the state, whatever that is; with -f, 1 when the job does not succeed."""
     if not re.match(r"^application_\d+_\d+$", app_id):
         app_id = _output_status(app_id, follow)
         if app_id is None:
@@ -403,10 +418,13 @@ def _output_status(uri: str, follow: bool) -> str | None:
     final = run["final"]
     if final is None:
         step = f" after superstep {run['records'][-1].get('superstep')}" if run["records"] else ""
-        raise click.ClickException(f"{uri}: the run{step} ended without a result (its process was killed?); "
-                                   "`iterreduce run --resume JOB_FILE` continues it from its last checkpoint, "
-                                   "if it wrote one")
-    text = (f"{uri}: job {final.get('job')}: {final.get('state')} after {final.get('supersteps')} supersteps"
+        text = (f"{uri}: the run{step} ended without a result (its process was killed?); `iterreduce run "
+                "--resume JOB_FILE` continues it from its last checkpoint, if it wrote one")
+        if follow:
+            raise click.ClickException(text)
+        click.echo(text)
+        return None
+    text = (f"{uri}: job {final.get('job')}: {final.get('state')} after {_supersteps(final.get('supersteps'))}"
             + (f": {final['message']}" if final.get("message") and final.get("state") != "SUCCEEDED" else ""))
     if final.get("state") != "SUCCEEDED" and follow:
         raise click.ClickException(text)

@@ -56,7 +56,7 @@ class Progress:
             if key != self._last_line:
                 self._last_line = key
                 parts = [f"{status['state']} {status_text(status)}", status["phase"],
-                         _metrics_text(status["metrics"])]
+                         _metrics_text(status["metrics"], None)]
                 if status.get("replacements"):
                     parts.append(f"{status['replacements']} worker(s) replaced")
                 if (status.get("attempt") or 1) > 1:  # YARN's next ApplicationMaster attempt, resumed
@@ -93,8 +93,11 @@ def status_text(status: dict[str, Any]) -> str:
     return superstep_text(done, status.get("total"), step)
 
 
-def _metrics_text(metrics: dict[str, float], n: int = 3) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:n])
+def _metrics_text(metrics: dict[str, float], n: int | None = 3) -> str:
+    """The first ``n`` metrics (None: all), and how many more there are."""
+    items = list(metrics.items())
+    more = f" (+{len(items) - n} more)" if n is not None and len(items) > n else ""
+    return " ".join(f"{k}={v:.4g}" for k, v in items[:n]) + more
 
 
 class _AboveBar:
@@ -280,19 +283,20 @@ def check_submission(job: JobSpec, resources: bool = True) -> None:
     check_output(job)
 
 
-def check_input(job: JobSpec) -> list:
+def check_input(job: JobSpec, columns: bool = True) -> list:
     """The input exists and makes ``workers.count`` splits, and holds the columns the master
-    says its workers read (when it can be imported here), or :class:`SubmitError`. Returns
-    the splits (:func:`~iterreduce.fs.plan_splits`)."""
+    says its workers read (when it can be imported here; not asked without ``columns``: when
+    its params were refused), or :class:`SubmitError`. Returns the splits
+    (:func:`~iterreduce.fs.plan_splits`)."""
     from .appmaster import input_columns
     from .fs import InputError, plan_splits
 
     try:
-        columns = input_columns(None, job)
+        read = input_columns(None, job) if columns else None
     except JobFailed as exc:
         raise SubmitError(str(exc)) from None
     try:
-        return plan_splits(job.input.paths, job.workers.count, columns)
+        return plan_splits(job.input.paths, job.workers.count, read)
     except InputError as exc:
         # "input: path /data: does not exist", not "input: input path /data: ..." ("input file" stays,
         # as in the workers' messages about a record)
@@ -321,6 +325,39 @@ def check_output(job: JobSpec) -> None:
             raise SubmitError(f"{job.source}: {what}: cannot create {uri}: "
                               f"{type(exc).__name__}: {_first_line(exc)}") from None
     check_not_in_use(job)
+
+
+def check_output_place(job: JobSpec) -> None:
+    """What :func:`check_output` checks without making anything (for ``validate``): the output
+    directory, and the checkpoint directory, are directories or can be made (no file there or
+    above them), or :class:`SubmitError`."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+
+    from .fs import filesystem
+
+    places = [("output", job.output)] + ([("checkpoint.path", job.checkpoint.path)] if job.checkpoint.path else [])
+    for what, uri in places:
+        try:
+            fs, path = filesystem(uri)
+            at = path.rstrip("/") or "/"
+            while True:
+                kind = fs.get_file_info(at).type
+                if kind == pafs.FileType.Directory:
+                    break
+                if kind != pafs.FileType.NotFound:
+                    where = "is a file" if at == (path.rstrip("/") or "/") else f"cannot be made: {at} is a file"
+                    raise SubmitError(f"{job.source}: {what}: {uri} {where}, not a directory")
+                parent = posixpath.dirname(at)
+                if not parent or parent == at:
+                    break
+                at = parent
+        except SubmitError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a filesystem that does not answer
+            raise SubmitError(f"{job.source}: {what}: cannot look at {uri}: {type(exc).__name__}: "
+                              f"{_first_line(exc)}") from None
 
 
 def check_not_in_use(job: JobSpec) -> None:

@@ -123,6 +123,7 @@ class Launcher:
         return set()
 
 
+ENV_LOG_LEVEL = "ITERREDUCE_LOG_LEVEL"  # DEBUG: a local worker logs iterreduce's debug lines (`run -v`)
 ENV_PARENT = "ITERREDUCE_PARENT_PID"  # local workers: die when this process (the master) dies
 
 

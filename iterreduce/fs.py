@@ -234,10 +234,22 @@ def _check_columns(schemas: dict[str, pa.Schema], columns: Sequence[str] | None)
                 entry = by_col.setdefault(fld.name, {}).setdefault(str(fld.type), (fld.type, []))
                 entry[1].append(f)
     problems = []
+    nowhere = []  # a column no file has: a misnamed column, not files that differ
     for col in columns or ():
         lacking = [f for f, schema in schemas.items() if schema.get_field_index(col) < 0]
-        if lacking:
+        if lacking and len(lacking) == len(schemas):
+            nowhere.append(col)
+        elif lacking:
             problems.append(f"column {col!r}, which the algorithm reads, is not in {_some(lacking)}")
+    if nowhere:
+        from .job import closest_match
+
+        have = list(dict.fromkeys(n for schema in schemas.values() for n in schema.names))
+        hints = [f"{c!r} (is it {m!r}?)" if (m := closest_match(c, have)) else repr(c) for c in nowhere]
+        shown = ", ".join(have[:12]) + (f" and {len(have) - 12} more" if len(have) > 12 else "")
+        raise InputError(f"{'column' if len(nowhere) == 1 else 'columns'} {', '.join(hints)}, which the "
+                         f"algorithm reads, {'is' if len(nowhere) == 1 else 'are'} in none of the "
+                         f"{len(schemas)} input file(s); their columns: {shown}")
     for col, types in by_col.items():
         if len(types) < 2:
             continue

@@ -73,9 +73,12 @@ def parse_memory(value: Any, where: str) -> int:
 
 
 def closest_match(word: str, candidates: Any) -> str | None:
-    """The candidate ``word`` is most likely a misspelling of (difflib, ratio >= 0.6), or None.
+    """The candidate ``word`` is most likely a misspelling of (the same but for case, else
+    difflib's ratio >= 0.6), or None.
     Used for every did-you-mean hint, the job file's and algorithms' parameters alike."""
-    close = difflib.get_close_matches(str(word), sorted(str(c) for c in candidates), n=1, cutoff=0.6)
+    names = sorted(str(c) for c in candidates)
+    same = [c for c in names if c.casefold() == str(word).casefold()]  # 'X' for 'x': too short for difflib
+    close = same or difflib.get_close_matches(str(word), names, n=1, cutoff=0.6)
     return close[0] if close else None
 
 

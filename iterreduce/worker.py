@@ -23,7 +23,8 @@ from typing import Any
 
 from . import ipc
 from .api import Final, Update, Worker, WorkerContext, failed_when, update_from_avro, update_to_avro
-from .containers import ENV_CONTAINER, ENV_MASTER, ENV_SPLIT, ENV_TOKEN_FILE, KV_MASTER_URL, die_with_parent
+from .containers import (ENV_CONTAINER, ENV_LOG_LEVEL, ENV_MASTER, ENV_SPLIT, ENV_TOKEN_FILE, KV_MASTER_URL,
+                         die_with_parent)
 from .fs import FilePiece, InputError
 from .job import JobSpec
 
@@ -91,6 +92,7 @@ class WorkerRunner:
                 worker.setup(ctx)
             except Exception as exc:  # noqa: BLE001 - reported, as below, but as a failure of setup
                 return self._failed(exc, step, stage="setup")
+            waited = time.monotonic()
             while not self._stop_requested:
                 r = self._call("fetch", worker_id=self.worker_id, superstep=step, wait_ms=2000)
                 status = r["status"]
@@ -106,6 +108,8 @@ class WorkerRunner:
                 self._superstep = step
                 self._progress = (0.0, "")
                 t0 = time.monotonic()
+                log.debug("superstep %d: the master's update (%d array(s)) after %.2f s of waiting", step,
+                          len(r["update"]["arrays"]), t0 - waited)
                 out = worker.compute(update_from_avro(r["update"]), step, ctx)
                 if not isinstance(out, Update) or isinstance(out, Final):
                     got = ("a Final (only Master.combine ends the job)" if isinstance(out, Final)
@@ -126,7 +130,9 @@ class WorkerRunner:
                     raise
                 log.info("superstep %d: computed in %.2f s on %d samples", step, time.monotonic() - t0,
                          out.num_samples)
+                log.debug("superstep %d: pushed %d bytes in %d array(s)", step, out.nbytes(), len(out.arrays))
                 step += 1
+                waited = time.monotonic()
             log.warning("the master told this worker to stop")
             return EXIT_ABORTED
         except MasterLost:
@@ -236,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
 
     die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.environ.get(ENV_LOG_LEVEL, "").upper() == "DEBUG":
+        logging.getLogger("iterreduce").setLevel(logging.DEBUG)
     # --container and --split repeat the environment's, so that `ps` shows which worker is which
     parser = argparse.ArgumentParser(prog="iterreduce-worker")
     parser.add_argument("--container", default=None)

@@ -208,6 +208,42 @@ def test_cli_validate_accepts_good_and_refuses_bad(tmp_path):
     assert res.returncode != 0 and "9 splits" in res.stderr, res.stderr
 
 
+def test_cli_validate_names_an_output_that_cannot_be_made_and_asks_no_columns_of_refused_params(tmp_path):
+    write_dataset(tmp_path / "data" / "train")
+    (tmp_path / "afile").write_text("")
+    for out, ck, words in (("afile", None, "output: {p}/afile is a file, not a directory"),
+                           ("out/run", "afile/ck", "checkpoint.path: {p}/afile/ck cannot be made: {p}/afile is a "
+                                                   "file, not a directory")):
+        job = write(tmp_path, GOOD.replace("output: out/run", f"output: {out}").replace(
+            "checkpoint: {every: 2}", f"checkpoint: {{every: 2, path: {ck}}}" if ck else "checkpoint: {every: 2}"))
+        res = iterreduce("validate", str(job))
+        assert res.returncode == 1 and words.format(p=tmp_path) in res.stderr, res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "data", "job.yaml"]  # nothing made
+    # an algorithm whose params are refused is not asked which columns they make it read
+    (tmp_path / "cols.py").write_text(textwrap.dedent("""
+        from tests.algos import LinRegMaster
+
+        class ColsMaster(LinRegMaster):
+            @classmethod
+            def check_params(cls, params):
+                if "columns" not in params:
+                    raise ValueError("algorithm.params.columns: missing")
+
+            @classmethod
+            def input_columns(cls, params):
+                return params["columns"]
+        """))
+    job = write(tmp_path, GOOD.replace("tests.algos:LinRegMaster", "cols:ColsMaster"))
+    res = iterreduce("validate", str(job))
+    assert res.returncode == 1 and "algorithm.params.columns: missing" in res.stderr, res.stderr
+    assert "input_columns" not in res.stderr and "KeyError" not in res.stderr, res.stderr
+    job = write(tmp_path, GOOD.replace("tests.algos:LinRegMaster", "cols:ColsMaster").replace(
+        "{supersteps: 4}", "{supersteps: 4, columns: [X, y]}"))
+    res = iterreduce("validate", str(job))
+    assert res.returncode == 1 and "input: column 'X' (is it 'x'?), which the algorithm reads, is in none of the 4 " \
+        "input file(s); their columns: x, y" in res.stderr, res.stderr
+
+
 def test_cli_run_names_a_bad_output_takes_output_from_the_working_directory_and_explains_ctrl_c(tmp_path):
     write_dataset(tmp_path / "data" / "train")
     job = write(tmp_path, GOOD)

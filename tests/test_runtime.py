@@ -103,12 +103,32 @@ def test_submit_wait_writes_a_line_per_superstep_counting_those_done():
                      "RUNNING superstep 2 (2/3 done) | epoch 3 | mse=0.3333",
                      "SUCCEEDED superstep 2 (3/3 done) | epoch 3 | mse=0.25 | 1 worker(s) replaced | attempt 2",
                      "FAILED superstep 0 (0/3 done) | starting"]
+    many = {f"m{i}": float(i) for i in range(5)}  # a line shows every metric; the bar three, and how many more
+    out = io.StringIO()
+    Progress(out, lines=True)({**status, "metrics": many})
+    assert out.getvalue().rstrip().endswith("| m0=0 m1=1 m2=2 m3=3 m4=4"), out.getvalue()
+    bar = Progress(io.StringIO())
+    bar.enabled = True
+    bar({**status, "metrics": many})
+    assert "| m0=0 m1=1 m2=2 (+2 more) |" in bar.bar, bar.bar
 
 
 def test_same_job_gives_the_same_model(tmp_path, dataset, baseline):
     again = make_job(tmp_path, dataset, "again")
     assert cli("run", str(again)).returncode == 0
     np.testing.assert_array_equal(result(again)["w"], result(baseline)["w"])
+
+
+def test_verbose_shows_each_update_on_the_master_and_each_fetch_and_push_in_the_workers_logs(tmp_path, dataset):
+    job = make_job(tmp_path, dataset, "verbose", supersteps=2)
+    res = cli("run", str(job), "-v")
+    assert res.returncode == 0, res.stderr
+    taken = re.findall(r"DEBUG iterreduce\.appmaster: took the update of worker \S+ \(container local_\d+, split "
+                       r"(\d)\) at superstep (\d): \d+ samples, 32 bytes, [12] of 2 splits in", res.stderr)
+    assert sorted(taken) == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")], res.stderr
+    log = (tmp_path / "verbose" / "logs" / "local_0001.log").read_text()
+    assert "DEBUG iterreduce.worker: superstep 1: pushed 32 bytes in 1 array(s)" in log, log
+    assert "DEBUG" not in cli("run", str(job)).stderr  # without -v: none
 
 
 def test_worker_killed_mid_superstep_is_replaced(tmp_path, dataset, baseline):
@@ -377,10 +397,12 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, dataset, base
     for name, text in first_logs.items():  # each says why it ended
         assert text.rstrip().endswith(f"ERROR iterreduce: the master (pid {master_pid}) died: this worker "
                                       "exits".encode()), (name, text[-300:])
-    res = cli("status", str(out))  # its marker is there, its process is not
-    assert res.returncode != 0 and f"{out}: the run after superstep " in res.stderr, res.stderr
+    res = cli("status", str(out))  # its marker is there, its process is not: a state told (exit 0)
+    assert res.returncode == 0 and f"{out}: the run after superstep " in res.stdout, res.stdout + res.stderr
     assert "ended without a result (its process was killed?); `iterreduce run --resume JOB_FILE` continues" \
-        in res.stderr
+        in res.stdout
+    res = cli("status", "-f", str(out))  # followed: it did not succeed
+    assert res.returncode == 1 and "ended without a result" in res.stderr, res.stdout + res.stderr
     res = cli("run", "--resume", str(job))
     assert res.returncode == 0, res.stderr
     assert "resumed from checkpoint" in res.stderr
@@ -665,6 +687,13 @@ def test_update_meta_must_be_a_json_object():
         with pytest.raises(TypeError, match="Update.meta must be a dict with string keys"):
             Update(meta=bad)
     assert Update(meta={"a": [1, 2]}).meta == {"a": [1, 2]}
+    with pytest.raises(TypeError, match=r"^Update\.arrays\['w'\]: list \[\[1, 2\], \[3\]\] is not an array \("):
+        Update(arrays={"w": [[1, 2], [3]]})  # ragged
+    # a metric that is one number in an array (x.mean(keepdims=True), np.array(1.)) is that number
+    u = Update(metrics={"sse": np.array(2.5), "n": np.array([[3]], np.int64)})
+    assert u.metrics == {"sse": 2.5, "n": 3.0} and all(type(v) is float for v in u.metrics.values())
+    with pytest.raises(TypeError, match=r"Update\.metrics\['v'\] must be a number, got ndarray"):
+        Update(metrics={"v": np.array([1.0, 2.0])})
 
 
 def test_progress_that_loses_its_terminal_stops_drawing_and_the_job_goes_on():

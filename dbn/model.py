@@ -393,6 +393,9 @@ def export_features_arrays(
     x = np.asarray(x).reshape(len(x), -1)
     if y is not None and len(y) != len(x):
         raise ValueError(f"export_features: {len(y)} labels for {len(x)} examples")
+    if x.shape[1] != model.sizes[0]:  # before anything is made
+        raise ValueError(f"export_features: the examples have {x.shape[1]} values each, the model takes "
+                         f"{model.sizes[0]}")
     out.mkdir(parents=True, exist_ok=True)
     dst = out / name
     tmp = out / f".{name}.tmp"

@@ -31,7 +31,7 @@ import numpy as np
 from . import ipc
 from .api import (Final, Master, MasterContext, Update, Worker, average_metrics, failed_when, json_text,
                   update_from_avro, update_to_avro)
-from .containers import Launcher
+from .containers import ENV_LOG_LEVEL, Launcher
 from .fs import Checkpoints, FilePiece, InputError, Output, plan_splits
 from .job import JobSpec, errors_text, is_uri
 
@@ -159,19 +159,22 @@ def check_algorithm(job: JobSpec, must_import: bool = True, check_paths: bool = 
             for exc in errors:
                 log.warning("%s: %s; its params will be checked by the ApplicationMaster", job.source, exc)
             return
-        raise JobFailed.of(job.source, [str(e) for e in errors])
+        failed = JobFailed.of(job.source, [str(e) for e in errors])
+        failed.params_not_accepted = True  # not checked at all
+        raise failed
     master = found["master"]
     try:
         master.check_params(job.algorithm.params)
-    except (ValueError, TypeError) as exc:
-        msg = str(exc)
-        if not msg.startswith("algorithm.params"):
-            msg = f"algorithm.params: {msg}"
-        raise JobFailed(f"{job.source}: {msg}") from None
-    except Exception as exc:  # a bug in check_params itself
-        raise JobFailed(f"{job.source}: algorithm.params: {master.__qualname__}.check_params raised "
-                        f"{type(exc).__name__}: {exc} (it should raise ValueError naming the field)\n"
-                        f"{traceback.format_exc()}") from None
+    except Exception as exc:  # noqa: BLE001 - refused (ValueError, TypeError), or a bug in check_params
+        if isinstance(exc, (ValueError, TypeError)):
+            msg = str(exc) if str(exc).startswith("algorithm.params") else f"algorithm.params: {exc}"
+            refused = JobFailed(f"{job.source}: {msg}")
+        else:
+            refused = JobFailed(f"{job.source}: algorithm.params: {master.__qualname__}.check_params raised "
+                                f"{type(exc).__name__}: {exc} (it should raise ValueError naming the field)\n"
+                                f"{traceback.format_exc()}")
+        refused.params_not_accepted = True  # input_columns is not asked of such params
+        raise refused from None
     from .fs import InputError, list_input_files
 
     params = job.algorithm.params
@@ -1120,6 +1123,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.environ.get(ENV_LOG_LEVEL, "").upper() == "DEBUG":  # submit -v, or yarn.env
+        logging.getLogger("iterreduce").setLevel(logging.DEBUG)
     with open(args.job) as f:
         job = JobSpec.from_json(f.read(), source=args.source or args.job)
     with open(args.token_file) as f:

@@ -17,7 +17,7 @@ from .job import JobError, is_uri, load_job
 
 
 VERBOSE_HELP = ("Debug lines too: each worker update as the master takes it, each worker's fetch and push "
-                "(local workers' logs), the client's retries.")
+                "(in the workers' logs; on YARN in the containers' logs), the client's retries.")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -76,12 +76,13 @@ def validate(job_file: str) -> None:
         raise click.ClickException(f"{exc}{later}") from None
     errors = []  # the algorithm, the input and the output: each said, not only the first
     splits = []
+    params_not_accepted = False  # then not given to the algorithm's input_columns
     for check in (check_algorithm, check_input, check_output_place):
         try:
-            # params the algorithm refused are not given to its input_columns
-            splits = (check(job, columns=not errors) if check is check_input else check(job)) or splits
+            splits = (check(job, columns=not params_not_accepted) if check is check_input else check(job)) or splits
         except (JobFailed, SubmitError) as exc:
             errors.extend(getattr(exc, "errors", None) or [str(exc).removeprefix(f"{job.source}: ")])
+            params_not_accepted = params_not_accepted or getattr(exc, "params_not_accepted", False)
     if errors:
         raise click.ClickException(errors_text(job.source, errors))
     yarn = ""
@@ -350,6 +351,8 @@ def status(app_id: str, follow: bool) -> None:
         return
     if r.diagnostics:
         click.echo(r.diagnostics.strip())
+    if follow and str(r.final_status) != "SUCCEEDED":  # it had ended: followed to an end it did not succeed
+        sys.exit(1)
 
 
 @main.command()

@@ -16,7 +16,7 @@ import time
 from typing import Any, TextIO
 
 from .appmaster import AppMaster, JobFailed
-from .containers import BLAS_THREAD_VARS, LocalLauncher
+from .containers import BLAS_THREAD_VARS, ENV_LOG_LEVEL, LocalLauncher
 from .job import JobSpec, is_uri
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,8 @@ def build_spec(job: JobSpec, token_file: str, job_file: str, resume: bool = Fals
             raise SubmitError(f"{job.source}: yarn.files: {path} does not exist")
     user_env = dict(job.yarn.env)
     env = {**user_env, "ITERREDUCE_TOKEN_FILE": "iterreduce.token", "PYTHONUNBUFFERED": "1"}
+    if os.environ.get(ENV_LOG_LEVEL) and ENV_LOG_LEVEL not in user_env:  # submit -v: debug lines in the containers
+        env[ENV_LOG_LEVEL] = os.environ[ENV_LOG_LEVEL]
     if os.environ.get("HADOOP_USER_NAME"):
         env["HADOOP_USER_NAME"] = os.environ["HADOOP_USER_NAME"]
 
@@ -244,11 +246,11 @@ def build_spec(job: JobSpec, token_file: str, job_file: str, resume: bool = Fals
         resources=skein.Resources(memory=job.workers.resources.memory_mb, vcores=job.workers.resources.vcores),
         # skein tells a container's exit code to no one ("Container failed during execution"): a
         # worker killed by a signal (or exiting with a code of its own) has it recorded for the
-        # master; 1 is a failure the worker reported itself (or Python's own error exit), 2 a
-        # worker that lost the master (no one to tell), 3 one that stopped itself (recorded too)
+        # master; 1-3 are the worker's own (a failure it reported, master lost, stopped by the
+        # master or replaced): the master has stopped caring for such a worker, none is recorded
         files=files, env={**env, **threads(job.workers.resources.vcores)},
         script=f"{python} -m iterreduce.worker\nrc=$?\n"
-               f"if [ $rc -gt 2 ]; then {python} -m iterreduce.worker --exited $rc; fi\nexit $rc",
+               f"if [ $rc -gt 3 ]; then {python} -m iterreduce.worker --exited $rc; fi\nexit $rc",
     )
     return skein.ApplicationSpec(
         name=job.name, queue=job.yarn.queue, tags=set(job.yarn.tags) | {"iterreduce"},

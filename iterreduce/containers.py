@@ -134,10 +134,12 @@ def die_with_parent() -> None:
     hook between fork and exec can deadlock or crash).
 
     The kernel sends SIGUSR2 when the master dies (PR_SET_PDEATHSIG); its C-level handler
-    writes to a wakeup pipe at once, which a thread waits on: the worker then ends within
-    moments even while its main thread is in a long numpy call, which a Python signal handler
-    would wait for. Without prctl (not Linux), SIGKILL from nowhere: the worker finds the
-    master gone by its heartbeats instead."""
+    writes to a wakeup pipe at once, which a thread waits on: the worker then ends even while
+    its main thread is in a long numpy call (which releases the GIL), which a Python signal
+    handler would wait for. A SIGUSR2 while the master lives is ignored. Algorithm code that
+    takes SIGUSR2 or the wakeup fd for itself (asyncio, faulthandler.register) turns this
+    off; the worker then finds the master gone by its heartbeats
+    (``heartbeat.master_timeout``), as it does where prctl is missing (not Linux)."""
     parent = os.environ.get(ENV_PARENT)
     if not parent:
         return
@@ -153,11 +155,15 @@ def die_with_parent() -> None:
     def watch() -> None:
         while True:
             got = os.read(r, 64)
-            if not got or signal.SIGUSR2 in got:
+            if not got:
                 break
-        when = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.write(2, f"{when} ERROR iterreduce: the master (pid {parent}) died: this worker exits\n".encode())
-        os._exit(2)
+            if signal.SIGUSR2 in got and os.getppid() != int(parent):  # a SIGUSR2 of someone else's: not this
+                break
+        try:
+            when = time.strftime("%Y-%m-%d %H:%M:%S")
+            os.write(2, f"{when} ERROR iterreduce: the master (pid {parent}) died: this worker exits\n".encode())
+        finally:  # a log that cannot be written (a full disk) does not keep the worker alive
+            os._exit(2)
 
     threading.Thread(target=watch, name="master-death", daemon=True).start()
     if libc.prctl(1, signal.SIGUSR2) != 0:  # PR_SET_PDEATHSIG

@@ -241,15 +241,16 @@ def _check_columns(schemas: dict[str, pa.Schema], columns: Sequence[str] | None)
             nowhere.append(col)
         elif lacking:
             problems.append(f"column {col!r}, which the algorithm reads, is not in {_some(lacking)}")
+    nowhere_text = ""
     if nowhere:
         from .job import closest_match
 
         have = list(dict.fromkeys(n for schema in schemas.values() for n in schema.names))
         hints = [f"{c!r} (is it {m!r}?)" if (m := closest_match(c, have)) else repr(c) for c in nowhere]
         shown = ", ".join(have[:12]) + (f" and {len(have) - 12} more" if len(have) > 12 else "")
-        raise InputError(f"{'column' if len(nowhere) == 1 else 'columns'} {', '.join(hints)}, which the "
-                         f"algorithm reads, {'is' if len(nowhere) == 1 else 'are'} in none of the "
-                         f"{len(schemas)} input file(s); their columns: {shown}")
+        nowhere_text = (f"{'column' if len(nowhere) == 1 else 'columns'} {', '.join(hints)}, which the "
+                        f"algorithm reads, {'is' if len(nowhere) == 1 else 'are'} in none of the "
+                        f"{len(schemas)} input file(s); their columns: {shown}")
     for col, types in by_col.items():
         if len(types) < 2:
             continue
@@ -271,6 +272,9 @@ def _check_columns(schemas: dict[str, pa.Schema], columns: Sequence[str] | None)
         (_, common, most), odd = groups[0], groups[1:]
         shown = "; ".join(f"{' or '.join(names)} in {_some(files)}" for _, names, files in odd)
         problems.append(f"column {col} is {shown}, where {len(most)} other file(s) have {' or '.join(common)}")
+    if nowhere_text:  # first, and with whatever else is wrong
+        raise InputError(nowhere_text + ("; and the input files' columns do not agree: " + "; ".join(problems)
+                                         if problems else ""))
     if problems and columns is not None:
         raise InputError("the input files' columns do not agree: " + "; ".join(problems))
     if problems:

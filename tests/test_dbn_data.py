@@ -704,6 +704,11 @@ def test_dbn_command_uses_a_saved_model(tmp_path):
     assert ti.column("features").to_pylist() == tp.column("features").to_pylist()
     r = dbn_cmd("features", tmp_path / "m.avro", tmp_path / "img-idx3-ubyte", tmp_path / "f")  # holds others
     assert r.returncode == 1 and "already holds 2 other Parquet file(s)" in r.stderr, r.stderr
+    with open(tmp_path / "small-idx3-ubyte", "wb") as f:  # 3x3 images for a 784-pixel model: nothing made
+        f.write(struct.pack(">IIII", 0x803, 2, 3, 3) + bytes(18))
+    r = dbn_cmd("features", tmp_path / "m.avro", tmp_path / "small-idx3-ubyte", tmp_path / "fs")
+    assert r.returncode == 1 and "the examples have 9 values each, the model takes 784" in r.stderr, r.stderr
+    assert not (tmp_path / "fs").exists()
     r = dbn_cmd("info", tmp_path / "m.avro")
     assert "classifier, layers 784-20-15-10" in r.stdout and "test_error=0.5" in r.stdout
     # mistakes: one line, no traceback

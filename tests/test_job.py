@@ -389,7 +389,8 @@ def test_submit_checks_algorithm_params_before_anything_else(tmp_path):
         check_submission(load_job(write(tmp_path, DBN_BAD)))
 
 
-def test_containers_get_blas_threads_from_their_vcores_unless_yarn_env_says_and_record_their_exit(tmp_path):
+def test_containers_get_blas_threads_from_their_vcores_unless_yarn_env_says_and_record_their_exit(tmp_path,
+                                                                                                   monkeypatch):
     from iterreduce.client import build_spec
 
     text = GOOD.replace("vcores: 1}", "vcores: 2}") + \
@@ -398,13 +399,18 @@ def test_containers_get_blas_threads_from_their_vcores_unless_yarn_env_says_and_
     (tmp_path / "job.json").write_text("{}")
     spec = build_spec(load_job(write(tmp_path, text)), str(tmp_path / "token"), str(tmp_path / "job.json"))
     worker, master = spec.services["worker"], spec.master
+    assert "ITERREDUCE_LOG_LEVEL" not in worker.env and "ITERREDUCE_LOG_LEVEL" not in master.env
+    monkeypatch.setenv("ITERREDUCE_LOG_LEVEL", "DEBUG")  # submit -v: the containers log debug lines too
+    verbose = build_spec(load_job(write(tmp_path, text)), str(tmp_path / "token"), str(tmp_path / "job.json"))
+    assert verbose.master.env["ITERREDUCE_LOG_LEVEL"] == verbose.services["worker"].env["ITERREDUCE_LOG_LEVEL"] \
+        == "DEBUG"
     assert (worker.env["OPENBLAS_NUM_THREADS"], worker.env["OMP_NUM_THREADS"], worker.env["MKL_NUM_THREADS"]) == \
         ("8", "2", "2")  # yarn.env wins; the rest follow workers.vcores
     assert (master.env["OPENBLAS_NUM_THREADS"], master.env["OMP_NUM_THREADS"]) == ("8", "1") and worker.env["A"] == "b"
     # the worker's exit code reaches the master even when a signal ends it (skein only says "failed")
     python = "'/opt/my python/bin/python3'"
     assert worker.script == (f"{python} -m iterreduce.worker\nrc=$?\n"
-                             f"if [ $rc -gt 2 ]; then {python} -m iterreduce.worker --exited $rc; fi\nexit $rc")
+                             f"if [ $rc -gt 3 ]; then {python} -m iterreduce.worker --exited $rc; fi\nexit $rc")
     # run it with a python that SIGKILLs itself, and shows how it is called the second time
     fake = "python3 -c 'import os, sys; print(sys.argv[1:]) if \"--exited\" in sys.argv else os.kill(os.getpid(), 9)'"
     run = subprocess.run(["bash", "-c", worker.script.replace(python, fake)], capture_output=True, text=True)

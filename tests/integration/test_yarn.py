@@ -527,6 +527,8 @@ def test_kill_stops_the_job_saying_so_and_submit_resume_finishes_it(hadoop_clust
     assert _am_jvm_pid(app_id) is None, "the ApplicationMaster outlived the stop"
     res = cli("status", app_id)
     assert res.returncode == 0 and res.stdout.startswith(f"{app_id} yarn-linreg: KILLED / KILLED"), res.stdout
+    followed = cli("status", "-f", app_id)  # followed to an end that is no success: exit status 1
+    assert followed.returncode == 1 and followed.stdout.startswith(f"{app_id} yarn-linreg: KILLED"), followed
     version = hadoop_cluster.rm_get("/ws/v1/cluster/info")["clusterInfo"]["hadoopVersion"]
     if int(version.split(".")[0]) >= 3:  # the master's reason, not only "killed by user"
         assert "iterreduce job yarn-linreg stopped: interrupted (iterreduce kill by" in res.stdout, res.stdout

@@ -926,6 +926,21 @@ def cmd_env(lay: Layout) -> int:
     return 0
 
 
+def cmd_client(lay: Layout, version: str) -> int:
+    """The client side only: the jars, the configuration (every address 127.0.0.1, the
+    ports of ``PORTS``) and the bin/ shims, and the export lines, for a cluster this does not
+    start: docker/hadoop-compose.yml's, which publishes the same ports on the host."""
+    user = getpass.getuser()
+    java_home = default_java_home()
+    for d in (lay.conf, lay.bin, lay.run):
+        os.makedirs(d, exist_ok=True)
+    fetch_jars(lay, version)
+    write_conf(lay, version, java_home, user)
+    write_shims(lay, version, java_home)
+    print("\n".join(env_lines(lay, {"version": version, "java_home": java_home, "user": user})))
+    return 0
+
+
 def cmd_clean(lay: Layout) -> int:
     cmd_stop(lay)
     if os.path.isdir(lay.home):
@@ -940,7 +955,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Pseudo-distributed Hadoop (HDFS + YARN) on 127.0.0.1 for "
         "integration tests.  Working directory: $PSEUDO_HADOOP_HOME "
         "(default <repo>/.hadoop).")
-    ap.add_argument("command", choices=["start", "stop", "status", "env", "clean"])
+    ap.add_argument("command", choices=["start", "stop", "status", "env", "client", "clean"],
+                    help="client: only the configuration and shims, for a cluster started "
+                    "otherwise (docker/hadoop-compose.yml)")
     ap.add_argument("--version", dest="hadoop_version",
                     default=os.environ.get("PSEUDO_HADOOP_VERSION", DEFAULT_VERSION),
                     help="Hadoop version from Maven Central (default: "
@@ -958,6 +975,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(lay)
         if args.command == "env":
             return cmd_env(lay)
+        if args.command == "client":
+            return cmd_client(lay, args.hadoop_version)
         return cmd_clean(lay)
     except HarnessError as e:
         log("ERROR: %s" % e)

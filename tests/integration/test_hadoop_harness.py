@@ -57,6 +57,28 @@ def test_yarn_classpath_glob_shim(hadoop_cluster):
     assert not any("*" in e for e in entries)
 
 
+def test_client_configures_a_cluster_it_does_not_start(hadoop_cluster, tmp_path):
+    """`pseudo-hadoop client` (for docker/hadoop-compose.yml's cluster): the configuration,
+    shims and export lines only; with them the FsShell and the YARN CLI reach the cluster
+    that runs on those ports (here the harness's own)."""
+    harness = os.path.join(os.path.dirname(__file__), "..", "hadoop", "pseudo-hadoop")
+    home = tmp_path / "client"
+    env = {**os.environ, "PSEUDO_HADOOP_HOME": str(home)}
+    res = subprocess.run([harness, "client", "--version", os.environ.get("PSEUDO_HADOOP_VERSION", "3.5.0")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in res.stdout.splitlines())
+    assert exports["HADOOP_CONF_DIR"] == str(home / "conf") and (home / "bin" / "yarn").exists()
+    assert not list(home.glob("run/*.pid")) and not (home / "data").exists()  # nothing started
+    client_env = {**os.environ, "HADOOP_CONF_DIR": str(home / "conf"), "YARN_CONF_DIR": str(home / "conf")}
+    ls = subprocess.run([str(home / "bin" / "hdfs"), "dfs", "-ls", "/"], env=client_env, capture_output=True,
+                        text=True, timeout=120)
+    assert ls.returncode == 0 and "/tmp" in ls.stdout, ls.stderr
+    nodes = subprocess.run([str(home / "bin" / "yarn"), "node", "-list"], env=client_env, capture_output=True,
+                           text=True, timeout=120)
+    assert nodes.returncode == 0 and "RUNNING" in nodes.stdout, nodes.stdout + nodes.stderr
+
+
 def wait_for_final_state(cluster, app_id: str, timeout: float = 240) -> dict:
     deadline = time.time() + timeout
     app = {}

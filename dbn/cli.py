@@ -45,11 +45,13 @@ def _is_idx(path: Path) -> bool:
 def _data(path: str, labels: str | None, n_features: int) -> tuple[np.ndarray, np.ndarray | None]:
     from .data import read_idx, read_parquet_dir
 
+    from iterreduce.job import is_uri
+
     p = Path(path)
-    if not p.exists():
+    if not is_uri(path) and not p.exists():
         raise click.ClickException(f"data {path} does not exist")
     try:
-        if _is_idx(p):
+        if not is_uri(path) and _is_idx(p):
             x = read_idx(p)
             y = read_idx(labels).astype(np.int64) if labels else None
             if y is not None and y.ndim != 1:
@@ -61,7 +63,7 @@ def _data(path: str, labels: str | None, n_features: int) -> tuple[np.ndarray, n
         if labels:
             raise click.ClickException("--labels goes with an IDX images file; Parquet data carries its "
                                        "labels in column 'y'")
-        return read_parquet_dir(p, n_features=n_features)
+        return read_parquet_dir(path if is_uri(path) else p, n_features=n_features)
     except (OSError, ValueError) as exc:  # IDXError, InputError, RecordError are ValueErrors
         raise click.ClickException(str(exc)) from None
 
@@ -136,8 +138,13 @@ def features(model_file: str, data: str, out_dir: str, layer: int, labels: str |
     """Write the activations of a hidden layer for the examples in DATA to OUT_DIR: one
     Parquet file per input file (features, y and the input's other columns), or, for an IDX
     images file, one named after it (features, and y from --labels)."""
+    from iterreduce.job import is_uri
+
     m = _load(model_file)
     p = Path(data)
+    if is_uri(data):
+        raise click.ClickException(f"dbn features reads local files, not {data}: copy them here first "
+                                   "(hdfs dfs -get), or use dbn.model.features from Python")
     if not p.exists():
         raise click.ClickException(f"data {data} does not exist")
     try:

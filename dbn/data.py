@@ -459,7 +459,17 @@ def read_parquet_dir(
     """Read all ``*.parquet`` shards of a directory (sorted by name), a file, or
     a list of files. Returns ``(x uint8 [n, d], y int64 [n] or None)``; a bad example
     (:func:`check_examples`, with ``n_features`` and ``classes``) is refused naming
-    its file and row."""
+    its file and row. A URI (``webhdfs://``, ``hdfs://``, ...) is read through
+    :mod:`iterreduce.fs`, as a job reads its input."""
+    from iterreduce.job import is_uri
+
+    if isinstance(path, (str, os.PathLike)) and is_uri(str(path)):
+        from iterreduce.fs import FilePiece, list_input_files, read_split
+
+        pieces = [FilePiece(f) for f in list_input_files([str(path)])]
+        # check_examples refuses null examples, pixels and labels in its own words
+        return _to_arrays(read_split(pieces, None, check=lambda t: check_examples(t, n_features, classes),
+                                     nulls=True), n_features)
     tables, files = [], _parquet_files(path)
     for f in files:
         t = pq.read_table(f, page_checksum_verification=verify_checksums())

@@ -66,6 +66,10 @@ class LogRegMaster(Master):
         return ["x", "y"]
 
     @classmethod
+    def input_paths(cls, params):  # what the master reads itself: validate/run/submit check they exist
+        return [params["test"]] if params.get("test") else []
+
+    @classmethod
     def check_params(cls, params):  # called by `iterreduce validate/run/submit` before anything starts
         for key, value in params.items():
             if key not in cls.PARAMS:

@@ -265,6 +265,7 @@ class AppMaster:
         self._failure: str | None = None
         self._history: list[dict[str, Any]] = []
         self._last_metrics: dict[str, float] = {}
+        self._metrics_phase = ""
         self._phase = "starting"
         # (container, reason, fatal) lost containers, from IPC threads; fatal (why no replacement would
         # do better): fail the job at once
@@ -476,6 +477,7 @@ class AppMaster:
             }
             self._history.append(record)
             self._last_metrics = {**record["workers"], **record["master"]}
+            self._metrics_phase = record["phase"]  # the live view's metrics are this phase's, not the next's
             self._metrics_lines.append(json_text(record) + "\n")
             self._flush_metrics(force=isinstance(nxt, Final))
             _log_superstep(record, total)
@@ -493,12 +495,13 @@ class AppMaster:
                 self._superstep = step + 1
                 self._set_broadcast(nxt)
                 self._phase = self._hook("phase", self.master.phase)
+                # the workers start now: the superstep's time includes the checkpoint written meanwhile
+                step_started = self._step_started = time.monotonic()
                 self._cond.notify_all()
             if self.job.checkpoint.every and (step + 1) % self.job.checkpoint.every == 0:
                 self._checkpoint(step + 1, nxt)
             if self.status_hook:
-                self.status_hook({**self.status(), "total": total})
-            step_started = self._step_started = time.monotonic()
+                self.status_hook({**self.status(), "total": total, "metrics_phase": self._metrics_phase})
 
     def _flush_metrics(self, force: bool = False) -> None:
         """Append to metrics.jsonl: at once on a local disk; on a remote filesystem (where an

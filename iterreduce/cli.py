@@ -94,6 +94,11 @@ def validate(job_file: str) -> None:
         except SubmitError as exc:
             raise click.ClickException(str(exc)) from None
         yarn = "; its yarn section is OK too (submit checks the cluster)"
+        env = job.yarn.environment
+        for form, inside in (("venv://", "/bin/activate"), ("python://", "")):
+            if env.startswith(form) and not os.path.exists(env[len(form):] + inside):
+                yarn += (f"; yarn.environment {env}: {env[len(form):] + inside} is not on this machine: it "
+                         "must be on every node")
     rows = [sum(p.num_rows for p in s) for s in splits]
     files = len({p.path for s in splits for p in s})
     shares = f"; input: {sum(rows)} rows in {files} file(s), splits of {min(rows)}..{max(rows)} rows" if rows else ""
@@ -327,7 +332,7 @@ def status(app_id: str, follow: bool) -> None:
             return
     import json
 
-    from .client import status_text, with_deadline
+    from .client import live_metrics_text, status_text, with_deadline
     from .containers import KV_STATUS
 
     client = _skein_client()
@@ -340,8 +345,7 @@ def status(app_id: str, follow: bool) -> None:
                 st = json.loads(raw)
                 click.echo(f"{status_text(st)} | {st['phase']} | "
                            f"workers {st['workers_registered']}/{st['workers_expected']} | "
-                           f"replacements {st['replacements']} | " +
-                           " ".join(f"{k}={v:.4g}" for k, v in st["metrics"].items()))
+                           f"replacements {st['replacements']} | " + live_metrics_text(st, None))
                 if st.get("message"):
                     click.echo(st["message"])
         except Exception as exc:  # noqa: BLE001
@@ -351,6 +355,12 @@ def status(app_id: str, follow: bool) -> None:
         return
     if r.diagnostics:
         click.echo(r.diagnostics.strip())
+    if str(r.final_status) == "FAILED" and "iterreduce job" not in (r.diagnostics or ""):
+        from .client import driver_log_tail  # it failed before iterreduce ran: the driver's log says why
+
+        tail = driver_log_tail(app_id)
+        if tail:
+            click.echo(tail)
     if follow and str(r.final_status) != "SUCCEEDED":  # it had ended: followed to an end it did not succeed
         sys.exit(1)
 

@@ -43,6 +43,17 @@ class Progress:
                 if isinstance(handler, logging.StreamHandler) and handler.stream is self.stream:
                     handler.setStream(_AboveBar(self))
 
+    def note(self, text: str) -> None:
+        """A line of news that is no superstep (an application waiting for YARN, say)."""
+        try:
+            if self.lines:
+                self.stream.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+            elif self.enabled:
+                self.stream.write("\r\x1b[K" + text + "\n" + self.bar)
+            self.stream.flush()
+        except OSError:
+            self.enabled = self.lines = False
+
     def __call__(self, status: dict[str, Any]) -> None:
         try:
             self._show(status)
@@ -56,7 +67,7 @@ class Progress:
             if key != self._last_line:
                 self._last_line = key
                 parts = [f"{status['state']} {status_text(status)}", status["phase"],
-                         _metrics_text(status["metrics"], None)]
+                         live_metrics_text(status, None)]
                 if status.get("replacements"):
                     parts.append(f"{status['replacements']} worker(s) replaced")
                 if (status.get("attempt") or 1) > 1:  # YARN's next ApplicationMaster attempt, resumed
@@ -74,7 +85,7 @@ class Progress:
             head = f"[{'#' * filled}{'.' * (self.width - filled)}] {step}/{total}"
         else:
             head = f"superstep {step}"
-        parts = [head, status["phase"], _metrics_text(status["metrics"]), f"{time.monotonic() - self.started:.0f}s"]
+        parts = [head, status["phase"], live_metrics_text(status), f"{time.monotonic() - self.started:.0f}s"]
         self.bar = " | ".join(p for p in parts if p)[:150]
         self.stream.write("\r\x1b[K" + self.bar)
         if status["state"] in ("SUCCEEDED", "FAILED", "KILLED"):
@@ -91,6 +102,14 @@ def status_text(status: dict[str, Any]) -> str:
     step = status["superstep"]
     done = step + 1 if status["state"] == "SUCCEEDED" else step
     return superstep_text(done, status.get("total"), step)
+
+
+def live_metrics_text(status: dict[str, Any], n: int | None = 3) -> str:
+    """A live status's metrics, which are the last superstep done's: with its phase where the
+    superstep under way has another (``loss=0.3 (after epoch 1/5)`` beside ``epoch 2/5``)."""
+    text = _metrics_text(status.get("metrics") or {}, n)
+    of = status.get("metrics_phase")
+    return f"{text} (after {of})" if text and of and of != status.get("phase") else text
 
 
 def _metrics_text(metrics: dict[str, float], n: int | None = 3) -> str:
@@ -304,6 +323,8 @@ def check_input(job: JobSpec, columns: bool = True) -> list:
         # as in the workers' messages about a record)
         text = str(exc)
         text = text.removeprefix("input ") if not text.startswith("input file") else text
+        if job.yarn.environment and text.endswith("does not exist") and not is_uri(text.split(" ", 2)[1]):
+            text += " (a local path, read on this machine; a path on HDFS is a URI: webhdfs://NAMENODE:9870/...)"
         raise SubmitError(f"{job.source}: input: {text}") from None
     except Exception as exc:  # noqa: BLE001 - a filesystem that does not answer
         raise SubmitError(f"{job.source}: input: cannot read {', '.join(job.input.paths)}: "
@@ -736,6 +757,7 @@ def wait(app_id: str, client: Any, progress: Progress | None = None, poll: float
 
     app = None
     last = None
+    told: tuple[str, list[str]] | None = None
     unanswered_since = None
     while True:
         try:
@@ -753,6 +775,10 @@ def wait(app_id: str, client: Any, progress: Progress | None = None, poll: float
             continue
         unanswered_since = None
         state = str(report.state)
+        said = (state, (report.diagnostics or "").strip().splitlines()[:1])
+        if progress is not None and last is None and said != told and state not in ("FINISHED", "FAILED", "KILLED"):
+            told = said  # until the master's first status: what YARN says of the application
+            progress.note(f"{app_id} {state}" + (f": {said[1][0]}" if said[1] else ""))
         if state in ("FINISHED", "FAILED", "KILLED"):
             final = str(report.final_status)
             if progress is not None and last is not None:

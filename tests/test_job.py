@@ -183,6 +183,12 @@ def test_cli_validate_accepts_good_and_refuses_bad(tmp_path):
     missing = iterreduce("validate", str(good))  # as submit does: the input must exist
     assert missing.returncode != 0
     assert f"{good}: input: path {tmp_path / 'data' / 'train'}: does not exist" in missing.stderr
+    assert "a local path" not in missing.stderr
+    meant_for_yarn = tmp_path / "yarn.yaml"  # a job for YARN: the path was read here, and said so
+    meant_for_yarn.write_text(GOOD + "yarn: {environment: 'python:///usr/bin/python3'}\n")
+    res = iterreduce("validate", str(meant_for_yarn))
+    assert res.returncode == 1 and "does not exist (a local path, read on this machine; a path on HDFS is a URI: " \
+        "webhdfs://NAMENODE:9870/...)" in res.stderr, res.stderr
     write_dataset(tmp_path / "data" / "train")  # 4 files, 8 row groups
     ok = iterreduce("validate", str(good))
     assert ok.returncode == 0, ok.stderr
@@ -594,7 +600,11 @@ def test_validate_imports_what_yarn_files_ships_and_checks_the_yarn_section(tmp_
     yarn = "yarn: {environment: 'python:///usr/bin/python3', files: [%s]}\n"
     res = iterreduce("validate", str(write(tmp_path, algo + yarn % "pkgs/shippedalgo.py")))
     assert res.returncode == 0, res.stderr  # in the containers it lands beside the job: importable
-    assert "its yarn section is OK too" in res.stdout
+    assert "its yarn section is OK too" in res.stdout and "is not on this machine" not in res.stdout
+    res = iterreduce("validate", str(write(tmp_path, algo + "yarn: {environment: 'venv:///opt/nope/venv', "
+                                                         "files: [pkgs/shippedalgo.py]}\n")))
+    assert res.returncode == 0 and "yarn.environment venv:///opt/nope/venv: /opt/nope/venv/bin/activate is not on " \
+        "this machine: it must be on every node" in res.stdout, res.stdout + res.stderr
     res = iterreduce("validate", str(write(tmp_path, GOOD + yarn % "pkgs/nosuch.py")))
     assert res.returncode != 0 and f"yarn.files[0]: {tmp_path / 'pkgs' / 'nosuch.py'} does not exist" in res.stderr
     res = iterreduce("validate", str(write(tmp_path, GOOD + "yarn: {environment: /nowhere/env.tar.gz}\n")))

@@ -40,6 +40,13 @@ def test_logreg_misspelt_parameter_is_refused_before_anything_runs_with_a_hint(t
     assert res.returncode != 0
     assert "algorithm.params.learning_rat: unknown parameter (did you mean 'learning_rate'?" in res.stderr, res.stderr
     assert not (tmp_path / "out").exists()
+    spec["algorithm"]["params"]["learning_rate"] = spec["algorithm"]["params"].pop("learning_rat")
+    spec["algorithm"]["params"]["test"] = str(tmp_path / "tset")  # the master's own data: checked too
+    job.write_text(yaml.safe_dump(spec))
+    res = subprocess.run([sys.executable, "-m", "iterreduce.cli", "validate", str(job)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and f"algorithm.params.test: input path {tmp_path / 'tset'}: does not exist" \
+        in res.stderr, res.stderr
 
 
 def test_an_input_file_without_a_column_the_master_names_is_refused_before_running_others_may_differ(tmp_path):

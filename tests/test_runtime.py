@@ -103,6 +103,10 @@ def test_submit_wait_writes_a_line_per_superstep_counting_those_done():
                      "RUNNING superstep 2 (2/3 done) | epoch 3 | mse=0.3333",
                      "SUCCEEDED superstep 2 (3/3 done) | epoch 3 | mse=0.25 | 1 worker(s) replaced | attempt 2",
                      "FAILED superstep 0 (0/3 done) | starting"]
+    out = io.StringIO()  # the metrics are the last superstep done's: named so beside the next one's phase
+    Progress(out, lines=True)({**status, "superstep": 1, "phase": "epoch 2", "metrics": {"mse": 0.5},
+                               "metrics_phase": "epoch 1"})
+    assert out.getvalue().rstrip().endswith("RUNNING superstep 1 (1/3 done) | epoch 2 | mse=0.5 (after epoch 1)")
     many = {f"m{i}": float(i) for i in range(5)}  # a line shows every metric; the bar three, and how many more
     out = io.StringIO()
     Progress(out, lines=True)({**status, "metrics": many})

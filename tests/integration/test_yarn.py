@@ -195,6 +195,8 @@ def test_quick_dbn_on_hdfs_with_a_packed_environment_succeeds(hadoop_cluster, hd
     app_id = res.stdout.strip().splitlines()[0]
     app = rm_app(hadoop_cluster, app_id)
     assert (app["state"], app["finalStatus"]) == ("FINISHED", "SUCCEEDED"), app
+    # while the packed environment is shipped and unpacked: what YARN says, not silence
+    assert re.search(rf"^\d\d:\d\d:\d\d {app_id} ACCEPTED", res.stderr, re.M), res.stderr
     metrics = json.loads(read_hdfs(hadoop_cluster, f"{out}/metrics.json"))
     assert metrics["state"] == "SUCCEEDED" and metrics["replacements"] == 0
     test_error = metrics["final"]["metrics"]["test_error"]
@@ -204,6 +206,10 @@ def test_quick_dbn_on_hdfs_with_a_packed_environment_succeeds(hadoop_cluster, hd
     model = dbn.load(io.BytesIO(read_hdfs(hadoop_cluster, f"{out}/model.avro")))
     x, y = _test_set(mnist_on_hdfs["test"])
     assert abs(model.error_rate(x, y) - test_error) < 1e-9
+    # the dbn command takes the model and the data where the job left them
+    res = subprocess.run([sys.executable, "-m", "dbn.cli", "evaluate", spec["output"] + "/model.avro",
+                          mnist_on_hdfs["test"]], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and abs(json.loads(res.stdout)["error_rate"] - test_error) < 1e-9, res.stderr
 
 
 def _test_set(uri: str):
@@ -453,6 +459,9 @@ def test_an_environment_the_containers_cannot_use_is_quoted_from_the_driver_log(
     res = cli("submit", str(job), "--wait", timeout=600)
     assert res.returncode != 0 and "ended FAILED" in res.stderr
     assert "application.driver.log:" in res.stderr and "no-such-venv/bin/activate" in res.stderr
+    app_id = res.stdout.strip().splitlines()[0]
+    res = cli("status", app_id)  # later, too: the reason, not only "the driver failed"
+    assert res.returncode == 0 and "no-such-venv/bin/activate" in res.stdout, res.stdout + res.stderr
 
 
 def test_kill_now_ends_the_application_and_its_containers(hadoop_cluster, hdfs_base, linreg_on_hdfs, skein_client,

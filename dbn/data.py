@@ -464,9 +464,21 @@ def read_parquet_dir(
     from iterreduce.job import is_uri
 
     if isinstance(path, (str, os.PathLike)) and is_uri(str(path)):
-        from iterreduce.fs import FilePiece, list_input_files, read_split
+        import pyarrow.fs as pafs
 
-        pieces = [FilePiece(f) for f in list_input_files([str(path)])]
+        from iterreduce.fs import FilePiece, filesystem, read_split
+
+        uri = str(path).rstrip("/")
+        fs, where = filesystem(uri)
+        info = fs.get_file_info(where)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{uri} does not exist")
+        names = [uri] if info.type != pafs.FileType.Directory else sorted(  # as a local directory: its *.parquet
+            f"{uri}/{i.base_name}" for i in fs.get_file_info(pafs.FileSelector(where))
+            if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+        if not names:
+            raise FileNotFoundError(f"no .parquet files in {uri}")
+        pieces = [FilePiece(f) for f in names]
         # check_examples refuses null examples, pixels and labels in its own words
         return _to_arrays(read_split(pieces, None, check=lambda t: check_examples(t, n_features, classes),
                                      nulls=True), n_features)

@@ -95,8 +95,11 @@ def validate(job_file: str) -> None:
             raise click.ClickException(str(exc)) from None
         yarn = "; its yarn section is OK too (submit checks the cluster)"
         env = job.yarn.environment
+        import shutil
+
         for form, inside in (("venv://", "/bin/activate"), ("python://", "")):
-            if env.startswith(form) and not os.path.exists(env[len(form):] + inside):
+            if env.startswith(form) and not (os.path.exists(env[len(form):] + inside)
+                                             or (form == "python://" and shutil.which(env[len(form):]))):
                 yarn += (f"; yarn.environment {env}: {env[len(form):] + inside} is not on this machine: it "
                          "must be on every node")
     rows = [sum(p.num_rows for p in s) for s in splits]

@@ -757,7 +757,7 @@ def wait(app_id: str, client: Any, progress: Progress | None = None, poll: float
 
     app = None
     last = None
-    told: tuple[str, list[str]] | None = None
+    told: str | None = None
     unanswered_since = None
     while True:
         try:
@@ -775,10 +775,10 @@ def wait(app_id: str, client: Any, progress: Progress | None = None, poll: float
             continue
         unanswered_since = None
         state = str(report.state)
-        said = (state, (report.diagnostics or "").strip().splitlines()[:1])
-        if progress is not None and last is None and said != told and state not in ("FINISHED", "FAILED", "KILLED"):
-            told = said  # until the master's first status: what YARN says of the application
-            progress.note(f"{app_id} {state}" + (f": {said[1][0]}" if said[1] else ""))
+        if progress is not None and last is None and state != told and state not in ("FINISHED", "FAILED", "KILLED"):
+            told = state  # until the master's first status: each state YARN gives the application, once
+            first = (report.diagnostics or "").strip().splitlines()[:1]
+            progress.note(f"{app_id} {state}" + (f": {first[0]}" if first else ""))
         if state in ("FINISHED", "FAILED", "KILLED"):
             final = str(report.final_status)
             if progress is not None and last is not None:

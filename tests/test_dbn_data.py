@@ -685,8 +685,12 @@ def test_dbn_command_uses_a_saved_model(tmp_path):
     r = dbn_cmd("evaluate", tmp_path / "m.avro", tmp_path / "pq")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"examples": 40, "errors": round(expect * 40), "error_rate": expect}
-    r = dbn_cmd("evaluate", tmp_path / "m.avro", f"file://{tmp_path / 'pq'}")  # a URI: read as a job reads its input
-    assert r.returncode == 0 and json.loads(r.stdout)["error_rate"] == expect, r.stderr
+    D.write_parquet_shards(x[:7], y[:7], tmp_path / "pq" / "sub", 1)  # not read: a directory's own *.parquet are
+    (tmp_path / "pq" / "meta.json").write_text("{}")
+    for where in (tmp_path / "pq", f"file://{tmp_path / 'pq'}"):  # a URI is read as the local directory is
+        r = dbn_cmd("evaluate", tmp_path / "m.avro", where)
+        assert r.returncode == 0 and json.loads(r.stdout) == {"examples": 40, "errors": round(expect * 40),
+                                                              "error_rate": expect}, (where, r.stdout, r.stderr)
     r = dbn_cmd("evaluate", tmp_path / "m.avro", tmp_path / "img-idx3-ubyte", "--labels", tmp_path / "lab-idx1-ubyte")
     assert r.returncode == 0 and json.loads(r.stdout)["error_rate"] == expect, r.stderr
     r = dbn_cmd("predict", tmp_path / "m.avro", tmp_path / "pq", "-o", tmp_path / "p.csv")

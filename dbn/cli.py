@@ -35,6 +35,9 @@ def _load(path: str) -> _model.Model:
         raise click.ClickException(str(exc)) from None
 
 
+_LABELS_WITH_IDX = "--labels goes with an IDX images file; Parquet data carries its labels in column 'y'"
+
+
 def _is_idx(path: Path) -> bool:
     if path.is_dir():
         return False
@@ -61,8 +64,7 @@ def _data(path: str, labels: str | None, n_features: int) -> tuple[np.ndarray, n
                 raise click.ClickException(f"{labels} holds {len(y)} labels for the {len(x)} images of {path}")
             return x.reshape(len(x), -1), y
         if labels:
-            raise click.ClickException("--labels goes with an IDX images file; Parquet data carries its "
-                                       "labels in column 'y'")
+            raise click.ClickException(_LABELS_WITH_IDX)
         return read_parquet_dir(path if is_uri(path) else p, n_features=n_features)
     except (OSError, ValueError) as exc:  # IDXError, InputError, RecordError are ValueErrors
         raise click.ClickException(str(exc)) from None
@@ -154,8 +156,7 @@ def features(model_file: str, data: str, out_dir: str, layer: int, labels: str |
             name = (p.name[:-3] if p.name.endswith(".gz") else p.name) + ".parquet"
             written = [_model.export_features_arrays(m, x, y, layer, out_dir, name=name)]
         elif labels:
-            raise click.ClickException("--labels goes with an IDX images file; Parquet data carries its "
-                                       "labels in column 'y'")
+            raise click.ClickException(_LABELS_WITH_IDX)
         else:
             written = _model.export_features(m, data, layer, out_dir)
     except (ValueError, OSError) as exc:

@@ -382,9 +382,6 @@ def export_features_arrays(
     each; an IDX images file as :func:`dbn.data.read_idx` reads it) and their labels ``y``
     (or None) to ``out_dir/name``: columns ``features`` and ``y``, as :func:`export_features`
     writes them, the file appearing when complete. The same ``out_dir`` refusals."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if not isinstance(model, Model):
         model = load(model)
     out = Path(out_dir)
@@ -398,23 +395,47 @@ def export_features_arrays(
                          f"{model.sizes[0]}")
     out.mkdir(parents=True, exist_ok=True)
     dst = out / name
-    tmp = out / f".{name}.tmp"
-    n_out = model.sizes[k]
-    fields = [pa.field("features", pa.list_(pa.float32(), n_out))] + \
-        ([pa.field("y", pa.int64())] if y is not None else [])
+    _write_features(model, k, ((x[i:i + batch_size], None if y is None else y[i:i + batch_size], {})
+                               for i in range(0, len(x), batch_size)), dst, y is not None)
+    return dst
+
+
+def _write_features(model: Model, k: int, batches: Iterable[tuple[np.ndarray, np.ndarray | None, dict]],
+                    dst: Path, has_y: bool, extra_fields: Iterable[Any] = ()) -> None:
+    """Write the layer-``k`` features of ``batches`` (``(x, y or None, {column: values})``
+    each, the columns carried along) to the Parquet file ``dst``, which appears when complete:
+    a failure leaves none. No batch: an empty file of those columns (``extra_fields``: the
+    carried columns' fields)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = dst.parent / f".{dst.name}.tmp"
+    writer = None
     try:
-        with pq.ParquetWriter(tmp, pa.schema(fields), write_page_checksum=True) as writer:
-            for i in range(0, len(x), batch_size):
-                f = np.ascontiguousarray(model.features(x[i:i + batch_size], k), dtype=np.float32)
-                cols = [pa.FixedSizeListArray.from_arrays(pa.array(f.reshape(-1)), n_out)]
-                if y is not None:
-                    cols.append(pa.array(np.asarray(y[i:i + batch_size], dtype=np.int64)))
-                writer.write_table(pa.Table.from_arrays(cols, schema=pa.schema(fields)))
+        for x, y, extra in batches:
+            f = np.ascontiguousarray(model.features(x, k), dtype=np.float32)
+            cols = {"features": pa.FixedSizeListArray.from_arrays(pa.array(f.reshape(-1)), f.shape[1])}
+            if y is not None:
+                cols["y"] = pa.array(np.asarray(y, dtype=np.int64))
+            cols.update(extra)
+            t = pa.table(cols)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, t.schema, write_page_checksum=True)
+            writer.write_table(t)
+        if writer is None:  # no examples
+            fields = [pa.field("features", pa.list_(pa.float32(), model.sizes[k]))] + \
+                ([pa.field("y", pa.int64())] if has_y else []) + list(extra_fields)
+            pq.write_table(pa.schema(fields).empty_table(), tmp)
     except BaseException:
+        if writer is not None:
+            writer.close()
+            writer = None
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if writer is not None:
+            writer.close()
     os.replace(tmp, dst)
-    return dst
 
 
 def export_features(
@@ -481,41 +502,16 @@ def export_features(
         has_y = "y" in names
         keep = [c for c in names if c not in ("x", "y")]  # ids and the like travel with their rows
         dst = out / Path(src).name
-        tmp = out / f".{dst.name}.tmp"  # renamed when complete: a failure leaves no partial file
-        writer = None
-        row = 0
-        try:
+
+        def batches():  # consumed by _write_features below, before the next file
+            row = 0
             for batch in pf.iter_batches(batch_size=batch_size):
                 x, y = in_file(str(src), row, lambda: table_to_arrays(
                     pa.Table.from_batches([batch]).select(["x", "y"] if has_y else ["x"]),
                     n_features=model.sizes[0]))
                 row += len(x)
-                f = np.ascontiguousarray(model.features(x, k), dtype=np.float32)
-                cols = {"features": pa.FixedSizeListArray.from_arrays(pa.array(f.reshape(-1)), f.shape[1])}
-                if y is not None:
-                    cols["y"] = pa.array(y)
-                for c in keep:
-                    cols[c] = batch.column(c)
-                t = pa.table(cols)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, t.schema, write_page_checksum=True)
-                writer.write_table(t)
-            if writer is None:  # empty input file
-                n_out = model.sizes[k]
-                fields = [pa.field("features", pa.list_(pa.float32(), n_out))]
-                if has_y:
-                    fields.append(pa.field("y", pa.int64()))
-                fields += [schemas[src].field(c) for c in keep]
-                pq.write_table(pa.schema(fields).empty_table(), tmp)
-        except BaseException:
-            if writer is not None:
-                writer.close()
-                writer = None
-            tmp.unlink(missing_ok=True)
-            raise
-        finally:
-            if writer is not None:
-                writer.close()
-        os.replace(tmp, dst)
+                yield x, y, {c: batch.column(c) for c in keep}
+
+        _write_features(model, k, batches(), dst, has_y, [schemas[src].field(c) for c in keep])
         written.append(dst)
     return written

@@ -66,6 +66,9 @@ class JobFailed(RuntimeError):
         return exc
 
 
+_ASK = object()  # AppMaster._publish: no total given
+
+
 class StopRequested(KeyboardInterrupt):
     """:meth:`AppMaster.request_stop` was called: the job stops as if interrupted (its
     checkpoints stay, metrics.json says FAILED with ``reason``)."""
@@ -411,9 +414,13 @@ class AppMaster:
         for i in range(len(self._splits)):
             self._launch(i)
 
-    def _publish(self) -> None:
+    def _publish(self, total: Any = _ASK) -> None:
+        """The live status to ``status_hook``, with ``total`` (the master's total_supersteps,
+        asked of it when not given)."""
         if self.status_hook:
-            self.status_hook({**self.status(), "total": self._hook("total_supersteps", self.master.total_supersteps)})
+            if total is _ASK:
+                total = self._hook("total_supersteps", self.master.total_supersteps)
+            self.status_hook({**self.live_status(), "total": total})
 
     def _hook(self, name: str, fn: Callable[..., Any], *args: Any, returns: str = "") -> Any:
         """``fn(*args)``, one of the algorithm's Master methods (``name``): an exception in it
@@ -500,8 +507,7 @@ class AppMaster:
                 self._cond.notify_all()
             if self.job.checkpoint.every and (step + 1) % self.job.checkpoint.every == 0:
                 self._checkpoint(step + 1, nxt)
-            if self.status_hook:
-                self.status_hook({**self.status(), "total": total, "metrics_phase": self._metrics_phase})
+            self._publish(total)
 
     def _flush_metrics(self, force: bool = False) -> None:
         """Append to metrics.jsonl: at once on a local disk; on a remote filesystem (where an
@@ -898,6 +904,11 @@ class AppMaster:
                 "message": self._message,
             }
 
+    def live_status(self) -> dict[str, Any]:
+        """:meth:`status` and, for the live view, the phase its metrics are of (the last
+        superstep done's, where ``phase`` is the superstep under way's)."""
+        return {**self.status(), "metrics_phase": self._metrics_phase}
+
     @property
     def failure(self) -> str | None:
         return self._failure
@@ -1180,7 +1191,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         am.run()
     except StopRequested:
-        status = am.status()
+        status = am.live_status()
         try:  # else YARN's next attempt would resume the job (`iterreduce kill` ends the application sooner)
             record_final_failure(am.output, app.id, attempt, status["message"], stopped=True)
         except Exception:  # noqa: BLE001
@@ -1190,7 +1201,7 @@ def main(argv: list[str] | None = None) -> None:
         app.shutdown("KILLED", diagnostics=f"iterreduce job {job.name} stopped: {status['message']}"[:8000])
         sys.exit(1)
     except JobFailed as exc:
-        publish(am.status())
+        publish(am.live_status())
         time.sleep(_LAST_LOOK)
         if not exc.retry:
             try:

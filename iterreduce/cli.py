@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -95,8 +96,6 @@ def validate(job_file: str) -> None:
             raise click.ClickException(str(exc)) from None
         yarn = "; its yarn section is OK too (submit checks the cluster)"
         env = job.yarn.environment
-        import shutil
-
         for form, inside in (("venv://", "/bin/activate"), ("python://", "")):
             if env.startswith(form) and not (os.path.exists(env[len(form):] + inside)
                                              or (form == "python://" and shutil.which(env[len(form):]))):

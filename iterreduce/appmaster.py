@@ -66,6 +66,9 @@ class JobFailed(RuntimeError):
         return exc
 
 
+RECENT = 20
+"""How many of the last supersteps done the live status carries (:meth:`AppMaster.live_status`)."""
+
 _ASK = object()  # AppMaster._publish: no total given
 
 
@@ -906,8 +909,12 @@ class AppMaster:
 
     def live_status(self) -> dict[str, Any]:
         """:meth:`status` and, for the live view, the phase its metrics are of (the last
-        superstep done's, where ``phase`` is the superstep under way's)."""
-        return {**self.status(), "metrics_phase": self._metrics_phase}
+        superstep done's, where ``phase`` is the superstep under way's) and the records of the
+        last supersteps done (``recent``, as in ``metrics.jsonl``), so that a client that looks
+        once a second still sees each of supersteps shorter than that."""
+        with self._cond:
+            recent = list(self._history[-RECENT:])
+        return {**self.status(), "metrics_phase": self._metrics_phase, "recent": recent}
 
     @property
     def failure(self) -> str | None:
@@ -1064,11 +1071,29 @@ def _layout_mismatch(ref: Update, u: Update) -> str:
 
 
 def _log_superstep(rec: dict[str, Any], total: int | None) -> None:
-    metrics = {**rec["workers"], **rec["master"]}
-    shown = " ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:6])
-    mb = (rec["bytes_in"] + rec["bytes_out"]) / 1e6
-    log.info("%s | %s | %.2f s | %.1f MB exchanged%s", superstep_text(rec["superstep"] + 1, total, rec["superstep"]),
-             rec["phase"], rec["seconds"], mb, f" | {shown}" if shown else "")
+    log.info("%s", superstep_line(rec, total, 6))
+
+
+def superstep_line(rec: dict[str, Any], total: int | None = None, n: int | None = None) -> str:
+    """A superstep done (a record of ``metrics.jsonl``) in one line, as the master's log,
+    ``submit --wait`` and ``iterreduce status -f`` say it: where, phase, time, bytes exchanged,
+    the first ``n`` metrics (None: all), replacements so far."""
+    shown = metrics_text({**(rec.get("workers") or {}), **(rec.get("master") or {})}, n)
+    step = int(rec.get("superstep") or 0)
+    mb = ((rec.get("bytes_in") or 0) + (rec.get("bytes_out") or 0)) / 1e6
+    parts = [superstep_text(step + 1, total, step), str(rec.get("phase") or ""), f"{rec.get('seconds') or 0:.2f} s",
+             f"{mb:.1f} MB exchanged", shown]
+    if rec.get("replacements"):
+        parts.append(f"{rec['replacements']} worker(s) replaced")
+    return " | ".join(p for p in parts if p)
+
+
+def metrics_text(metrics: dict[str, Any], n: int | None = 3) -> str:
+    """The first ``n`` metrics (None: all), and how many more there are; a metric that is not
+    a number (null: NaN in a file) is left out."""
+    items = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))]
+    more = f" (+{len(items) - n} more)" if n is not None and len(items) > n else ""
+    return " ".join(f"{k}={v:.4g}" for k, v in items[:n]) + more
 
 
 def superstep_text(done: int, total: int | None, current: int) -> str:

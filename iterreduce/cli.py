@@ -395,7 +395,8 @@ def kill(app_id: str, now: bool, grace: float) -> None:
 def _output_status(uri: str, follow: bool) -> str | None:
     """``status`` of the run that writes (or wrote) to the output directory ``uri``; the
     application id when that is a YARN application, for ``status`` to go on with."""
-    from .client import record_text, run_in
+    from .appmaster import superstep_line
+    from .client import run_in
     from .fs import InputError
 
     try:
@@ -412,12 +413,12 @@ def _output_status(uri: str, follow: bool) -> str | None:
         click.echo(f"{uri}: job {owner.get('job')}: RUNNING (local run, process {owner.get('pid')} on "
                    f"{owner.get('host')})")
         if run["records"]:
-            click.echo(record_text(run["records"][-1]))
+            click.echo(superstep_line(run["records"][-1]))
         while follow:
             time.sleep(1.0)
             run = run_in(uri)
             for record in run["records"][seen:]:
-                click.echo(f"{time.strftime('%H:%M:%S')} {record_text(record)}", err=True)
+                click.echo(f"{time.strftime('%H:%M:%S')} {superstep_line(record)}", err=True)
             seen = len(run["records"])
             if not (run["owner"] and run["alive"]):
                 break

@@ -38,6 +38,7 @@ class Progress:
         self.started = time.monotonic()
         self.bar = ""
         self._last_line: tuple[Any, ...] | None = None
+        self._done = -1  # the last superstep done that a line has shown
         if self.enabled:  # log lines go above the bar
             for handler in logging.getLogger().handlers:
                 if isinstance(handler, logging.StreamHandler) and handler.stream is self.stream:
@@ -61,11 +62,30 @@ class Progress:
             self.enabled = self.lines = False
             self.bar = ""
 
+    def _records(self, status: dict[str, Any]) -> bool:
+        """Write a line for each superstep done that ``status["recent"]`` holds and no line
+        has shown yet, saying how many fell between two looks; whether it wrote any."""
+        from .appmaster import superstep_line
+
+        recent = [r for r in status.get("recent") or [] if isinstance(r, dict)
+                  and isinstance(r.get("superstep"), int) and r["superstep"] > self._done]
+        if recent and self._done >= 0 and recent[0]["superstep"] > self._done + 1:
+            missed = recent[0]["superstep"] - self._done - 1
+            self.stream.write(f"{time.strftime('%H:%M:%S')} ({missed} superstep{'s' if missed > 1 else ''} "
+                              "done between two looks)\n")
+        for r in recent:
+            self.stream.write(f"{time.strftime('%H:%M:%S')} {superstep_line(r, status.get('total'))}\n")
+            self._done = r["superstep"]
+        if recent:
+            self.stream.flush()
+        return bool(recent)
+
     def _show(self, status: dict[str, Any]) -> None:
         if self.lines:
-            key = (status["superstep"], status["state"])
-            if key != self._last_line:
-                self._last_line = key
+            key = (status["superstep"], status["state"], status.get("attempt") or 1)
+            shown = self._records(status)  # then a line of the state only where it says more
+            if key != self._last_line and not (shown and status["state"] == "RUNNING" and self._last_line
+                                               and self._last_line[2] == key[2]):
                 parts = [f"{status['state']} {status_text(status)}", status["phase"],
                          live_metrics_text(status, None)]
                 if status.get("replacements"):
@@ -74,6 +94,7 @@ class Progress:
                     parts.append(f"attempt {status['attempt']}")
                 self.stream.write(f"{time.strftime('%H:%M:%S')} {' | '.join(p for p in parts if p)}\n")
                 self.stream.flush()
+            self._last_line = key
             return
         if not self.enabled:
             return
@@ -112,11 +133,10 @@ def live_metrics_text(status: dict[str, Any], n: int | None = 3) -> str:
     return f"{text} (after {of})" if text and of and of != status.get("phase") else text
 
 
-def _metrics_text(metrics: dict[str, float], n: int | None = 3) -> str:
-    """The first ``n`` metrics (None: all), and how many more there are."""
-    items = list(metrics.items())
-    more = f" (+{len(items) - n} more)" if n is not None and len(items) > n else ""
-    return " ".join(f"{k}={v:.4g}" for k, v in items[:n]) + more
+def _metrics_text(metrics: dict[str, Any], n: int | None = 3) -> str:
+    from .appmaster import metrics_text
+
+    return metrics_text(metrics, n)
 
 
 class _AboveBar:
@@ -453,16 +473,6 @@ def run_in(uri: str) -> dict[str, Any]:
     if owner and not owner.get("application") and owner.get("host") == socket.gethostname():
         alive = isinstance(owner.get("pid"), int) and _alive(owner["pid"])
     return {"owner": owner, "alive": alive, "records": records, "final": final if isinstance(final, dict) else None}
-
-
-def record_text(record: dict[str, Any]) -> str:
-    """One superstep of ``metrics.jsonl`` in a line: as the master's log says it."""
-    metrics = {**(record.get("workers") or {}), **(record.get("master") or {})}
-    parts = [f"superstep {record.get('superstep')} done", str(record.get("phase") or ""), _metrics_text(metrics, 4),
-             f"{record.get('seconds', 0):.2f} s"]
-    if record.get("replacements"):
-        parts.append(f"{record['replacements']} worker(s) replaced")
-    return " | ".join(p for p in parts if p)
 
 
 def _alive(pid: int) -> bool:

@@ -117,6 +117,38 @@ def test_submit_wait_writes_a_line_per_superstep_counting_those_done():
     assert "| m0=0 m1=1 m2=2 (+2 more) |" in bar.bar, bar.bar
 
 
+def test_submit_wait_shows_each_superstep_done_even_several_between_two_looks():
+    import io
+
+    from iterreduce.appmaster import RECENT
+    from iterreduce.client import Progress
+
+    def rec(s):
+        return {"superstep": s, "phase": f"epoch {s + 1}", "seconds": 0.01, "bytes_in": 2_000_000, "bytes_out": 0,
+                "workers": {"mse": 1.0 / (s + 1)}, "master": {"nan": None}, "replacements": int(s >= 3)}
+
+    out = io.StringIO()
+    progress = Progress(out, lines=True)
+    status = {"state": "RUNNING", "superstep": 0, "total": 40, "phase": "epoch 1", "metrics": {}, "recent": []}
+    progress(status)  # nothing done yet: where it is
+    progress({**status, "superstep": 3, "recent": [rec(s) for s in range(3)]})  # three done since
+    progress({**status, "superstep": 3, "recent": [rec(s) for s in range(3)]})  # nothing new
+    progress({**status, "superstep": 4, "recent": [rec(s) for s in range(4)]})
+    progress({**status, "superstep": 30, "recent": [rec(s) for s in range(30 - RECENT, 30)]})  # more than it holds
+    progress({**status, "superstep": 29, "state": "SUCCEEDED", "metrics": {"mse": 0.03},
+              "recent": [rec(s) for s in range(30 - RECENT, 30)]})
+    lines = [line.split(" ", 1)[1] for line in out.getvalue().splitlines()]
+    assert lines[:5] == ["RUNNING superstep 0 (0/40 done) | epoch 1",
+                         "superstep 0 (1/40 done) | epoch 1 | 0.01 s | 2.0 MB exchanged | mse=1",
+                         "superstep 1 (2/40 done) | epoch 2 | 0.01 s | 2.0 MB exchanged | mse=0.5",
+                         "superstep 2 (3/40 done) | epoch 3 | 0.01 s | 2.0 MB exchanged | mse=0.3333",
+                         "superstep 3 (4/40 done) | epoch 4 | 0.01 s | 2.0 MB exchanged | mse=0.25 | "
+                         "1 worker(s) replaced"], lines
+    assert lines[5] == f"({30 - RECENT - 4} supersteps done between two looks)"
+    assert [int(line.split()[1]) for line in lines[6:-1]] == list(range(30 - RECENT, 30))
+    assert lines[-1] == "SUCCEEDED superstep 29 (30/40 done) | epoch 1 | mse=0.03"
+
+
 def test_same_job_gives_the_same_model(tmp_path, dataset, baseline):
     again = make_job(tmp_path, dataset, "again")
     assert cli("run", str(again)).returncode == 0
@@ -832,11 +864,12 @@ def test_status_of_an_output_directory_shows_a_local_run_live_then_how_it_ended(
         res = cli("status", str(out))
         assert res.returncode == 0, res.stderr
         assert f"{out}: job linreg-test: RUNNING (local run, process {proc.pid} on " in res.stdout, res.stdout
-        assert re.search(r"\nsuperstep \d+ done \| sgd step \d+ \| mse=", res.stdout), res.stdout
+        assert re.search(r"\nsuperstep \d+ \(\d+ done\) \| sgd step \d+ \| [\d.]+ s \| [\d.]+ MB exchanged \| mse=",
+                         res.stdout), res.stdout
         res = cli("status", "-f", str(out))  # a line per superstep, to the end
         assert res.returncode == 0, res.stderr
-        shown = [line.split(" ", 1)[1].split(" | ")[0] for line in res.stderr.splitlines() if " done | " in line]
-        assert shown and shown[-1] == "superstep 11 done", res.stderr
+        shown = [line.split(" ", 1)[1].split(" | ")[0] for line in res.stderr.splitlines() if " done) | " in line]
+        assert shown and shown[-1] == "superstep 11 (12 done)", res.stderr
         assert res.stdout.rstrip().endswith(f"{out}: job linreg-test: SUCCEEDED after 12 supersteps"), res.stdout
         assert proc.wait(60) == 0
     finally:

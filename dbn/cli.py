@@ -17,6 +17,7 @@ images file (gzipped or not; ``--labels`` gives its IDX labels file).
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def _data(path: str, labels: str | None, n_features: int) -> tuple[np.ndarray, n
                                            f"{y.shape}, labels are one number per example (images there?)")
             if y is not None and len(y) != len(x):
                 raise click.ClickException(f"{labels} holds {len(y)} labels for the {len(x)} images of {path}")
-            return x.reshape(len(x), -1), y
+            return x.reshape(len(x), math.prod(x.shape[1:])), y  # 0 images too
         if labels:
             raise click.ClickException(_LABELS_WITH_IDX)
         return read_parquet_dir(path if is_uri(path) else p, n_features=n_features)
@@ -104,6 +105,8 @@ def evaluate(model_file: str, data: str, labels: str | None) -> None:
     x, y = _data(data, labels, m.sizes[0])
     if y is None:
         raise click.ClickException(f"{data} has no labels (Parquet column 'y', or --labels for IDX)")
+    if not len(y):
+        raise click.ClickException(f"{data} holds no examples: there is no error rate to give")
     err = _call(m.error_rate, x, y)
     click.echo(json.dumps({"examples": len(y), "errors": int(round(err * len(y))), "error_rate": err}))
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
@@ -387,7 +388,8 @@ def export_features_arrays(
     out = Path(out_dir)
     _check_out_dir(out, {name})
     k = model.layer_index(layer)
-    x = np.asarray(x).reshape(len(x), -1)
+    x = np.asarray(x)
+    x = x.reshape(len(x), math.prod(x.shape[1:]))  # 0 examples too
     if y is not None and len(y) != len(x):
         raise ValueError(f"export_features: {len(y)} labels for {len(x)} examples")
     if x.shape[1] != model.sizes[0]:  # before anything is made

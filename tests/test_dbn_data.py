@@ -731,6 +731,29 @@ def test_dbn_command_uses_a_saved_model(tmp_path):
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
+def test_dbn_command_on_an_idx_file_of_no_images(tmp_path):
+    import subprocess
+    import sys
+
+    save(tmp_path / "m.avro", _tiny_net(), {})
+    (tmp_path / "none-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, 0, 28, 28))
+    (tmp_path / "none-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, 0))
+
+    def dbn_cmd(*args):
+        return subprocess.run([sys.executable, "-m", "dbn.cli", *map(str, args)], capture_output=True, text=True)
+
+    r = dbn_cmd("evaluate", tmp_path / "m.avro", tmp_path / "none-idx3-ubyte", "--labels", tmp_path / "none-idx1-ubyte")
+    assert r.returncode == 1 and "none-idx3-ubyte holds no examples" in r.stderr, r.stderr
+    r = dbn_cmd("predict", tmp_path / "m.avro", tmp_path / "none-idx3-ubyte")
+    assert r.returncode == 0 and r.stdout == "row,label\n", r.stderr
+    r = dbn_cmd("features", tmp_path / "m.avro", tmp_path / "none-idx3-ubyte", tmp_path / "f", "--layer", "2",
+                "--labels", tmp_path / "none-idx1-ubyte")
+    assert r.returncode == 0, r.stderr
+    t = pq.read_table(tmp_path / "f" / "none-idx3-ubyte.parquet")  # an empty file with the columns' types
+    assert t.num_rows == 0 and t.schema.field("features").type == pa.list_(pa.float32(), 15), t.schema
+    assert t.column_names == ["features", "y"]
+
+
 def test_a_width_that_the_job_sets_is_named_in_the_message():
     from iterreduce.fs import InputError
 

@@ -66,7 +66,7 @@ def _data(path: str, labels: str | None, n_features: int) -> tuple[np.ndarray, n
             return x.reshape(len(x), math.prod(x.shape[1:])), y  # 0 images too
         if labels:
             raise click.ClickException(_LABELS_WITH_IDX)
-        return read_parquet_dir(path if is_uri(path) else p, n_features=n_features)
+        return read_parquet_dir(path, n_features=n_features)
     except (OSError, ValueError) as exc:  # IDXError, InputError, RecordError are ValueErrors
         raise click.ClickException(str(exc)) from None
 

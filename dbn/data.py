@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from iterreduce.fs import InputError, RecordError, concat_tables, in_file, verify_checksums
+from iterreduce.fs import InputError, RecordError
 
 __all__ = [
     "IDXError",
@@ -439,16 +439,29 @@ def _to_arrays(table: pa.Table, n_features: int | None = None) -> tuple[np.ndarr
     return x, y
 
 
-def _parquet_files(path: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    if isinstance(path, (str, os.PathLike)):
-        p = Path(path)
-        if p.is_dir():
-            files = sorted(p.glob("*.parquet"))
-            if not files:
-                raise FileNotFoundError(f"no .parquet files in {p}")
-            return files
-        return [p]
-    return [Path(q) for q in path]
+def _parquet_files(path: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """The files that ``path`` names: a directory's own ``*.parquet`` (sorted by name; not
+    its subdirectories' or other files), a file, or a list of files; local paths or URIs
+    alike, listed through :mod:`iterreduce.fs`."""
+    import pyarrow.fs as pafs
+
+    from iterreduce.fs import filesystem
+
+    if not isinstance(path, (str, os.PathLike)):
+        return [str(q) for q in path]
+    name = str(path)
+    name = name.rstrip("/") or name
+    fs, where = filesystem(name)
+    info = fs.get_file_info(where)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{name} does not exist")
+    if info.type != pafs.FileType.Directory:
+        return [name]
+    files = sorted(f"{name}/{i.base_name}" for i in fs.get_file_info(pafs.FileSelector(where))
+                   if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"no .parquet files in {name}")
+    return files
 
 
 def read_parquet_dir(
@@ -457,37 +470,16 @@ def read_parquet_dir(
     classes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read all ``*.parquet`` shards of a directory (sorted by name), a file, or
-    a list of files. Returns ``(x uint8 [n, d], y int64 [n] or None)``; a bad example
-    (:func:`check_examples`, with ``n_features`` and ``classes``) is refused naming
-    its file and row. A URI (``webhdfs://``, ``hdfs://``, ...) is read through
-    :mod:`iterreduce.fs`, as a job reads its input."""
-    from iterreduce.job import is_uri
+    a list of files, local or at a URI (``webhdfs://``, ``hdfs://``, ...), through
+    :mod:`iterreduce.fs` as a job reads its input. Returns ``(x uint8 [n, d], y int64 [n]
+    or None)``; a bad example (:func:`check_examples`, with ``n_features`` and ``classes``)
+    is refused naming its file and row."""
+    from iterreduce.fs import FilePiece, read_split
 
-    if isinstance(path, (str, os.PathLike)) and is_uri(str(path)):
-        import pyarrow.fs as pafs
-
-        from iterreduce.fs import FilePiece, filesystem, read_split
-
-        uri = str(path).rstrip("/")
-        fs, where = filesystem(uri)
-        info = fs.get_file_info(where)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"{uri} does not exist")
-        names = [uri] if info.type != pafs.FileType.Directory else sorted(  # as a local directory: its *.parquet
-            f"{uri}/{i.base_name}" for i in fs.get_file_info(pafs.FileSelector(where))
-            if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
-        if not names:
-            raise FileNotFoundError(f"no .parquet files in {uri}")
-        pieces = [FilePiece(f) for f in names]
-        # check_examples refuses null examples, pixels and labels in its own words
-        return _to_arrays(read_split(pieces, None, check=lambda t: check_examples(t, n_features, classes),
-                                     nulls=True), n_features)
-    tables, files = [], _parquet_files(path)
-    for f in files:
-        t = pq.read_table(f, page_checksum_verification=verify_checksums())
-        in_file(str(f), 0, lambda: check_examples(t, n_features, classes))
-        tables.append(t)
-    return _to_arrays(concat_tables(tables, [str(f) for f in files]), n_features)
+    pieces = [FilePiece(f) for f in _parquet_files(path)]
+    # check_examples refuses null examples, pixels and labels in its own words
+    return _to_arrays(read_split(pieces, None, check=lambda t: check_examples(t, n_features, classes), nulls=True),
+                      n_features)
 
 
 def prepare_mnist(

@@ -471,7 +471,7 @@ def export_features(
     if not isinstance(model, Model):
         model = load(model)
     out = Path(out_dir)
-    sources = _parquet_files(inputs)
+    sources = [Path(f) for f in _parquet_files(inputs)]
     by_name: dict[str, Path] = {}
     for src in sources:
         if Path(src).resolve().parent == out.resolve():

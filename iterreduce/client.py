@@ -330,7 +330,7 @@ def check_input(job: JobSpec, columns: bool = True) -> list:
     its params were refused), or :class:`SubmitError`. Returns the splits
     (:func:`~iterreduce.fs.plan_splits`)."""
     from .appmaster import input_columns
-    from .fs import InputError, plan_splits
+    from .fs import InputError, MissingInput, plan_splits
 
     try:
         read = input_columns(None, job) if columns else None
@@ -343,7 +343,7 @@ def check_input(job: JobSpec, columns: bool = True) -> list:
         # as in the workers' messages about a record)
         text = str(exc)
         text = text.removeprefix("input ") if not text.startswith("input file") else text
-        if job.yarn.environment and text.endswith("does not exist") and not is_uri(text.split(" ", 2)[1]):
+        if job.yarn.environment and isinstance(exc, MissingInput) and not is_uri(exc.path):
             text += " (a local path, read on this machine; a path on HDFS is a URI: webhdfs://NAMENODE:9870/...)"
         raise SubmitError(f"{job.source}: input: {text}") from None
     except Exception as exc:  # noqa: BLE001 - a filesystem that does not answer

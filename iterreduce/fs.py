@@ -40,6 +40,14 @@ class InputError(ValueError):
     transient = False
 
 
+class MissingInput(InputError):
+    """An input path (``path``, as the job gives it) that does not exist."""
+
+    def __init__(self, path: str):
+        self.path = path
+        super().__init__(f"input path {path}: does not exist")
+
+
 class RecordError(InputError):
     """A bad record, raised by a ``check`` given to :func:`read_split`: ``row`` is the
     record's index in the table the check was given (one row group), ``reason`` what
@@ -139,7 +147,7 @@ def list_input_files(paths: Sequence[str]) -> list[str]:
         found_before = len(files)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise InputError(f"input path {uri}: does not exist")
+            raise MissingInput(uri)
         if info.type == pafs.FileType.Directory:
             # as Hadoop's input formats: a name (of the file or a directory under the path) that
             # starts with _ or . is not data (_SUCCESS, .crc, _temporary/, .staging/)

@@ -528,6 +528,7 @@ class Checkpoints:
     """``ckpt-<superstep>.npz`` files: the master's state and the broadcast for that superstep."""
 
     PATTERN = re.compile(r"^ckpt-(\d{8})\.npz$")
+    PARTIAL = re.compile(r"^\.ckpt-(\d{8})\.npz\.tmp$")  # Output.write_bytes's temporary file
 
     def __init__(self, uri: str, keep: int = 2):
         self.dir = Output(uri)
@@ -541,6 +542,9 @@ class Checkpoints:
         self.dir.write_npz(name, payload)
         for old in self.supersteps()[: -self.keep]:
             self.dir.delete(f"ckpt-{old:08d}.npz")
+        for left in self.dir.list():  # half-written by a master killed while it wrote (kill --now)
+            if self.PARTIAL.match(left):
+                self.dir.delete(left)
         return self.dir.uri_of(name)
 
     def supersteps(self) -> list[int]:

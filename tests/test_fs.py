@@ -161,6 +161,19 @@ def test_a_damaged_latest_checkpoint_gives_way_to_the_one_before_it(tmp_path, ca
         ck.latest()
 
 
+def test_a_checkpoint_left_half_written_is_removed_by_the_next_save(tmp_path):
+    from iterreduce.fs import Checkpoints
+
+    ck = Checkpoints(str(tmp_path / "ck"), keep=2)
+    ck.save(3, {"w": np.zeros(10, np.float32)}, {"step": 3})
+    (tmp_path / "ck" / ".ckpt-00000009.npz.tmp").write_bytes(b"PK half")  # a master killed while it wrote
+    (tmp_path / "ck" / ".notes.tmp").write_bytes(b"not ours")
+    assert ck.latest()[0] == 3  # not a checkpoint
+    ck.save(4, {"w": np.ones(10, np.float32)}, {"step": 4})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [".notes.tmp", "ckpt-00000003.npz",
+                                                                    "ckpt-00000004.npz"]
+
+
 def test_the_check_before_submitting_reads_a_checkpoint_s_metadata_only(tmp_path):
     from iterreduce.fs import Checkpoints
 

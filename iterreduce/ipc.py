@@ -963,6 +963,11 @@ def _read_frames(conn: _Conn, length: int, gate: Callable[[bytes], bool | None] 
                 segs.append(memoryview(small))
                 small = bytearray()
             segs.append(_read_big_frame(conn, n, head))
+    # Avro's Java Requestor sends a message's parameters as a frame of their own, so a message
+    # without parameters (status) ends with two zero-length frames: further empty frames are
+    # taken, as Java's and Python's readers take them; any other bytes there are refused
+    while left >= 4 and conn.read_exact(4) == b"\0\0\0\0":
+        left -= 4
     if left:
         raise _BadFrame(f"{left} bytes after the final (zero-length) frame")
     if small:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import socket
@@ -258,6 +259,55 @@ def test_stock_avro_requestor(server):
         assert ei.value.args[0]["code"] == "BAD_TOKEN"
     finally:
         t.close()
+
+
+class _JavaFramingTransceiver(avro.ipc.HTTPTransceiver):
+    """Frames a request as Avro's Java HttpTransceiver does: the call's header and its
+    parameters in frames of their own, so a message without parameters (status) sends an
+    empty frame before the zero-length one that ends it; ``tail`` is sent after that."""
+
+    tail = b""
+
+    def write_framed_message(self, message):
+        proto = self.requestor.local_protocol
+        params = b""
+        if self.params_of is not None:
+            buf = io.BytesIO()
+            self.requestor.write_request(proto.messages[self.params_of[0]].request, self.params_of[1],
+                                         avro.io.BinaryEncoder(buf))
+            params = buf.getvalue()
+        head = message[:len(message) - len(params)]
+        body = struct.pack(">I", len(head)) + head + struct.pack(">I", len(params)) + params + b"\0\0\0\0"
+        self.conn.request("POST", self.req_resource, body + self.tail, {"Content-Type": "avro/binary"})
+
+
+def test_a_request_framed_as_avro_java_frames_it_is_answered(server):
+    host, port = server.address
+    proto = _stock_protocol()
+    for tail in (b"", b"\0\0\0\0"):  # (a tail of empty frames is taken as the end, as Java's reader takes it)
+        t = _JavaFramingTransceiver(host, port)
+        t.tail = tail
+        try:
+            req = t.requestor = TokenRequestor(proto, t)
+            t.params_of = ("status", {})
+            assert req.request("status", {})["state"] == "RUNNING"  # parameters: an empty frame
+            args = {"worker_id": "reject", "superstep": 1, "progress": 0.5, "message": "m"}
+            t.params_of = ("heartbeat", args)  # parameters in a frame of their own
+            with pytest.raises(avro.errors.AvroRemoteException) as ei:
+                req.request("heartbeat", args)
+            assert ei.value.args[0]["code"] == "NOT_REGISTERED"
+        finally:
+            t.close()
+    t = _JavaFramingTransceiver(host, port)
+    t.tail = b"\0\0\0\1x"  # anything but empty frames after the end is refused
+    try:
+        t.requestor = TokenRequestor(proto, t)
+        t.params_of = ("status", {})
+        with pytest.raises(avro.errors.AvroException):
+            t.requestor.request("status", {})
+    finally:
+        t.close()
+    _assert_still_serving(server)
 
 
 def test_bad_token_rejected(server, caplog):

@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -343,18 +343,29 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _expected(n_features: int | None, features_from: str, features_default: bool) -> str:
+    """"N are expected (where N was set)", for a message about the width of the examples."""
+    if not features_from:
+        return f"{n_features} are expected"
+    default = ", its default: set it to the width of the input" if features_default else ""
+    return f"{n_features} are expected ({features_from} is {n_features}{default})"
+
+
 def check_examples(table: pa.Table, n_features: int | None = None, classes: int | None = None,
-                   classes_from: str = "", features_from: str = "") -> None:
-    """Refuse a table of examples that :func:`table_to_arrays` cannot turn into pixels
-    and labels without losing something.
+                   classes_from: str = "", features_from: str = "", features_default: bool = False) -> None:
+    """Refuse a table of examples that :func:`table_to_arrays` cannot turn into inputs
+    and labels without losing something. An example ``x`` is a list of integer pixels
+    0..255 (images), or of floats in [0, 1] (any features scaled to that range).
 
     Raises :class:`iterreduce.fs.RecordError` (``row`` counted in ``table``) for the
-    first bad example: a null example, a null pixel, a pixel outside 0..255, an example
+    first bad example: a null example, a null value (or NaN), a pixel outside 0..255 or a
+    float outside [0, 1], an example
     with another number of values than the others (or than ``n_features``), a null
     label, a label outside ``0..classes-1`` (with ``classes``; ``classes_from`` says where
-    that number was set, for the message; ``features_from`` the same for ``n_features``). Raises
+    that number was set, for the message; ``features_from`` the same for ``n_features``, and
+    ``features_default`` that it was not set there, so is a default). Raises
     :class:`iterreduce.fs.InputError` when the columns themselves are wrong: no ``x``,
-    an ``x`` that is not a list of integers, a ``y`` that is not an integer, every
+    an ``x`` that is not a list of integers or floats, a ``y`` that is not an integer, every
     example of a fixed width other than ``n_features``. Given as the ``check`` of
     :func:`iterreduce.fs.read_split`, the errors name the file and the row in it.
     """
@@ -365,15 +376,15 @@ def check_examples(table: pa.Table, n_features: int | None = None, classes: int 
     col = table.column("x")
     t = col.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
-            or not pa.types.is_integer(t.value_type):
-        raise InputError(f"column 'x': expected a list of integer pixels 0..255 per example "
-                         f"(fixed_size_list<uint8>[d]), got {t}")
+            or not (pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)):
+        raise InputError(f"column 'x': expected a list per example of integer pixels 0..255 "
+                         f"(fixed_size_list<uint8>[d]) or of floats in [0, 1], got {t}")
     if col.null_count:
         raise RecordError(_first(col.is_null().to_numpy(zero_copy_only=False)), "the example x is null")
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False) if len(col) else np.zeros(0, np.int64)
     width = t.list_size if pa.types.is_fixed_size_list(t) else (int(lengths[0]) if len(lengths) else n_features)
     if n_features is not None and width is not None and width != n_features:
-        expected = f"{n_features} are expected" + (f" ({features_from} is {n_features})" if features_from else "")
+        expected = _expected(n_features, features_from, features_default)
         if pa.types.is_fixed_size_list(t):
             raise InputError(f"column 'x' has {width} values per example, {expected}")
         raise RecordError(0, f"x has {width} values, {expected}")
@@ -381,14 +392,20 @@ def check_examples(table: pa.Table, n_features: int | None = None, classes: int 
         row = _first(lengths != width)
         raise RecordError(row, f"x has {lengths[row]} values, the examples before it have {width}")
     values = pc.list_flatten(col)
+    floats = pa.types.is_floating(t.value_type)
     if values.null_count:
         raise RecordError(_first(values.is_null().to_numpy(zero_copy_only=False)) // max(width, 1),
-                          "x has a null pixel")
+                          f"x has a null {'value' if floats else 'pixel'}")
     if t.value_type != pa.uint8() and len(values):
         v = values.to_numpy(zero_copy_only=False)
-        bad = (v < 0) | (v > 255)
+        bad = ~((v >= 0) & (v <= 1)) if floats else (v < 0) | (v > 255)  # NaN too
         if bad.any():
             i = _first(bad)
+            if floats and np.isnan(v[i]):
+                raise RecordError(i // width, f"value {i % width} of x (counted from 0) is NaN")
+            if floats:
+                raise RecordError(i // width, f"value {i % width} of x (counted from 0) is {v[i]}, outside [0, 1] "
+                                  "(float features are taken as they are: scale them to [0, 1])")
             raise RecordError(i // width, f"pixel {i % width} of x is {v[i]}, outside 0..255")
     if "y" not in table.column_names:
         return
@@ -406,12 +423,78 @@ def check_examples(table: pa.Table, n_features: int | None = None, classes: int 
             raise RecordError(row, f"label {yv[row]} is not a class of 0..{classes - 1}{said}")
 
 
+def examples_check(n_features: int | None = None, classes: int | None = None, classes_from: str = "",
+                   features_from: str = "", labels: bool = False,
+                   features_default: bool = False) -> Callable[[pa.Table], None]:
+    """A ``check`` for :func:`iterreduce.fs.read_split` that reads examples: :func:`check_examples`
+    on each row group (with a label column ``y`` required when ``labels``), and the same kind of
+    ``x`` in all of them: integer pixels beside floats would be read as one float column, the
+    pixels then counted as values 0..255 where features are in [0, 1]."""
+    kinds: list[tuple[bool, str]] = []
+
+    def check(table: pa.Table) -> None:
+        if labels and "y" not in table.column_names:
+            raise InputError("needs a label column 'y'")
+        check_examples(table, n_features, classes, classes_from, features_from, features_default)
+        floats = pa.types.is_floating(table.schema.field("x").type.value_type)
+        if kinds and kinds[0][0] != floats:
+            raise InputError(f"column 'x' holds {_KINDS[floats]} ({table.schema.field('x').type}), where the "
+                             f"data before it holds {_KINDS[kinds[0][0]]} ({kinds[0][1]}): give data of one kind")
+        kinds.append((floats, str(table.schema.field("x").type)))
+
+    return check
+
+
+_KINDS = {False: "integer pixels 0..255", True: "floats in [0, 1]"}
+
+
+def check_example_schemas(schemas: dict[str, pa.Schema], n_features: int | None = None, features_from: str = "",
+                          features_default: bool = False) -> None:
+    """What :func:`check_examples` can tell of Parquet files from their schemas alone
+    (``{file: schema}``), for all of them at once: an ``x`` that is not a list of integers or
+    floats, a ``y`` that is not an integer, examples of a fixed width other than ``n_features``
+    (``features_from`` says where that was set; ``features_default``: it was not, and is a
+    default), and integer pixels in some files beside floats in others. Raises
+    :class:`iterreduce.fs.InputError` naming the files."""
+    def some(files: list[str]) -> str:
+        return ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+
+    bad_x: dict[str, list[str]] = {}
+    bad_y: dict[str, list[str]] = {}
+    widths: dict[int, list[str]] = {}
+    kinds: dict[bool, list[str]] = {}
+    for f, schema in schemas.items():
+        if "x" in schema.names:
+            t = schema.field("x").type
+            if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
+                    or not (pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)):
+                bad_x.setdefault(str(t), []).append(f)
+                continue
+            kinds.setdefault(pa.types.is_floating(t.value_type), []).append(f)
+            if pa.types.is_fixed_size_list(t) and n_features is not None and t.list_size != n_features:
+                widths.setdefault(t.list_size, []).append(f)
+        if "y" in schema.names and not pa.types.is_integer(schema.field("y").type):
+            bad_y.setdefault(str(schema.field("y").type), []).append(f)
+    problems = [f"column 'x' is {t} in {some(files)}: expected a list per example of integer pixels 0..255 "
+                "(fixed_size_list<uint8>[d]) or of floats in [0, 1]" for t, files in bad_x.items()]
+    problems += [f"column 'y' is {t} in {some(files)}: expected integer labels" for t, files in bad_y.items()]
+    for width, files in widths.items():
+        problems.append(f"column 'x' has {width} values per example in {some(files)}, "
+                        f"{_expected(n_features, features_from, features_default)}")
+    if len(kinds) > 1:
+        problems.append(f"column 'x' holds {_KINDS[False]} in {some(kinds[False])} but {_KINDS[True]} in "
+                        f"{some(kinds[True])}: give data of one kind")
+    if problems:
+        raise InputError("; ".join(problems))
+
+
 def table_to_arrays(table: pa.Table, n_features: int | None = None,
                     classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Convert a table with ``x`` (a list of integer pixels 0..255 per example,
-    ``fixed_size_list<uint8>[d]`` as written here) and optional ``y``.
+    ``fixed_size_list<uint8>[d]`` as written here, or of floats in [0, 1]) and optional ``y``.
 
-    Returns ``(x uint8 [n, d], y int64 [n] or None)`` without a per-row loop. The
+    Returns ``(x uint8 [n, d] pixels, or float32 [n, d] for float features; y int64 [n] or
+    None)`` without a per-row loop. The
     table is checked first with :func:`check_examples` (``n_features``, ``classes``).
     """
     check_examples(table, n_features, classes)
@@ -432,7 +515,8 @@ def _to_arrays(table: pa.Table, n_features: int | None = None) -> tuple[np.ndarr
     else:
         flat = col.flatten()
         d = len(flat) // len(col) if len(col) else (n_features or 0)
-    x = flat.to_numpy(zero_copy_only=False).astype(np.uint8, copy=False).reshape(len(col), d)
+    dtype = np.float32 if pa.types.is_floating(col.type.value_type) else np.uint8
+    x = flat.to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(col), d)
     y = None
     if "y" in table.column_names:
         y = table.column("y").to_numpy().astype(np.int64, copy=False)
@@ -478,8 +562,7 @@ def read_parquet_dir(
 
     pieces = [FilePiece(f) for f in _parquet_files(path)]
     # check_examples refuses null examples, pixels and labels in its own words
-    return _to_arrays(read_split(pieces, None, check=lambda t: check_examples(t, n_features, classes), nulls=True),
-                      n_features)
+    return _to_arrays(read_split(pieces, None, check=examples_check(n_features, classes), nulls=True), n_features)
 
 
 def prepare_mnist(

@@ -37,6 +37,20 @@ the same job file give the same model, with or without lost workers or a resume.
 Supersteps: pre-training takes ``sum(epochs) * supersteps_per_epoch`` supersteps,
 fine-tuning ``finetune.epochs`` more; the last combine returns the :class:`Final`.
 
+Input: Parquet files with a column ``x`` (per example, a list of integer pixels 0..255,
+``fixed_size_list<uint8>[n_visible]`` as ``examples/mnist_dbn.py prepare`` writes them, or
+of floats in [0, 1]: any features scaled to that range, taken as the visible units'
+probabilities) and an integer label ``y``. All the files hold one kind of ``x``;
+``iterreduce validate`` refuses, from the files' schemas, an ``x`` or ``y`` of another
+type, a fixed width other than ``n_visible``, and pixels in some files beside floats in
+others.
+
+Workers and epochs: each worker's epoch takes ``1/workers`` of the data's mini-batches,
+and the average of the workers' parameters is one step, not ``workers`` steps: with more
+workers an epoch moves the parameters less (PayPal's scheme, and parameter averaging in
+general). A job that learns with 2 workers may need more epochs (or
+``supersteps_per_epoch`` > 1, which averages more often) with 12.
+
 Parameters (``algorithm.params`` of the job file; defaults in brackets)::
 
     layers: [500, 500, 2000]       # hidden layer widths
@@ -104,14 +118,14 @@ from typing import Any
 import numpy as np
 
 from iterreduce import Final, Master, Update, Worker, average_metrics, weighted_average
-from iterreduce.fs import FilePiece, InputError, list_input_files, plan_splits, read_split
+from iterreduce.fs import FilePiece, list_input_files, plan_splits, read_split
 from iterreduce.job import closest_match
 
 from . import model as _model
 from . import network as _net
 from . import plots as _plots
 from . import rbm as _rbm
-from .data import _to_arrays, check_examples
+from .data import _to_arrays, check_example_schemas, examples_check
 
 __all__ = ["DBNConfig", "DBNMaster", "DBNWorker"]
 
@@ -182,6 +196,7 @@ class DBNConfig:
     layers: list[int] = field(default_factory=lambda: [500, 500, 2000])
     classes: int = 10
     n_visible: int = 784
+    n_visible_given: bool = True  # False: n_visible is the default, not in the job file
     train: list[str] | None = None  # one path or several in the job file
     validation: str | None = None
     test: str | None = None
@@ -252,6 +267,7 @@ class DBNConfig:
             raise ValueError(f"algorithm.params.finetune.average_from: {ft.average_from} is not an epoch of "
                              f"fine-tuning (epochs 0..{ft.epochs - 1}); use null to turn averaging off")
         return cls(layers=list(layers), classes=params.get("classes", 10), n_visible=params.get("n_visible", 784),
+                   n_visible_given="n_visible" in params,
                    train=[train] if isinstance(train, str) else train, validation=params.get("validation"), test=params.get("test"),
                    max_examples_per_worker=_optional_int(params.get("max_examples_per_worker"),
                                                          "algorithm.params.max_examples_per_worker"),
@@ -270,12 +286,9 @@ class DBNConfig:
 
 def _read_xy(pieces: list[FilePiece], cfg: DBNConfig) -> tuple[np.ndarray, np.ndarray]:
     """Pixels and labels of ``pieces``; a bad example is refused naming its file and row."""
-    def check(table):
-        if "y" not in table.column_names:
-            raise InputError("needs a label column 'y'")
-        check_examples(table, cfg.n_visible, cfg.classes, classes_from="algorithm.params.classes",
-                       features_from="algorithm.params.n_visible")
-
+    check = examples_check(cfg.n_visible, cfg.classes, classes_from="algorithm.params.classes",
+                           features_from="algorithm.params.n_visible", labels=True,
+                           features_default=not cfg.n_visible_given)
     # check_examples refuses null examples, pixels and labels in its own words: no second pass for them
     return _to_arrays(read_split(pieces, ["x", "y"], check=check, nulls=True), cfg.n_visible)
 
@@ -373,6 +386,11 @@ class DBNMaster(Master):
     @classmethod
     def input_columns(cls, params):
         return ["x", "y"]  # every worker reads both (_read_xy)
+
+    @classmethod
+    def check_input(cls, params, schemas):
+        cfg = DBNConfig.from_params(params)
+        check_example_schemas(schemas, cfg.n_visible, "algorithm.params.n_visible", not cfg.n_visible_given)
 
     @classmethod
     def input_paths(cls, params):

@@ -301,6 +301,16 @@ class Master:
         return None
 
     @classmethod
+    def check_input(cls, params: dict[str, Any], schemas: dict[str, Any]) -> None:
+        """Refuse input files that the workers cannot read, from their schemas alone (no data
+        is read): raise ``ValueError`` saying what is wrong and naming the files. ``schemas`` is
+        ``{file: pyarrow.Schema}`` of every non-empty input file; ``params`` are ones
+        :meth:`check_params` accepted. ``validate``, ``run`` and ``submit`` call it before
+        anything starts, after the check of :meth:`input_columns`, so a label column of the
+        wrong type, say, is refused before a container is asked for instead of failing the
+        job in its first superstep. The default accepts any."""
+
+    @classmethod
     def input_paths(cls, params: dict[str, Any]) -> list[str]:
         """Paths in ``algorithm.params`` that the master reads (test data, say), relative to the
         job file where relative; ``validate``, ``run`` and ``submit`` check that they exist

@@ -353,7 +353,8 @@ class AppMaster:
         # only in the cluster's environment, and the input may have changed since
         check_algorithm(job, check_paths=False)
         try:
-            splits = plan_splits(job.input.paths, job.workers.count, input_columns(master_cls, job))
+            splits = plan_splits(job.input.paths, job.workers.count, input_columns(master_cls, job),
+                                 input_check(master_cls, job))
         except InputError as exc:  # refused, the output left as it was (a filesystem's hiccup: the next attempt)
             if exc.transient:
                 raise
@@ -390,7 +391,7 @@ class AppMaster:
         except InputError as exc:  # the master's own input (test data, say): every attempt reads it
             if exc.transient:
                 raise
-            raise JobFailed(f"the master's input: {exc}; fix the input and run the job again") from None
+            raise JobFailed(f"the master's input: {exc}; fix the input or the job file and run the job again") from None
         if restored is not None:
             step, arrays, meta = restored
             self._hook("restore", self.master.restore, _unpack(arrays, meta, "state"))
@@ -870,7 +871,8 @@ class AppMaster:
             log.error("worker %s (container %s, split %d) failed %s: %s\n%s", worker_id,
                       info.container_id, info.split, when, _peer_text(error), _indented(traceback))
             why = ("this fails the job at once: a replacement worker would fail the same way (it reads the same "
-                   "input with the same seed); fix the input or the algorithm and run the job again") if fatal else ""
+                   "input with the same seed); fix the input, the job file or the algorithm and run the job "
+                   "again") if fatal else ""
             split = self._splits[info.split]
             if (not why and split.last_failure == key
                     and error.split(":", 1)[0] in _PROGRAMMING_ERRORS):
@@ -973,6 +975,30 @@ def input_columns(master: type | None, job: JobSpec) -> list[str] | None:
         raise JobFailed(f"{job.source}: {master.__qualname__}.input_columns returned {columns!r}: a list of "
                         "column names, or None, was expected")
     return None if columns is None else list(columns)
+
+
+def input_check(master: type | None, job: JobSpec) -> Callable[[dict[str, Any]], None] | None:
+    """``check(schemas)`` for :func:`~iterreduce.fs.plan_splits`: the job's master class's
+    :meth:`Master.check_input` (``master``; None: imported here, and no check when it cannot be),
+    its ``ValueError`` an :class:`InputError`, anything else it raises a :class:`JobFailed`."""
+    if master is None:
+        try:
+            master = load_class(job.algorithm.master, Master, job.base_dir, _shipped_dirs(job))
+        except JobFailed:
+            return None
+    if getattr(master.check_input, "__func__", None) is Master.check_input.__func__:
+        return None  # the default accepts any
+
+    def check(schemas: dict[str, Any]) -> None:
+        try:
+            master.check_input(job.algorithm.params, schemas)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - the algorithm's own code
+            raise JobFailed(f"{job.source}: {master.__qualname__}.check_input raised {type(exc).__name__}: {exc} "
+                            f"(it should raise ValueError saying what is wrong)\n{traceback.format_exc()}") from None
+
+    return check
 
 
 def earlier_success(output: Output, job: JobSpec) -> dict[str, Any] | None:

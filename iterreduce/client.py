@@ -326,18 +326,20 @@ def check_submission(job: JobSpec, resources: bool = True) -> None:
 
 def check_input(job: JobSpec, columns: bool = True) -> list:
     """The input exists and makes ``workers.count`` splits, and holds the columns the master
-    says its workers read (when it can be imported here; not asked without ``columns``: when
-    its params were refused), or :class:`SubmitError`. Returns the splits
+    says its workers read, of types its ``check_input`` accepts (when it can be imported here;
+    not asked without ``columns``: when its params were refused), or :class:`SubmitError`.
+    Returns the splits
     (:func:`~iterreduce.fs.plan_splits`)."""
-    from .appmaster import input_columns
+    from .appmaster import input_check, input_columns
     from .fs import InputError, MissingInput, plan_splits
 
     try:
         read = input_columns(None, job) if columns else None
+        check = input_check(None, job) if columns else None
     except JobFailed as exc:
         raise SubmitError(str(exc)) from None
     try:
-        return plan_splits(job.input.paths, job.workers.count, read)
+        return plan_splits(job.input.paths, job.workers.count, read, check)
     except InputError as exc:
         # "input: path /data: does not exist", not "input: input path /data: ..." ("input file" stays,
         # as in the workers' messages about a record)
@@ -346,6 +348,8 @@ def check_input(job: JobSpec, columns: bool = True) -> list:
         if job.yarn.environment and isinstance(exc, MissingInput) and not is_uri(exc.path):
             text += " (a local path, read on this machine; a path on HDFS is a URI: webhdfs://NAMENODE:9870/...)"
         raise SubmitError(f"{job.source}: input: {text}") from None
+    except JobFailed as exc:  # Master.check_input raised something else than a ValueError
+        raise SubmitError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - a filesystem that does not answer
         raise SubmitError(f"{job.source}: input: cannot read {', '.join(job.input.paths)}: "
                           f"{type(exc).__name__}: {_first_line(exc)}") from None

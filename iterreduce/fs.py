@@ -179,14 +179,15 @@ def _below(root: str, path: str) -> list[str]:
     return [p for p in rest.split("/") if p]
 
 
-def plan_splits(paths: Sequence[str], num_splits: int,
-                columns: Sequence[str] | None = None) -> list[list[FilePiece]]:
+def plan_splits(paths: Sequence[str], num_splits: int, columns: Sequence[str] | None = None,
+                check: Callable[[dict[str, pa.Schema]], None] | None = None) -> list[list[FilePiece]]:
     """Divide the input into ``num_splits`` contiguous shares of about equal bytes.
 
     Every Parquet row group is one piece; consecutive pieces of a file that land in the
     same split are merged. Raises :class:`InputError` when there are fewer row groups
     than splits, or a file is not Parquet, or (given the ``columns`` the workers read) a
-    file lacks one of them or holds one with a type that cannot be read with the others'.
+    file lacks one of them or holds one with a type that cannot be read with the others',
+    or ``check(schemas)`` (``{file: its Arrow schema}`` of the non-empty files) raises it.
     """
     pieces: list[tuple[str, int, int, int]] = []  # (uri, row group, bytes, rows)
     schemas: dict[str, pa.Schema] = {}
@@ -205,6 +206,8 @@ def plan_splits(paths: Sequence[str], num_splits: int,
             if g.num_rows:  # an empty row group (Spark's empty partition) would make an empty split
                 pieces.append((uri, rg, max(g.total_byte_size, 1), g.num_rows))
     _check_columns(schemas, columns)
+    if check is not None:
+        check(schemas)
     if len(pieces) < num_splits:
         raise InputError(f"input {', '.join(paths)}: {len(pieces)} non-empty row group(s) cannot make {num_splits} "
                          "splits; write smaller row groups or use fewer workers")

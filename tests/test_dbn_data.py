@@ -267,8 +267,14 @@ _BAD_EXAMPLES = {
     "ragged examples": (_examples(pa.array([[1] * 4, [2] * 4, [3] * 4, [4] * 3, [1] * 4, [1] * 4],
                                            pa.list_(pa.uint8())), [0] * 6), 3,
                         "x has 3 values, the examples before it have 4"),
-    "float pixels": (_examples(_pixels(values=np.linspace(0, 1, 24), type=pa.float32()), [0] * 6), None,
-                     "column 'x': expected a list of integer pixels 0..255 per example"),
+    "float above 1": (_examples(_pixels(values=np.r_[np.zeros(9), 1.5, np.zeros(14)], type=pa.float32()), [0] * 6),
+                      2, "value 1 of x (counted from 0) is 1.5, outside [0, 1] (float features are taken as they are: "
+                      "scale them to [0, 1])"),
+    "NaN feature": (_examples(_pixels(values=np.r_[np.zeros(13), np.nan, np.zeros(10)], type=pa.float64()),
+                              [0] * 6), 3, "value 1 of x (counted from 0) is NaN"),
+    "string values": (_examples(pa.array([["a"] * 4] * 6, pa.list_(pa.string(), 4)), [0] * 6), None,
+                      "column 'x': expected a list per example of integer pixels 0..255 (fixed_size_list<uint8>[d]) "
+                      "or of floats in [0, 1], got fixed_size_list<element: string>[4]"),
     "wrong width": (_examples(_pixels(d=3, n=8), [0] * 8), None, "column 'x' has 3 values per example, 4 are expected"),
     "float labels": (_examples(_pixels(), pa.array([0.0] * 6)), None, "column 'y': expected integer labels, got double"),
 }
@@ -282,7 +288,9 @@ def test_bad_example_is_refused_naming_the_file_and_its_row(tmp_path, case):
 
     table, row, words = _BAD_EXAMPLES[case]
     path = tmp_path / "part-00000.parquet"
-    good = _examples(_pixels(n=5), [0] * 5).cast(table.schema) if row is not None else None
+    floats = pa.types.is_floating(table.schema.field("x").type.value_type)
+    good = _examples(_pixels(n=5, values=np.linspace(0, 1, 20), type=pa.float32()) if floats else _pixels(n=5),
+                     [0] * 5).cast(table.schema) if row is not None else None
     # a good row group first, so that the row in the file differs from the row in its group
     with pq.ParquetWriter(path, table.schema) as w:
         if good is not None:
@@ -659,6 +667,22 @@ def test_learning_curves_png(tmp_path):
         assert (img == np.array(c, np.uint8)).all(axis=2).sum() > 20  # each line drawn
     plots.learning_curves_png({}, tmp_path / "empty.png", "")
     _parse_png(tmp_path / "empty.png")
+
+
+def test_float_features_in_0_1_are_read_as_float32_and_not_mixed_with_pixels(tmp_path):
+    from iterreduce.fs import InputError
+
+    rng = np.random.default_rng(3)
+    feats = rng.random((6, 4))  # float64 features in [0, 1): tabular data, not images
+    pq.write_table(_examples(_pixels(values=feats.ravel(), type=pa.float64()), [1, 0, 1, 0, 1, 0]),
+                   tmp_path / "a.parquet")
+    x, y = D.read_parquet_dir(tmp_path, n_features=4, classes=2)
+    assert x.dtype == np.float32 and np.array_equal(x, feats.astype(np.float32)) and y.tolist() == [1, 0] * 3
+    pq.write_table(_examples(_pixels(), [0] * 6), tmp_path / "b.parquet")  # pixels beside them: refused
+    with pytest.raises(InputError, match=rf"^input file {tmp_path / 'b.parquet'}: column 'x' holds integer pixels "
+                                         r"0\.\.255 \(fixed_size_list<element: uint8>\[4\]\), where the data before "
+                                         r"it holds floats in \[0, 1\] \(fixed_size_list<element: double>\[4\]\)"):
+        D.read_parquet_dir(tmp_path)
 
 
 def test_dbn_command_uses_a_saved_model(tmp_path):

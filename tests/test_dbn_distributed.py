@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -183,7 +187,7 @@ def test_a_label_outside_the_classes_fails_the_job_naming_its_file_and_row(tmp_p
     res = cli("run", str(write_job(tmp_path / "job2.yaml", spec)))
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert (f"the master's input: input file {test_shard}, row 123: label 10 is not a class of 0..9 "
-            "(algorithm.params.classes is 10); fix the input and run the job again") in res.stderr
+            "(algorithm.params.classes is 10); fix the input or the job file and run the job again") in res.stderr
     from iterreduce.appmaster import AppMaster, JobFailed
     from iterreduce.containers import LocalLauncher
     from iterreduce.job import load_job
@@ -480,3 +484,84 @@ def test_weight_averaging_keeps_the_mean_of_the_epoch_end_parameters(tmp_path, m
     with pytest.raises(ValueError, match=r"average_from: 50 is not an epoch of fine-tuning \(epochs 0..49\)"):
         DBNConfig.from_params({"finetune": {"epochs": 50, "average_from": 50}})
     assert DBNConfig.from_params({"finetune": {"average_from": None}}).finetune.average_from is None
+
+
+# ------------------------------------------------------------------ features that are not pixels
+
+
+def _tabular(directory: Path, rng: np.random.Generator, rows: int, shards: int, centres: np.ndarray,
+             x_type=None) -> None:
+    """Float features in [0, 1] (not images): noisy copies of one centre per class."""
+    y = rng.integers(0, len(centres), rows)
+    x = np.clip(centres[y] + rng.normal(0, 0.15, (rows, centres.shape[1])), 0, 1)
+    directory.mkdir(parents=True)
+    for i, part in enumerate(np.array_split(np.arange(rows), shards)):
+        col = pa.FixedSizeListArray.from_arrays(pa.array(x[part].ravel(), x_type or pa.float64()), x.shape[1])
+        pq.write_table(pa.table({"x": col, "y": y[part]}), directory / f"part-{i:05d}.parquet", row_group_size=100)
+
+
+def test_a_dbn_trains_on_float_features_in_0_1_and_validate_refuses_what_their_schemas_show(tmp_path):
+    rng = np.random.default_rng(11)
+    centres = rng.random((3, 16))
+    data = tmp_path / "data"
+    for name, rows, shards in (("train", 1200, 4), ("validation", 300, 1), ("test", 300, 1)):
+        _tabular(data / name, rng, rows, shards, centres)
+    spec = tiny_spec(data, tmp_path / "out")
+    p = spec["algorithm"]["params"]
+    p.update(n_visible=16, classes=3, layers=[24, 12])
+    p["pretrain"].update(epochs=5, batch_size=20)
+    p["finetune"].update(epochs=10, batch_size=20, learning_rate=0.5)
+    del p["max_examples_per_worker"], p["extra"]
+    job = write_job(tmp_path / "job.yaml", spec)
+    res = cli("validate", str(job))
+    assert res.returncode == 0, res.stderr
+    res = cli("run", str(job))
+    assert res.returncode == 0, res.stderr
+    final = metrics(tmp_path / "out")["final"]["metrics"]
+    assert final["test_error"] < 0.1, final  # three well-separated classes
+    x, y = read_parquet_dir(data / "test")
+    assert x.dtype == np.float32 and x.shape == (300, 16)
+    model = dbn.load(tmp_path / "out" / "model.avro")
+    assert model.error_rate(x, y) == final["test_error"]
+    res = subprocess.run([sys.executable, "-m", "dbn.cli", "evaluate", str(tmp_path / "out" / "model.avro"),
+                          str(data / "test")], capture_output=True, text=True)
+    assert res.returncode == 0 and json.loads(res.stdout)["error_rate"] == final["test_error"], res.stderr
+
+    # what the files' schemas show is refused by validate, naming the files, with nothing made
+    cases = {
+        "labels": lambda t: t.set_column(t.schema.get_field_index("y"), "y", t.column("y").cast(pa.float64())),
+        "pixels": lambda t: t.set_column(t.schema.get_field_index("x"), "x", pc_pixels(t)),
+        "width": lambda t: t.set_column(t.schema.get_field_index("x"), "x", pa.FixedSizeListArray.from_arrays(
+            t.column("x").combine_chunks().values.slice(0, len(t) * 8), 8)),
+    }
+    expected = {
+        "labels": "column 'y' is double in {f}: expected integer labels",
+        "pixels": "column 'x' holds integer pixels 0..255 in {f} but floats in [0, 1] in {others}: give data of "
+                  "one kind",
+        "width": "column 'x' has 8 values per example in {f}, 16 are expected (algorithm.params.n_visible is 16)",
+    }
+    for case, spoil in cases.items():
+        train = tmp_path / case
+        shutil.copytree(data / "train", train)
+        f = train / "part-00002.parquet"
+        pq.write_table(spoil(pq.read_table(f)), f)
+        bad = write_job(tmp_path / f"{case}.yaml", {**spec, "input": {"paths": [str(train)]},
+                                                    "output": str(tmp_path / f"out-{case}")})
+        res = cli("validate", str(bad))
+        others = ", ".join(str(train / f"part-0000{i}.parquet") for i in (0, 1, 3))
+        words = expected[case].format(f=f, others=others)
+        assert res.returncode == 1 and f"{bad}: input: {words}" in res.stderr, (case, res.stderr)
+        assert not (tmp_path / f"out-{case}").exists()
+    # n_visible left out of the job file: its default is named as such
+    del p["n_visible"]
+    res = cli("validate", str(write_job(tmp_path / "default.yaml", spec)))
+    assert res.returncode == 1 and "column 'x' has 16 values per example in " in res.stderr, res.stderr
+    assert "784 are expected (algorithm.params.n_visible is 784, its default: set it to the width of the input)" \
+        in res.stderr, res.stderr
+
+
+def pc_pixels(t):
+    """Column x of ``t`` as integer pixels 0..255 (what prepare writes for images)."""
+    v = t.column("x").combine_chunks()
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.round(v.values.to_numpy() * 255).astype(np.uint8)),
+                                             v.type.list_size)

@@ -95,7 +95,7 @@ def test_files_whose_columns_cannot_be_read_as_one_are_named_others_are_read(tmp
     x, y = read_parquet_dir(lists)
     assert x.tolist() == [[1, 2], [1, 2]] and y.tolist() == [1, 1]
     pq.write_table(pa.table({"x": pa.array([["a", "b"]]), "y": [1]}), lists / "c.parquet")
-    with pytest.raises(InputError, match=r"c\.parquet: column 'x': expected a list of integer pixels"):
+    with pytest.raises(InputError, match=r"c\.parquet: column 'x': expected a list per example of integer pixels"):
         read_parquet_dir([lists / "a.parquet", lists / "c.parquet"])
 
 def test_hidden_directories_and_empty_row_groups_are_not_input(tmp_path):

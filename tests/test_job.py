@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from iterreduce.job import JobError, JobSpec, load_job, parse_memory
@@ -248,6 +249,41 @@ def test_cli_validate_names_an_output_that_cannot_be_made_and_asks_no_columns_of
     res = iterreduce("validate", str(job))
     assert res.returncode == 1 and "input: column 'X' (is it 'x'?), which the algorithm reads, is in none of the 4 " \
         "input file(s); their columns: x, y" in res.stderr, res.stderr
+
+
+def test_master_check_input_refuses_input_files_from_their_schemas_before_anything_starts(tmp_path):
+    write_dataset(tmp_path / "data" / "train")
+    (tmp_path / "schemas.py").write_text(textwrap.dedent("""
+        from tests.algos import LinRegMaster
+
+        class FloatYMaster(LinRegMaster):
+            @classmethod
+            def check_input(cls, params, schemas):
+                want = params.get("y_type", "float")
+                odd = sorted(f.rsplit("/", 1)[-1] for f, s in schemas.items() if str(s.field("y").type) != want)
+                if odd:
+                    raise ValueError(f"column 'y' is not {want} in {', '.join(odd)} ({len(schemas)} files seen)")
+
+        class BuggyMaster(LinRegMaster):
+            @classmethod
+            def check_input(cls, params, schemas):
+                return schemas["no such file"]
+        """))
+    job = write(tmp_path, GOOD.replace("tests.algos:LinRegMaster", "schemas:FloatYMaster").replace(
+        "{supersteps: 4}", "{supersteps: 4, y_type: double}"))
+    for cmd in ("validate", "run"):
+        res = iterreduce(cmd, str(job))
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert (f"{job}: input: column 'y' is not double in part-00000.parquet, part-00001.parquet, "
+                "part-00002.parquet, part-00003.parquet (4 files seen)") in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was made
+    job = write(tmp_path, GOOD.replace("tests.algos:LinRegMaster", "schemas:FloatYMaster"))
+    res = iterreduce("validate", str(job))
+    assert res.returncode == 0, res.stderr  # params that accept the files' types
+    job = write(tmp_path, GOOD.replace("tests.algos:LinRegMaster", "schemas:BuggyMaster"))
+    res = iterreduce("validate", str(job))
+    assert res.returncode == 1 and f"{job}: BuggyMaster.check_input raised KeyError: 'no such file' (it should " \
+        "raise ValueError saying what is wrong)" in res.stderr, res.stderr
 
 
 def test_cli_run_names_a_bad_output_takes_output_from_the_working_directory_and_explains_ctrl_c(tmp_path):
@@ -574,9 +610,13 @@ def test_an_output_inside_the_input_is_refused(tmp_path):
 
 
 def test_dbn_test_set_that_is_training_data_is_accepted_with_a_warning(tmp_path):
-    write_dataset(tmp_path / "data" / "train")
-    write_dataset(tmp_path / "data" / "test", seed=1)
-    params = "params: {layers: [20], train: data/train, test: %s}"
+    from dbn.data import write_parquet_shards
+
+    rng = np.random.default_rng(0)
+    for name in ("train", "test"):
+        write_parquet_shards(rng.integers(0, 256, (40, 8), dtype=np.uint8), rng.integers(0, 10, 40),
+                             tmp_path / "data" / name, 4)
+    params = "params: {layers: [20], n_visible: 8, train: data/train, test: %s}"
     for test, warned in (("data/train", True), ("data/./train/", True), ("data/test", False)):
         job = write(tmp_path, DBN_BAD.replace("params: {layers: [20], finetune: {dropout_hidden: 1.5}}",
                                               params % test))

@@ -571,13 +571,19 @@ class AppMaster:
         """Remove the files an earlier run's ``Master.save`` wrote (its metrics.json lists them), so
         a run that fails leaves no result of another beside its own FAILED metrics.json."""
         try:
-            files = json.loads(self.output.read_bytes("metrics.json")).get("files") or []
+            earlier = json.loads(self.output.read_bytes("metrics.json"))
+            files = earlier.get("files") or []
         except (OSError, ValueError, AttributeError):
             return
-        for name in files:
-            if isinstance(name, str) and name and ".." not in name.split("/") and not name.startswith("/") \
-                    and self.output.exists(name):
-                self.output.delete(name)
+        removed = [n for n in files if isinstance(n, str) and n and ".." not in n.split("/")
+                   and not n.startswith("/") and self.output.exists(n)]
+        if removed:  # the run starts from the beginning: say what it replaces
+            log.warning("%s held the results of an earlier run (job %s, %s%s): removing %s; this run writes its own",
+                        self.output.uri, earlier.get("job"), earlier.get("state"),
+                        f", application {earlier['application']}" if earlier.get("application") else "",
+                        ", ".join(removed[:5]) + (f" and {len(removed) - 5} more" if len(removed) > 5 else ""))
+        for name in removed:
+            self.output.delete(name)
 
     def _write_metrics(self, final: Final | None) -> None:
         self.output.write_json("metrics.json", {

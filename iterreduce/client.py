@@ -360,6 +360,7 @@ def check_output(job: JobSpec) -> None:
     elsewhere, can be made and listed, or :class:`SubmitError`."""
     from .fs import Output
 
+    check_output_place(job)  # a file in the way is named as such
     places = [("output", job.output)]
     if job.checkpoint.path:
         places.append(("checkpoint.path", job.checkpoint.path))

@@ -292,13 +292,15 @@ def test_cli_run_names_a_bad_output_takes_output_from_the_working_directory_and_
     (tmp_path / "afile").write_text("")
     res = iterreduce("run", str(job), "--output", str(tmp_path / "afile"))
     assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert f"{job} (with command-line overrides): output: cannot create {tmp_path / 'afile'}" in res.stderr
+    assert f"{job} (with command-line overrides): output: {tmp_path / 'afile'} is a file, not a directory" \
+        in res.stderr, res.stderr
     # a checkpoint.path below a file: refused before superstep 0, not after it
     ck = tmp_path / "ck.yaml"
     ck.write_text(textwrap.dedent(GOOD.replace("checkpoint: {every: 2}", "checkpoint: {every: 2, path: afile/ck}")))
     res = iterreduce("run", str(ck))
     assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert f"{ck}: checkpoint.path: cannot create {tmp_path / 'afile' / 'ck'}" in res.stderr, res.stderr
+    assert f"{ck}: checkpoint.path: {tmp_path / 'afile' / 'ck'} cannot be made: {tmp_path / 'afile'} is a file, " \
+        "not a directory" in res.stderr, res.stderr
     assert not (tmp_path / "out" / "run" / "metrics.jsonl").exists()  # no superstep ran
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -789,7 +789,10 @@ def test_a_failed_rerun_leaves_no_result_of_the_earlier_run(tmp_path, dataset):
     assert metrics(job)["files"] == ["result.npz", "result.json"] and (out / "result.npz").exists()
     (out / "mine.txt").write_text("the user's own file")
     again = make_job(tmp_path, dataset, "rerun", raise_at=2, raise_everywhere=True)  # same output
-    assert cli("run", str(again)).returncode != 0
+    res = cli("run", str(again))
+    assert res.returncode != 0
+    assert f"{out} held the results of an earlier run (job linreg-test, SUCCEEDED): removing result.npz, " \
+        "result.json; this run writes its own" in res.stderr, res.stderr  # said, not done silently
     m = metrics(again)
     assert m["state"] == "FAILED" and m["files"] == []
     assert not (out / "result.npz").exists() and not (out / "result.json").exists()

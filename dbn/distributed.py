@@ -517,8 +517,6 @@ class DBNMaster(Master):
             elif self.F > 0:  # the classifier to fine-tune: the stack and a new softmax layer
                 self.rbm = None
                 self.net = _net.init_classifier(_net.stack(self.finished), self.cfg.classes, rng)
-                if self.validation is not None:  # before fine-tuning: the untrained softmax's
-                    metrics["validation_error"] = _net.error_rate(self.net, *self.validation)
             else:  # no fine-tuning: the stack is the model
                 self.rbm = None
         return metrics

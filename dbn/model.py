@@ -95,6 +95,9 @@ class Model:
         self.meta = dict(meta or {})
         self.kind = self.meta.get("kind", "classifier")
 
+    def __repr__(self) -> str:
+        return f"<dbn.Model {self.kind} {'-'.join(map(str, self.sizes))}>"
+
     @property
     def n_layers(self) -> int:
         """Weight layers (for a classifier: hidden layers + softmax)."""

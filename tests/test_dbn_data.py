@@ -371,6 +371,7 @@ def test_model_round_trip(tmp_path):
     m = dbn.load(tmp_path / "model.avro")
     assert isinstance(m, Model) and m.kind == "classifier"
     assert m.sizes == [784, 20, 15, 10] and m.meta["note"] == "test" and m.meta["format"] == "dbn-model"
+    assert repr(m) == "<dbn.Model classifier 784-20-15-10>"
     assert set(m.params) == {"W0", "b0", "W1", "b1", "W2", "b2"}
     for k in m.params:
         np.testing.assert_array_equal(m.params[k], net[k])

@@ -519,6 +519,8 @@ def test_a_dbn_trains_on_float_features_in_0_1_and_validate_refuses_what_their_s
     assert res.returncode == 0, res.stderr
     final = metrics(tmp_path / "out")["final"]["metrics"]
     assert final["test_error"] < 0.1, final  # three well-separated classes
+    pretrained = metrics(tmp_path / "out")["history"][9]  # the last pre-training epoch: no untrained softmax measured
+    assert pretrained["phase"] == "pretrain layer 2/2 epoch 5/5" and set(pretrained["master"]) == {"recon_error"}
     x, y = read_parquet_dir(data / "test")
     assert x.dtype == np.float32 and x.shape == (300, 16)
     model = dbn.load(tmp_path / "out" / "model.avro")

@@ -339,19 +339,27 @@ def status(app_id: str, follow: bool) -> None:
 
     client = _skein_client()
     r = _report(client, app_id)
-    click.echo(f"{app_id} {r.name}: {r.state} / {r.final_status}, progress {r.progress:.0%}")
-    if str(r.state) == "RUNNING":
+    head = f"{app_id} {r.name}: {r.state} / {r.final_status}"
+    if str(r.state) != "RUNNING":  # YARN's 100 % of an application it killed says nothing
+        click.echo(head)
+    else:
+        st, unseen = None, None
         try:
             raw = with_deadline(lambda: client.connect(app_id, wait=False).kv.get(KV_STATUS), 10.0)
-            if raw:
-                st = json.loads(raw)
-                click.echo(f"{status_text(st)} | {st['phase']} | "
-                           f"workers {st['workers_registered']}/{st['workers_expected']} | "
-                           f"replacements {st['replacements']} | " + live_metrics_text(st, None))
-                if st.get("message"):
-                    click.echo(st["message"])
+            st = json.loads(raw) if raw else None
         except Exception as exc:  # noqa: BLE001
-            click.echo(f"(no live view: {exc})")
+            unseen = exc
+        # the progress of the supersteps done, as the live view says it (YARN's figure lags behind)
+        done = st["superstep"] / st["total"] if isinstance(st, dict) and st.get("total") else r.progress
+        click.echo(f"{head}, progress {min(done, 1.0):.0%}")
+        if isinstance(st, dict):
+            click.echo(f"{status_text(st)} | {st['phase']} | "
+                       f"workers {st['workers_registered']}/{st['workers_expected']} | "
+                       f"replacements {st['replacements']} | " + live_metrics_text(st, None))
+            if st.get("message"):
+                click.echo(st["message"])
+        elif unseen is not None:
+            click.echo(f"(no live view: {unseen})")
     if follow and str(r.state) not in ("FINISHED", "FAILED", "KILLED"):
         _follow(app_id, client)
         return

@@ -247,6 +247,8 @@ def test_killed_worker_container_is_replaced_on_yarn(hadoop_cluster, hdfs_base, 
     status = cli("status", app_id)
     assert status.returncode == 0, status.stderr
     assert f"{app_id} yarn-linreg: RUNNING" in status.stdout and "| workers 2/2 |" in status.stdout
+    shown = re.search(r"RUNNING / UNDEFINED, progress (\d+)%\n.*\((\d+)/(\d+) done\)", status.stdout)
+    assert shown and f"{int(shown[2]) / int(shown[3]):.0%}" == f"{shown[1]}%", status.stdout  # the live view's
     app = skein_client.connect(app_id, wait=False)
     victims = [c for c in app.get_containers(services=["worker"]) if str(c.state) == "RUNNING"]
     assert victims, "no running worker container"
@@ -536,7 +538,7 @@ def test_kill_stops_the_job_saying_so_and_submit_resume_finishes_it(hadoop_clust
         time.sleep(0.5)
     assert _am_jvm_pid(app_id) is None, "the ApplicationMaster outlived the stop"
     res = cli("status", app_id)
-    assert res.returncode == 0 and res.stdout.startswith(f"{app_id} yarn-linreg: KILLED / KILLED"), res.stdout
+    assert res.returncode == 0 and res.stdout.startswith(f"{app_id} yarn-linreg: KILLED / KILLED\n"), res.stdout
     followed = cli("status", "-f", app_id)  # followed to an end that is no success: exit status 1
     assert followed.returncode == 1 and followed.stdout.startswith(f"{app_id} yarn-linreg: KILLED"), followed
     version = hadoop_cluster.rm_get("/ws/v1/cluster/info")["clusterInfo"]["hadoopVersion"]

@@ -7,6 +7,7 @@ process and the workers are local processes, the same modules YARN runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -413,7 +414,6 @@ def check_not_in_use(job: JobSpec) -> None:
     :data:`~iterreduce.appmaster.OWNER_FILE` there): a YARN application the
     ResourceManager lists as running, or a local run whose process is alive on this host.
     A marker a run that died left behind is ignored."""
-    import json
     import socket
 
     from .appmaster import OWNER_FILE
@@ -451,7 +451,6 @@ def run_in(uri: str) -> dict[str, Any]:
     alive on this host; None for an application or another host), ``records`` (the supersteps
     of ``metrics.jsonl``) and ``final`` (``metrics.json``, once the run has ended).
     :class:`~iterreduce.fs.InputError` when it holds none of them."""
-    import json
     import socket
 
     from .appmaster import OWNER_FILE
@@ -700,6 +699,10 @@ def submit(job: JobSpec, client: Any = None, check: bool = True, resume: bool = 
 
     if check:
         check_submission(job)
+    if not resume:
+        note = earlier_results(job)
+        if note:
+            log.warning("%s; the application replaces them as it starts (another output keeps them)", note)
     with tempfile.TemporaryDirectory(prefix="iterreduce-submit-") as tmp:
         token_file = os.path.join(tmp, "token")
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -717,6 +720,25 @@ def submit(job: JobSpec, client: Any = None, check: bool = True, resume: bool = 
             raise SubmitError(f"{job.source}: YARN refused the application: {text}") from None
     claim_output(job, app_id)
     return app_id
+
+
+def earlier_results(job: JobSpec) -> str | None:
+    """What an earlier run left as its results in ``job.output`` (its ``metrics.json`` lists
+    them), in words ("OUT holds the results of job J (SUCCEEDED, application A): model.avro,
+    ..."); None when there are none or they cannot be read."""
+    from .fs import Output
+
+    try:
+        out = Output(job.output)
+        earlier = json.loads(out.read_bytes("metrics.json")) if out.exists("metrics.json") else None
+        files = [f for f in earlier.get("files") or [] if isinstance(f, str)] if isinstance(earlier, dict) else []
+    except Exception:  # noqa: BLE001 - unreadable: the master says what it removes
+        return None
+    if not files:
+        return None
+    app = f", application {earlier['application']}" if earlier.get("application") else ""
+    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    return f"{job.output} holds the results of job {earlier.get('job')} ({earlier.get('state')}{app}): {shown}"
 
 
 def claim_output(job: JobSpec, app_id: str) -> None:
@@ -766,7 +788,6 @@ def wait(app_id: str, client: Any, progress: Progress | None = None, poll: float
     application as soon as YARN knows, never waits on a dead one: the live status from the
     ApplicationMaster is read with a deadline of ``kv_timeout`` seconds, the state from the
     ResourceManager decides."""
-    import json
 
     from .containers import KV_STATUS
 
@@ -856,7 +877,6 @@ def _yarn_conf(key: str, default: str) -> str:
 
 
 def _get_json(url: str) -> Any:
-    import json
     import urllib.request
 
     with urllib.request.urlopen(urllib.request.Request(url, headers={"Accept": "application/json"}),
@@ -869,7 +889,6 @@ def kill_application(client: Any, app_id: str, diagnostics: str) -> None:
     (and `iterreduce status`, and the web UI) shows for it: its REST API takes one (Hadoop 3),
     skein's kill does not ("Application killed by user."), so that is the fallback (a secured
     web UI, an older ResourceManager)."""
-    import json
     import urllib.parse
     import urllib.request
 

@@ -787,6 +787,10 @@ def test_a_failed_rerun_leaves_no_result_of_the_earlier_run(tmp_path, dataset):
     assert cli("run", str(job)).returncode == 0
     out = Path(load_job(job).output)
     assert metrics(job)["files"] == ["result.npz", "result.json"] and (out / "result.npz").exists()
+    from iterreduce.client import earlier_results  # what submit warns of before it replaces them
+
+    assert earlier_results(load_job(job)) == f"{out} holds the results of job linreg-test (SUCCEEDED): result.npz, " \
+        "result.json"
     (out / "mine.txt").write_text("the user's own file")
     again = make_job(tmp_path, dataset, "rerun", raise_at=2, raise_everywhere=True)  # same output
     res = cli("run", str(again))
@@ -794,7 +798,7 @@ def test_a_failed_rerun_leaves_no_result_of_the_earlier_run(tmp_path, dataset):
     assert f"{out} held the results of an earlier run (job linreg-test, SUCCEEDED): removing result.npz, " \
         "result.json; this run writes its own" in res.stderr, res.stderr  # said, not done silently
     m = metrics(again)
-    assert m["state"] == "FAILED" and m["files"] == []
+    assert m["state"] == "FAILED" and m["files"] == [] and earlier_results(load_job(again)) is None
     assert not (out / "result.npz").exists() and not (out / "result.json").exists()
     assert (out / "mine.txt").read_text() == "the user's own file"  # only what the job wrote goes
 

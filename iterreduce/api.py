@@ -7,7 +7,9 @@ computed on its split of the input. When every split has answered, the master
 broadcast, or into a :class:`Final` result, which ends the job. A worker that dies is
 replaced by a new process that gets the same split and rejoins at the current superstep,
 so algorithms must be deterministic given ``(seed, split_index, superstep)``:
-use :meth:`WorkerContext.rng` and :meth:`MasterContext.rng`, never a global RNG.
+use :meth:`WorkerContext.rng` and :meth:`MasterContext.rng` (numpy's and Python's global
+generators are seeded from the same numbers before every call: :func:`seed_global_generators`).
+In a superstep every split's update holds the same arrays (names, dtypes, shapes).
 
 A minimal algorithm (the mean of a column, in one superstep)::
 
@@ -73,6 +75,20 @@ def _json_ok(v: Any) -> bool:
         return False
 
 
+def seed_global_generators(*entropy: int) -> None:
+    """Seed numpy's legacy global generator (``np.random.random`` and the rest) and Python's
+    ``random`` from ``entropy`` (the job's seed, the split, the superstep: whole numbers >= 0).
+    The framework calls it before every :meth:`Worker.setup` and :meth:`Worker.compute`, and
+    before the master's methods, so algorithm code that draws from those generators gives the
+    same result run after run, after a lost worker and after a resume, as the contexts'
+    ``rng`` does (which is still the way: its streams do not depend on what else drew before)."""
+    import random
+
+    state = np.random.SeedSequence(list(entropy), spawn_key=(0x676C6F62,)).generate_state(4)  # not ctx.rng's
+    np.random.seed(state)
+    random.seed(int.from_bytes(state.tobytes(), "little"))
+
+
 def failed_when(stage: str, superstep: int) -> str:
     """Where a worker failed, for messages: ``in setup (before superstep 3)`` or ``at superstep 3``."""
     return f"in setup (before superstep {superstep})" if stage == "setup" else f"at superstep {superstep}"
@@ -104,6 +120,17 @@ class Update:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # made uniform here, or refused naming what is wrong
+        self.check()
+
+    def check(self) -> "Update":
+        """Make the fields uniform again, or refuse what cannot travel, naming the field (as when
+        the update was made): the framework calls it on every update it is handed, so one
+        changed after it was made (``u.metrics["x"] = ...``) is checked too. Returns ``self``."""
+        for what in ("arrays", "metrics"):
+            d = getattr(self, what)
+            if not isinstance(d, dict) or not all(isinstance(k, str) for k in d):
+                raise TypeError(f"Update.{what} must be a dict with string keys (names), got "
+                                f"{type(d).__name__} {d!r:.80}")
         for name, a in list(self.arrays.items()):
             if not isinstance(a, np.ndarray):  # a numpy scalar (x.sum()), a list
                 try:
@@ -137,6 +164,7 @@ class Update:
             where = f"[{bad[0]!r}]" if bad else ""
             raise TypeError(f"Update.meta{where} is not JSON-serialisable ({exc}); arrays go in Update.arrays"
                             ) from None
+        return self
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())

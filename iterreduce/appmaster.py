@@ -30,7 +30,7 @@ import numpy as np
 
 from . import ipc
 from .api import (Final, Master, MasterContext, Update, Worker, average_metrics, failed_when, json_text,
-                  update_from_avro, update_to_avro)
+                  seed_global_generators, update_from_avro, update_to_avro)
 from .containers import ENV_LOG_LEVEL, Launcher
 from .fs import Checkpoints, FilePiece, InputError, Output, plan_splits
 from .job import JobSpec, errors_text, is_uri
@@ -262,6 +262,8 @@ class AppMaster:
         self._superstep = 0
         self._broadcast: dict[str, Any] | None = None  # Avro record of broadcast _superstep
         self._catch_up: dict[str, Any] | None = None
+        self._resumed_at: int | None = None  # the superstep a resume started at
+        self._checkpoints_logged = False
         self._pushes: dict[int, Update] = {}
         self._splits: list[_Split] = []
         self._workers: dict[str, _WorkerInfo] = {}
@@ -368,7 +370,7 @@ class AppMaster:
                 self.checkpoints.dir.delete(f"ckpt-{old:08d}.npz")
         if restored is not None:  # what the checkpoint knows of the run so far (metrics.json says it too)
             step, arrays, meta = restored
-            self._superstep = step
+            self._superstep = self._resumed_at = step
             self._replacements = meta.get("replacements", 0)
             self._history = meta.get("history", [])
         if self.output.exists("metrics.json"):  # an earlier run's result: until this one writes its own
@@ -431,6 +433,8 @@ class AppMaster:
         fails the job naming the method, with its traceback (a transient error of the network
         or a filesystem lets YARN's next attempt try again; anything else would only repeat).
         With ``returns`` (its description), the result must be an :class:`Update`."""
+        if name.split()[0] in ("setup", "initial_update", "combine"):  # np.random, random: as ctx.rng
+            seed_global_generators(self.job.seed, 0x6D61, *([self._superstep] if name.startswith("combine") else []))
         try:
             out = fn(*args)
         except JobFailed:
@@ -443,10 +447,20 @@ class AppMaster:
             from .fs import _transient
 
             what = name if name.endswith(")") else f"Master.{name}"  # the class itself: "pkg.mod:Cls()"
-            raise JobFailed(f"{what} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}",
+            hint = ""
+            if name.startswith("combine") and self._resumed_at == self._superstep:
+                hint = (f" (this run resumed from the checkpoint of superstep {self._resumed_at} just before: a master "
+                        "that keeps anything across supersteps returns it from state() and takes it back in "
+                        "restore())")
+            raise JobFailed(f"{what} failed: {type(exc).__name__}: {exc}{hint}\n{traceback.format_exc()}",
                             retry=_transient(exc)) from exc
-        if returns and not isinstance(out, Update):
+        if returns and not isinstance(out, Update) and not (out is None and "None" in returns):
             raise JobFailed(f"Master.{name.split()[0]} must return {returns}, got {type(out).__name__}")
+        if returns and out is not None:
+            try:  # changed after it was made, say: named as when it is made
+                out.check()
+            except (TypeError, ValueError) as exc:
+                raise JobFailed(f"Master.{name.split()[0]} returned an Update that cannot be used: {exc}") from None
         return out
 
     def _launch(self, split: int) -> None:
@@ -527,7 +541,7 @@ class AppMaster:
         """Encode the broadcast once; the master may not change its arrays afterwards."""
         self._broadcast = update_to_avro(update, self._superstep)
         self._broadcast_nbytes = update.nbytes()
-        cu = self._hook("catch_up", self.master.catch_up)
+        cu = self._hook("catch_up", self.master.catch_up, returns="an Update or None")
         self._catch_up = update_to_avro(_copy(cu), self._superstep) if cu is not None else None
 
     def _checkpoint(self, step: int, broadcast: Update) -> None:
@@ -544,7 +558,12 @@ class AppMaster:
         }
         uri = self.checkpoints.save(step, arrays, meta)
         self._flush_metrics(force=True)
-        log.info("checkpoint %s", uri)
+        if self._checkpoints_logged:  # one line to say where they go, then only with -v
+            log.debug("checkpoint %s", uri)
+        else:
+            log.info("checkpoint %s (every %d superstep(s); keeping the last %d)", uri, self.job.checkpoint.every,
+                     self.job.checkpoint.keep)
+            self._checkpoints_logged = True
 
     def _finish(self, final: Final) -> None:
         with self._cond:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -295,14 +296,14 @@ def submit(job_file: str, wait: bool, resume: bool, skip_resource_check: bool, v
         _follow(app_id, client)
 
 
-def _follow(app_id: str, client) -> None:
-    """Follow ``app_id`` to its end (a line per superstep), then say how it ended; a click
-    error (exit status 1) when it did not succeed."""
+def _follow(app_id: str, client, stream: Any = None) -> None:
+    """Follow ``app_id`` to its end (a line per superstep, on ``stream``: standard error when
+    not given), then say how it ended; a click error (exit status 1) when it did not succeed."""
     from .client import Progress, logs_command
     from .client import wait as wait_app
 
     try:
-        final, diagnostics = wait_app(app_id, client, progress=Progress(lines=True))
+        final, diagnostics = wait_app(app_id, client, progress=Progress(stream, lines=True))
     except KeyboardInterrupt:
         click.echo(f"\nstopped following {app_id}; the application goes on. `iterreduce status -f {app_id}` "
                    f"follows it again, `iterreduce kill {app_id}` ends it.", err=True)
@@ -361,7 +362,7 @@ def status(app_id: str, follow: bool) -> None:
         elif unseen is not None:
             click.echo(f"(no live view: {unseen})")
     if follow and str(r.state) not in ("FINISHED", "FAILED", "KILLED"):
-        _follow(app_id, client)
+        _follow(app_id, client, sys.stdout)  # what status says, all on one stream (submit's id is alone there)
         return
     if r.diagnostics:
         click.echo(r.diagnostics.strip())
@@ -426,7 +427,7 @@ def _output_status(uri: str, follow: bool) -> str | None:
             time.sleep(1.0)
             run = run_in(uri)
             for record in run["records"][seen:]:
-                click.echo(f"{time.strftime('%H:%M:%S')} {superstep_line(record)}", err=True)
+                click.echo(f"{time.strftime('%H:%M:%S')} {superstep_line(record)}")
             seen = len(run["records"])
             if not (run["owner"] and run["alive"]):
                 break

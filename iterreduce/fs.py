@@ -282,7 +282,7 @@ def _check_columns(schemas: dict[str, pa.Schema], columns: Sequence[str] | None)
         groups.sort(key=lambda g: -len(g[2]))
         (_, common, most), odd = groups[0], groups[1:]
         shown = "; ".join(f"{' or '.join(names)} in {_some(files)}" for _, names, files in odd)
-        problems.append(f"column {col} is {shown}, where {len(most)} other file(s) have {' or '.join(common)}")
+        problems.append(f"column {col!r} is {shown}, where {len(most)} other file(s) have {' or '.join(common)}")
     if nowhere_text:  # first, and with whatever else is wrong
         raise InputError(nowhere_text + ("; and the input files' columns do not agree: " + "; ".join(problems)
                                          if problems else ""))

@@ -22,7 +22,8 @@ import uuid
 from typing import Any
 
 from . import ipc
-from .api import Final, Update, Worker, WorkerContext, failed_when, update_from_avro, update_to_avro
+from .api import (Final, Update, Worker, WorkerContext, failed_when, seed_global_generators, update_from_avro,
+                  update_to_avro)
 from .containers import (ENV_CONTAINER, ENV_LOG_LEVEL, ENV_MASTER, ENV_SPLIT, ENV_TOKEN_FILE, KV_MASTER_URL,
                          die_with_parent)
 from .fs import FilePiece, InputError
@@ -89,6 +90,7 @@ class WorkerRunner:
                                     log=logging.getLogger("iterreduce.algorithm"), _progress=self._set_progress)
                 log.info("registered as %s for split %d of %d, starting at superstep %d", self.worker_id,
                          ctx.split_index, ctx.num_splits, step)
+                seed_global_generators(job.seed, ctx.split_index)
                 worker.setup(ctx)
             except Exception as exc:  # noqa: BLE001 - reported, as below, but as a failure of setup
                 return self._failed(exc, step, stage="setup")
@@ -110,11 +112,17 @@ class WorkerRunner:
                 t0 = time.monotonic()
                 log.debug("superstep %d: the master's update (%d array(s)) after %.2f s of waiting", step,
                           len(r["update"]["arrays"]), t0 - waited)
+                seed_global_generators(job.seed, ctx.split_index, step)
                 out = worker.compute(update_from_avro(r["update"]), step, ctx)
                 if not isinstance(out, Update) or isinstance(out, Final):
                     got = ("a Final (only Master.combine ends the job)" if isinstance(out, Final)
                            else type(out).__name__)
                     raise BadReturn(f"{type(worker).__name__}.compute must return an Update, got {got}")
+                try:  # changed after it was made, say: named as when it is made
+                    out.check()
+                except (TypeError, ValueError) as exc:
+                    raise BadReturn(f"{type(worker).__name__}.compute returned an Update that cannot be sent: "
+                                    f"{exc}") from None
                 if out.nbytes() > ipc.MAX_MESSAGE_BYTES - (1 << 20):  # the master would refuse it unread
                     raise RejectedUpdate(
                         f"the update's arrays hold {out.nbytes()} bytes; a message to the master carries at "

@@ -5,6 +5,7 @@ parameter-averaged SGD on synthetic Parquet data, with switches to misbehave
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,12 @@ class LinRegWorker(Worker):
             return Update({"w": w, "huge": np.zeros(1 << 28, np.float32)}, num_samples=len(self.y))
         if superstep == p.get("wide_at") and ctx.split_index == p.get("wide_split", 0):
             w = np.append(w, np.float32(0))  # one array of another shape than the other splits'
-        return Update({"w": w}, num_samples=len(self.y), metrics={"mse": mse})
+        if p.get("global_rng"):  # numpy's and Python's global generators, not ctx.rng
+            w = w + np.float32(1e-3 * random.random()) * np.random.standard_normal(DIM).astype(np.float32)
+        out = Update({"w": w}, num_samples=len(self.y), metrics={"mse": mse})
+        if superstep == p.get("spoil_metric_at"):  # changed after it was made
+            out.metrics["col_var"] = self.x.var(axis=0)
+        return out
 
 
 class LinRegMaster(Master):
@@ -108,11 +114,18 @@ class LinRegMaster(Master):
     def combine(self, updates, superstep):
         if superstep == 2:
             self._broken(self.ctx.params, "combine")
+        if self.ctx.params.get("forgetful") and self.done_steps != superstep:  # its state() keeps nothing
+            raise RuntimeError(f"done_steps is {self.done_steps} at superstep {superstep}")
         w = weighted_average(updates)["w"]
         self.done_steps = superstep + 1
         if self.done_steps >= self.steps:
             return Final({"w": w}, metrics={"supersteps": float(self.done_steps)})
-        return Update({"w": w}, meta={"superstep": self.done_steps})
+        if self.ctx.params.get("global_rng"):
+            w = w + np.float32(1e-3 * random.random()) * np.random.standard_normal(DIM).astype(np.float32)
+        out = Update({"w": w}, meta={"superstep": self.done_steps})
+        if self.ctx.params.get("master_spoils") == "combine":  # changed after it was made
+            out.metrics["status"] = "ok"
+        return out
 
     def phase(self):
         return f"sgd step {self.done_steps}"
@@ -122,7 +135,13 @@ class LinRegMaster(Master):
 
     def state(self):
         self._broken(self.ctx.params, "state")
-        return Update(meta={"done_steps": self.done_steps})
+        out = Update(meta={} if self.ctx.params.get("forgetful") else {"done_steps": self.done_steps})
+        if self.ctx.params.get("master_spoils") == "state":
+            out.meta["done_steps"] = np.int64(self.done_steps)
+        return out
+
+    def catch_up(self):
+        return {"w": None} if self.ctx.params.get("master_spoils") == "catch_up" else None
 
     def restore(self, state):
-        self.done_steps = state.meta["done_steps"]
+        self.done_steps = state.meta.get("done_steps", 0)

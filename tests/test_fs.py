@@ -68,13 +68,13 @@ def test_files_whose_columns_cannot_be_read_as_one_are_named_others_are_read(tmp
     with pytest.raises(InputError, match=r"input files .*a\.parquet and .*c\.parquet do not have the same columns: "
                                          r"x: float, y: int64 in the one, x: string, y: int64 in the other"):
         read_split([piece("a.parquet"), piece("c.parquet")])
-    with pytest.raises(InputError, match=r"the input files' columns do not agree: column x is string in "
+    with pytest.raises(InputError, match=r"the input files' columns do not agree: column 'x' is string in "
                                          r".*c\.parquet, where 2 other file\(s\) have "):
         plan_splits([str(tmp_path)], 1, columns=["x"])  # a column the algorithm reads
     assert len(plan_splits([str(tmp_path)], 1, columns=["y"])) == 1  # one it does not: no matter
     with caplog.at_level(logging.WARNING):  # the algorithm does not say what it reads: a warning
         assert len(plan_splits([str(tmp_path)], 1)) == 1
-    assert "the input files' columns do not agree: column x is string in" in caplog.text
+    assert "the input files' columns do not agree: column 'x' is string in" in caplog.text
     assert "Master.input_columns" in caplog.text
     with pytest.raises(InputError, match=r"^column 'z', which the algorithm reads, is in none of the 3 input "
                                          r"file\(s\); their columns: x, y$"):  # misnamed: not files that differ

@@ -274,6 +274,34 @@ def test_compute_returning_no_update_fails_the_job_at_once(tmp_path, dataset):
     assert "this fails the job at once" in res.stderr and metrics(job)["replacements"] == 0
 
 
+def test_an_update_changed_after_it_was_made_is_named_as_a_new_one_is(tmp_path, dataset):
+    job = make_job(tmp_path, dataset, "spoiled", max_restarts=3, spoil_metric_at=1)
+    res = cli("run", str(job))
+    assert res.returncode != 0 and metrics(job)["replacements"] == 0  # no replacement: it would do the same
+    assert "LinRegWorker.compute returned an Update that cannot be sent: Update.metrics['col_var'] must be a " \
+        "number, got ndarray" in res.stderr, res.stderr
+    for hook, words in (("combine", "Master.combine returned an Update that cannot be used: Update.metrics['status'] "
+                                    "must be a number, got str 'ok'"),
+                        ("state", "Master.state returned an Update that cannot be used: Update.meta['done_steps'] is "
+                                  "not JSON-serialisable"),
+                        ("catch_up", "Master.catch_up must return an Update or None, got dict")):
+        job = make_job(tmp_path, dataset, f"master-{hook}", master_spoils=hook)
+        res = cli("run", str(job))
+        assert res.returncode != 0 and words in res.stderr and "ApplicationMaster error" not in res.stderr, \
+            (hook, res.stderr)
+
+
+def test_numpy_s_and_python_s_global_generators_are_seeded_from_the_job(tmp_path, dataset):
+    first, again = (make_job(tmp_path, dataset, name, global_rng=True) for name in ("rng1", "rng2"))
+    for job in (first, again):
+        assert cli("run", str(job)).returncode == 0
+    results = [(Path(load_job(job).output) / "result.npz").read_bytes() for job in (first, again)]
+    assert results[0] == results[1]  # the same job, the same result, though its code draws from np.random
+    plain = Path(load_job(make_job(tmp_path, dataset, "plain")).output)
+    assert cli("run", str(make_job(tmp_path, dataset, "plain"))).returncode == 0
+    assert (plain / "result.npz").read_bytes() != results[0]  # the draws did change the result
+
+
 @pytest.mark.parametrize("hook", ["setup", "initial_update", "state", "combine"])
 def test_a_master_method_that_raises_fails_the_job_naming_it_with_its_traceback(tmp_path, dataset, hook,
                                                                                 monkeypatch):
@@ -417,6 +445,18 @@ def workers_of(master_pid: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_a_master_that_fails_right_after_a_resume_is_told_of_state_and_restore(tmp_path, dataset):
+    job = make_job(tmp_path, dataset, "forgetful", sleep=0.4, forgetful=True)
+    out = Path(load_job(job).output)
+    run_and_kill_after_checkpoint(job, out / "checkpoints", 3)
+    res = cli("run", "--resume", str(job))
+    assert res.returncode != 0
+    step = int(re.search(r"resumed from checkpoint .* at superstep (\d+)", res.stderr)[1])
+    assert f"Master.combine at superstep {step} failed: RuntimeError: done_steps is 0 at superstep {step} (this run " \
+        f"resumed from the checkpoint of superstep {step} just before: a master that keeps anything across " \
+        "supersteps returns it from state() and takes it back in restore())" in res.stderr, res.stderr
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, dataset, baseline):
@@ -875,8 +915,8 @@ def test_status_of_an_output_directory_shows_a_local_run_live_then_how_it_ended(
                          res.stdout), res.stdout
         res = cli("status", "-f", str(out))  # a line per superstep, to the end
         assert res.returncode == 0, res.stderr
-        shown = [line.split(" ", 1)[1].split(" | ")[0] for line in res.stderr.splitlines() if " done) | " in line]
-        assert shown and shown[-1] == "superstep 11 (12 done)", res.stderr
+        shown = [line.split(" ", 1)[1].split(" | ")[0] for line in res.stdout.splitlines() if " done) | " in line]
+        assert shown and shown[-1] == "superstep 11 (12 done)", res.stdout
         assert res.stdout.rstrip().endswith(f"{out}: job linreg-test: SUCCEEDED after 12 supersteps"), res.stdout
         assert proc.wait(60) == 0
     finally:

@@ -256,10 +256,10 @@ def test_killed_worker_container_is_replaced_on_yarn(hadoop_cluster, hdfs_base, 
     follow = cli("status", "-f", app_id, timeout=600)  # a line per superstep to the end, as submit --wait
     assert follow.returncode == 0, follow.stdout + follow.stderr
     assert f"{app_id} yarn-linreg: RUNNING" in follow.stdout and f"{app_id} SUCCEEDED: " in follow.stdout, follow
-    lines = [line.split(" ", 1)[1] for line in follow.stderr.splitlines() if "superstep " in line]
+    lines = [line.split(" ", 1)[1] for line in follow.stdout.splitlines() if "superstep " in line]
     done = [int(line.split()[1]) for line in lines if line.startswith("superstep ")]
-    assert done == list(range(14)), follow.stderr  # each superstep once, those before it began too
-    assert lines[-1].startswith("SUCCEEDED superstep 13 (14/14 done)"), follow.stderr
+    assert done == list(range(14)), follow.stdout  # each superstep once, those before it began too
+    assert lines[-1].startswith("SUCCEEDED superstep 13 (14/14 done)"), follow.stdout
     assert "| 1 worker(s) replaced" in lines[-1], follow.stderr
     final = wait_final(hadoop_cluster, app_id)
     assert final["finalStatus"] == "SUCCEEDED", final

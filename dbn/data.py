@@ -406,7 +406,7 @@ def check_examples(table: pa.Table, n_features: int | None = None, classes: int 
             if floats:
                 raise RecordError(i // width, f"value {i % width} of x (counted from 0) is {v[i]}, outside [0, 1] "
                                   "(float features are taken as they are: scale them to [0, 1])")
-            raise RecordError(i // width, f"pixel {i % width} of x is {v[i]}, outside 0..255")
+            raise RecordError(i // width, f"pixel {i % width} of x (counted from 0) is {v[i]}, outside 0..255")
     if "y" not in table.column_names:
         return
     y = table.column("y")

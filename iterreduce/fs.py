@@ -377,7 +377,7 @@ def refuse_nulls(table: pa.Table) -> None:
     """:class:`RecordError` for the first row of ``table`` with a missing value: a null, or a
     NaN in a floating-point column, in a column or anywhere inside one (a list's values, a
     struct's fields, a map's keys and items, at any depth), naming the column and where in
-    it (``x[].a``: field ``a`` of the structs in list ``x``)."""
+    it (``x[3].a``: field ``a`` of the fourth struct in the row's list ``x``)."""
     found = []
     for name in table.column_names:
         hit = _first_missing(table.column(name).combine_chunks(), name)
@@ -409,8 +409,11 @@ def _first_missing(arr: pa.Array, where: str) -> tuple[int, str, str] | None:
         arr = arr.cast(t)
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
         inner = _first_missing(pc.list_flatten(arr), where + "[]")
-        if inner is not None:  # the value's row -> its list's row
-            hits.append((int(pc.list_parent_indices(arr)[inner[0]].as_py()), *inner[1:]))
+        if inner is not None:  # the value's row -> its list's row, and its place in that list
+            parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+            row = int(parents[inner[0]])
+            at = inner[0] - int(np.searchsorted(parents, row))
+            hits.append((row, f"{where}[{at}]{inner[1][len(where) + 2:]}", inner[2]))
     elif pa.types.is_struct(t):
         for i, values in enumerate(arr.flatten()):  # a null struct's fields are null: found above, first
             inner = _first_missing(values, f"{where}.{t.field(i).name}")

@@ -263,7 +263,7 @@ _BAD_EXAMPLES = {
     "null pixel": (_examples(pa.array([[1] * 4, [2] * 4, [3] * 4, [1] * 4, [1, None, 1, 1], [1] * 4],
                                       pa.list_(pa.uint8(), 4)), [0] * 6), 4, "x has a null pixel"),
     "pixel above 255": (_examples(_pixels(values=np.r_[np.zeros(21), 300, 0, 0], type=pa.int32()), [0] * 6),
-                        5, "pixel 1 of x is 300, outside 0..255"),
+                        5, "pixel 1 of x (counted from 0) is 300, outside 0..255"),
     "ragged examples": (_examples(pa.array([[1] * 4, [2] * 4, [3] * 4, [4] * 3, [1] * 4, [1] * 4],
                                            pa.list_(pa.uint8())), [0] * 6), 3,
                         "x has 3 values, the examples before it have 4"),

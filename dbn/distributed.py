@@ -29,7 +29,8 @@ The scheme of PayPal's "Deep Learning on Hadoop 2.0" (IterativeReduce):
   epoch ``E`` on, validates and keeps that mean instead (the training itself goes on
   from the latest parameters).
 
-Randomness: a worker uses only ``ctx.rng(superstep)``; the master uses
+Randomness: a worker uses ``ctx.rng(superstep)`` (and, for an epoch in parts, one shuffle per
+layer and epoch drawn from the seed, split, layer and epoch); the master uses
 ``self.ctx.rng(superstep + 1)`` in ``combine(superstep)`` (the randomness that produces
 broadcast ``superstep + 1``) and ``ctx.rng(0)`` in :meth:`initial_update`. So runs with
 the same job file give the same model, with or without lost workers or a resume.
@@ -49,9 +50,10 @@ Workers and epochs: each worker's epoch takes ``1/workers`` of the data's mini-b
 and the average of the workers' parameters is one step, not ``workers`` steps: with more
 workers an epoch moves the parameters less (PayPal's scheme, and parameter averaging in
 general). A job that learns with 2 workers may need more epochs (or
-``supersteps_per_epoch`` > 1, which averages more often) with 12.
+``batches_per_superstep`` with ``supersteps_per_epoch`` > 1, which averages more often per
+pass) with 12.
 
-Parameters (``algorithm.params`` of the job file; defaults in brackets)::
+Parameters (``algorithm.params`` of the job file; each value shown is the default)::
 
     layers: [500, 500, 2000]       # hidden layer widths
     classes: 10                    # softmax outputs
@@ -94,8 +96,9 @@ Parameters (``algorithm.params`` of the job file; defaults in brackets)::
     extra: {}                      # ignored here: settings of subclasses (e.g. test fault injection)
 
 Outputs (:meth:`DBNMaster.save`): ``model.avro`` (:func:`dbn.model.save`),
-``filters.png`` (first-layer RBM filters), ``pretrain.png`` (reconstruction error per
-layer and epoch), ``finetune.png`` (train / validation error per epoch); the metrics
+``filters.png`` (first-layer RBM filters, for 784-value inputs: 28x28 images),
+``pretrain.png`` (reconstruction error per layer and epoch), ``finetune.png`` (train /
+validation error per epoch, when it fine-tunes); the metrics
 ``test_error``, ``validation_error`` and ``best_epoch`` go to ``metrics.json``.
 ``best_epoch`` counts from 0, as ``average_from`` does; the log's "finetune epoch N/M"
 counts from 1, so ``best_epoch=19`` is the epoch logged as 20/M. Without a validation set

@@ -8,7 +8,9 @@ broadcast, or into a :class:`Final` result, which ends the job. A worker that di
 replaced by a new process that gets the same split and rejoins at the current superstep,
 so algorithms must be deterministic given ``(seed, split_index, superstep)``:
 use :meth:`WorkerContext.rng` and :meth:`MasterContext.rng` (numpy's and Python's global
-generators are seeded from the same numbers before every call: :func:`seed_global_generators`).
+generators are seeded from the same numbers before ``Worker.setup``/``compute`` and
+``Master.setup``/``initial_update``/``combine``, not the master's other methods:
+:func:`seed_global_generators`).
 In a superstep every split's update holds the same arrays (names, dtypes, shapes).
 
 A minimal algorithm (the mean of a column, in one superstep)::
@@ -79,7 +81,8 @@ def seed_global_generators(*entropy: int) -> None:
     """Seed numpy's legacy global generator (``np.random.random`` and the rest) and Python's
     ``random`` from ``entropy`` (the job's seed, the split, the superstep: whole numbers >= 0).
     The framework calls it before every :meth:`Worker.setup` and :meth:`Worker.compute`, and
-    before the master's methods, so algorithm code that draws from those generators gives the
+    before :meth:`Master.setup`, :meth:`Master.initial_update` and :meth:`Master.combine` (not
+    the master's other methods), so algorithm code that draws from those generators gives the
     same result run after run, after a lost worker and after a resume, as the contexts'
     ``rng`` does (which is still the way: its streams do not depend on what else drew before)."""
     import random

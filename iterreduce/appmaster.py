@@ -434,7 +434,8 @@ class AppMaster:
         or a filesystem lets YARN's next attempt try again; anything else would only repeat).
         With ``returns`` (its description), the result must be an :class:`Update`."""
         if name.split()[0] in ("setup", "initial_update", "combine"):  # np.random, random: as ctx.rng
-            seed_global_generators(self.job.seed, 0x6D61, *([self._superstep] if name.startswith("combine") else []))
+            seed_global_generators(self.job.seed, 0x6D61, *([self._superstep] if name.startswith("combine")
+                                                            else [0, 1]))  # not combine(0)'s: padded alike
         try:
             out = fn(*args)
         except JobFailed:

@@ -18,8 +18,9 @@ from .containers import ENV_LOG_LEVEL
 from .job import JobError, is_uri, load_job
 
 
-VERBOSE_HELP = ("Debug lines too: each worker update as the master takes it, each worker's fetch and push "
-                "(in the workers' logs; on YARN in the containers' logs), the client's retries.")
+VERBOSE_HELP = ("Debug lines too: each worker update as the master takes it, each checkpoint after the first, "
+                "each worker's fetch and push (in the workers' logs; on YARN in the containers' logs), the client's "
+                "retries.")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -65,7 +66,8 @@ def main() -> None:
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 def validate(job_file: str) -> None:
-    """Check JOB_FILE without running it: fields, algorithm and its params, input splits, output."""
+    """Check JOB_FILE without running it: fields, algorithm and its params, the input (splits, columns,
+    schemas), the algorithm's own data paths, output, yarn section."""
     from .appmaster import JobFailed, check_algorithm
     from .client import SubmitError, check_input, check_output_place
     from .job import errors_text
@@ -323,8 +325,8 @@ def _follow(app_id: str, client, stream: Any = None) -> None:
 @main.command()
 @click.argument("app_id", metavar="APP_ID|OUTPUT")
 @click.option("--follow", "-f", is_flag=True,
-              help="Then follow it until it ends, a line per superstep, as `submit --wait` does; exit status 1 "
-                   "when it does not succeed.")
+              help="Then follow it until it ends, a line per superstep on standard output (`submit --wait` "
+                   "writes them on standard error); exit status 1 when it does not succeed.")
 def status(app_id: str, follow: bool) -> None:
     """The state, progress and live superstep of application APP_ID, or of the run that writes
     to the output directory OUTPUT (a local run's, or a YARN application's). Exit status 0

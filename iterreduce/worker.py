@@ -90,7 +90,7 @@ class WorkerRunner:
                                     log=logging.getLogger("iterreduce.algorithm"), _progress=self._set_progress)
                 log.info("registered as %s for split %d of %d, starting at superstep %d", self.worker_id,
                          ctx.split_index, ctx.num_splits, step)
-                seed_global_generators(job.seed, ctx.split_index)
+                seed_global_generators(job.seed, ctx.split_index, 0, 1)  # not compute(0)'s: padded alike
                 worker.setup(ctx)
             except Exception as exc:  # noqa: BLE001 - reported, as below, but as a failure of setup
                 return self._failed(exc, step, stage="setup")

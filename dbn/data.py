@@ -343,6 +343,12 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _examples_type(t: pa.DataType) -> bool:
+    """Whether ``t`` is a type of column ``x``: a list of integers (pixels) or of floats."""
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
+        and (pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type))
+
+
 def _expected(n_features: int | None, features_from: str, features_default: bool) -> str:
     """"N are expected (where N was set)", for a message about the width of the examples."""
     if not features_from:
@@ -375,8 +381,7 @@ def check_examples(table: pa.Table, n_features: int | None = None, classes: int 
         raise InputError(f"no column 'x' (the examples); its columns are {shown}")
     col = table.column("x")
     t = col.type
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
-            or not (pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)):
+    if not _examples_type(t):
         raise InputError(f"column 'x': expected a list per example of integer pixels 0..255 "
                          f"(fixed_size_list<uint8>[d]) or of floats in [0, 1], got {t}")
     if col.null_count:
@@ -466,8 +471,7 @@ def check_example_schemas(schemas: dict[str, pa.Schema], n_features: int | None 
     for f, schema in schemas.items():
         if "x" in schema.names:
             t = schema.field("x").type
-            if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
-                    or not (pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)):
+            if not _examples_type(t):
                 bad_x.setdefault(str(t), []).append(f)
                 continue
             kinds.setdefault(pa.types.is_floating(t.value_type), []).append(f)
@@ -555,8 +559,8 @@ def read_parquet_dir(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read all ``*.parquet`` shards of a directory (sorted by name), a file, or
     a list of files, local or at a URI (``webhdfs://``, ``hdfs://``, ...), through
-    :mod:`iterreduce.fs` as a job reads its input. Returns ``(x uint8 [n, d], y int64 [n]
-    or None)``; a bad example (:func:`check_examples`, with ``n_features`` and ``classes``)
+    :mod:`iterreduce.fs` as a job reads its input. Returns ``(x uint8 [n, d] pixels, or
+    float32 [n, d] for float features; y int64 [n] or None)``; a bad example (:func:`check_examples`, with ``n_features`` and ``classes``)
     is refused naming its file and row."""
     from iterreduce.fs import FilePiece, read_split
 

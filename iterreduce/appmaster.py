@@ -598,10 +598,7 @@ class AppMaster:
         removed = [n for n in files if isinstance(n, str) and n and ".." not in n.split("/")
                    and not n.startswith("/") and self.output.exists(n)]
         if removed:  # the run starts from the beginning: say what it replaces
-            log.warning("%s held the results of an earlier run (job %s, %s%s): removing %s; this run writes its own",
-                        self.output.uri, earlier.get("job"), earlier.get("state"),
-                        f", application {earlier['application']}" if earlier.get("application") else "",
-                        ", ".join(removed[:5]) + (f" and {len(removed) - 5} more" if len(removed) > 5 else ""))
+            log.warning("%s: removing them; this run writes its own", results_text(self.output.uri, earlier, removed))
         for name in removed:
             self.output.delete(name)
 
@@ -1025,6 +1022,14 @@ def input_check(master: type | None, job: JobSpec) -> Callable[[dict[str, Any]],
                             f"(it should raise ValueError saying what is wrong)\n{traceback.format_exc()}") from None
 
     return check
+
+
+def results_text(uri: str, earlier: dict[str, Any], files: list[str]) -> str:
+    """``files``, the results an earlier run (``earlier``: its metrics.json) left in the output
+    ``uri``, in words: "OUT holds the results of job J (SUCCEEDED, application A): model.avro, ..."."""
+    app = f", application {earlier['application']}" if earlier.get("application") else ""
+    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    return f"{uri} holds the results of job {earlier.get('job')} ({earlier.get('state')}{app}): {shown}"
 
 
 def earlier_success(output: Output, job: JobSpec) -> dict[str, Any] | None:

@@ -726,6 +726,7 @@ def earlier_results(job: JobSpec) -> str | None:
     """What an earlier run left as its results in ``job.output`` (its ``metrics.json`` lists
     them), in words ("OUT holds the results of job J (SUCCEEDED, application A): model.avro,
     ..."); None when there are none or they cannot be read."""
+    from .appmaster import results_text
     from .fs import Output
 
     try:
@@ -734,11 +735,7 @@ def earlier_results(job: JobSpec) -> str | None:
         files = [f for f in earlier.get("files") or [] if isinstance(f, str)] if isinstance(earlier, dict) else []
     except Exception:  # noqa: BLE001 - unreadable: the master says what it removes
         return None
-    if not files:
-        return None
-    app = f", application {earlier['application']}" if earlier.get("application") else ""
-    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-    return f"{job.output} holds the results of job {earlier.get('job')} ({earlier.get('state')}{app}): {shown}"
+    return results_text(job.output, earlier, files) if files else None
 
 
 def claim_output(job: JobSpec, app_id: str) -> None:

@@ -835,8 +835,8 @@ def test_a_failed_rerun_leaves_no_result_of_the_earlier_run(tmp_path, dataset):
     again = make_job(tmp_path, dataset, "rerun", raise_at=2, raise_everywhere=True)  # same output
     res = cli("run", str(again))
     assert res.returncode != 0
-    assert f"{out} held the results of an earlier run (job linreg-test, SUCCEEDED): removing result.npz, " \
-        "result.json; this run writes its own" in res.stderr, res.stderr  # said, not done silently
+    assert f"{out} holds the results of job linreg-test (SUCCEEDED): result.npz, result.json: removing them; this " \
+        "run writes its own" in res.stderr, res.stderr  # said, not done silently
     m = metrics(again)
     assert m["state"] == "FAILED" and m["files"] == [] and earlier_results(load_job(again)) is None
     assert not (out / "result.npz").exists() and not (out / "result.json").exists()

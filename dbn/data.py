@@ -461,8 +461,7 @@ def check_example_schemas(schemas: dict[str, pa.Schema], n_features: int | None 
     (``features_from`` says where that was set; ``features_default``: it was not, and is a
     default), and integer pixels in some files beside floats in others. Raises
     :class:`iterreduce.fs.InputError` naming the files."""
-    def some(files: list[str]) -> str:
-        return ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    from iterreduce.fs import _some as some
 
     bad_x: dict[str, list[str]] = {}
     bad_y: dict[str, list[str]] = {}
@@ -560,8 +559,9 @@ def read_parquet_dir(
     """Read all ``*.parquet`` shards of a directory (sorted by name), a file, or
     a list of files, local or at a URI (``webhdfs://``, ``hdfs://``, ...), through
     :mod:`iterreduce.fs` as a job reads its input. Returns ``(x uint8 [n, d] pixels, or
-    float32 [n, d] for float features; y int64 [n] or None)``; a bad example (:func:`check_examples`, with ``n_features`` and ``classes``)
-    is refused naming its file and row."""
+    float32 [n, d] for float features; y int64 [n] or None)``; a bad example
+    (:func:`check_examples`, with ``n_features`` and ``classes``) is refused naming its file
+    and row."""
     from iterreduce.fs import FilePiece, read_split
 
     pieces = [FilePiece(f) for f in _parquet_files(path)]

@@ -1027,9 +1027,10 @@ def input_check(master: type | None, job: JobSpec) -> Callable[[dict[str, Any]],
 def results_text(uri: str, earlier: dict[str, Any], files: list[str]) -> str:
     """``files``, the results an earlier run (``earlier``: its metrics.json) left in the output
     ``uri``, in words: "OUT holds the results of job J (SUCCEEDED, application A): model.avro, ..."."""
+    from .fs import _some
+
     app = f", application {earlier['application']}" if earlier.get("application") else ""
-    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-    return f"{uri} holds the results of job {earlier.get('job')} ({earlier.get('state')}{app}): {shown}"
+    return f"{uri} holds the results of job {earlier.get('job')} ({earlier.get('state')}{app}): {_some(files, 5)}"
 
 
 def earlier_success(output: Output, job: JobSpec) -> dict[str, Any] | None:

@@ -129,15 +129,11 @@ def status_text(status: dict[str, Any]) -> str:
 def live_metrics_text(status: dict[str, Any], n: int | None = 3) -> str:
     """A live status's metrics, which are the last superstep done's: with its phase where the
     superstep under way has another (``loss=0.3 (after epoch 1/5)`` beside ``epoch 2/5``)."""
-    text = _metrics_text(status.get("metrics") or {}, n)
-    of = status.get("metrics_phase")
-    return f"{text} (after {of})" if text and of and of != status.get("phase") else text
-
-
-def _metrics_text(metrics: dict[str, Any], n: int | None = 3) -> str:
     from .appmaster import metrics_text
 
-    return metrics_text(metrics, n)
+    text = metrics_text(status.get("metrics") or {}, n)
+    of = status.get("metrics_phase")
+    return f"{text} (after {of})" if text and of and of != status.get("phase") else text
 
 
 class _AboveBar:

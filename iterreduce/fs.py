@@ -546,15 +546,18 @@ class Checkpoints:
         payload["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         name = f"ckpt-{superstep:08d}.npz"
         self.dir.write_npz(name, payload)
-        for old in self.supersteps()[: -self.keep]:
+        names = self.dir.list()
+        for old in self.supersteps(names)[: -self.keep]:
             self.dir.delete(f"ckpt-{old:08d}.npz")
-        for left in self.dir.list():  # half-written by a master killed while it wrote (kill --now)
+        for left in names:  # half-written by a master killed while it wrote (kill --now)
             if self.PARTIAL.match(left):
                 self.dir.delete(left)
         return self.dir.uri_of(name)
 
-    def supersteps(self) -> list[int]:
-        return sorted(int(m.group(1)) for n in self.dir.list() if (m := self.PATTERN.match(n)))
+    def supersteps(self, names: list[str] | None = None) -> list[int]:
+        """The supersteps of the checkpoints in the directory (or among ``names``, its listing)."""
+        return sorted(int(m.group(1)) for n in (self.dir.list() if names is None else names)
+                      if (m := self.PATTERN.match(n)))
 
     def latest(self, arrays: bool = True) -> tuple[int, dict[str, np.ndarray], dict[str, Any]] | None:
         """The newest checkpoint that can be read: ``(superstep, arrays, meta)``; an unreadable one
